@@ -1,0 +1,586 @@
+//! Backend configuration: a raw TOML shape, `REKEY_*` overrides, and one
+//! validation step that reports every problem at once before any port is
+//! bound.
+//!
+//! The config never holds a secret: it names files and environment
+//! variables, and the server reads them when it needs them.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::Operation;
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Default Prometheus address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7701";
+/// Default data directory (SQLite store, development KEK, admin token).
+pub const DEFAULT_DATA_DIR: &str = "./rekey-data";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    listen: Option<String>,
+    metrics_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    store: RawStore,
+    kek: RawKek,
+    auth: RawAuth,
+    tls: Option<RawTls>,
+    scheduler: RawScheduler,
+    consumers: RawConsumers,
+    engine: RawEngine,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKek {
+    file: Option<PathBuf>,
+    env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    admin_token_file: Option<PathBuf>,
+    bootstrap_admin: Option<bool>,
+    tokens: Vec<RawToken>,
+    policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    identity: String,
+    /// Hex SHA-256 of the token. The token itself is never configured here.
+    sha256: String,
+    expires_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    identity: String,
+    prefixes: Vec<String>,
+    operations: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScheduler {
+    enabled: Option<bool>,
+    tick: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConsumers {
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEngine {
+    step_delay: Option<String>,
+}
+
+/// Where the key-encryption key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekSource {
+    /// A file holding base64 of 32 bytes.
+    File(PathBuf),
+    /// An environment variable holding base64 of 32 bytes.
+    Env(String),
+    /// Development default: a file in the data directory, created when
+    /// missing.
+    Generated(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub identity: String,
+    pub sha256: [u8; 32],
+    /// Unix ms; `None` never expires.
+    pub expires_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub identity: String,
+    pub prefixes: Vec<String>,
+    pub operations: BTreeSet<Operation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by this CA; its
+    /// subject common name is the caller's identity.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None` when metrics are switched off (`metrics_listen = "off"`).
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub store_url: String,
+    pub store_max_connections: u32,
+    pub kek: KekSource,
+    /// Where the bootstrap admin token lives; `None` disables it.
+    pub admin_token_file: Option<PathBuf>,
+    pub tokens: Vec<TokenConfig>,
+    pub policies: Vec<PolicyConfig>,
+    pub tls: Option<TlsConfig>,
+    pub scheduler_enabled: bool,
+    pub scheduler_tick: Duration,
+    /// A consumer that has not reported for this long is not live.
+    pub consumer_ttl: Duration,
+    /// Pause before each rotation step. For demonstrations and crash tests
+    /// only; zero in production.
+    pub step_delay: Duration,
+}
+
+/// Every problem found in a configuration, listed together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// `REKEY_*` overrides: variable, TOML path, value type.
+const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
+    ("REKEY_LISTEN", "listen", EnvType::Str),
+    ("REKEY_METRICS_LISTEN", "metrics_listen", EnvType::Str),
+    ("REKEY_DATA_DIR", "data_dir", EnvType::Str),
+    ("REKEY_STORE_URL", "store.url", EnvType::Str),
+    ("REKEY_STORE_MAX_CONNECTIONS", "store.max_connections", EnvType::Int),
+    ("REKEY_KEK_FILE", "kek.file", EnvType::Str),
+    ("REKEY_KEK_ENV", "kek.env", EnvType::Str),
+    ("REKEY_AUTH_ADMIN_TOKEN_FILE", "auth.admin_token_file", EnvType::Str),
+    ("REKEY_AUTH_BOOTSTRAP_ADMIN", "auth.bootstrap_admin", EnvType::Bool),
+    ("REKEY_SCHEDULER_ENABLED", "scheduler.enabled", EnvType::Bool),
+    ("REKEY_SCHEDULER_TICK", "scheduler.tick", EnvType::Str),
+    ("REKEY_CONSUMERS_TTL", "consumers.ttl", EnvType::Str),
+    ("REKEY_ENGINE_STEP_DELAY", "engine.step_delay", EnvType::Str),
+];
+
+#[derive(Clone, Copy)]
+enum EnvType {
+    Str,
+    Int,
+    Bool,
+}
+
+/// The names of every `REKEY_*` variable the backend reads, for `--help`.
+pub fn env_override_names() -> impl Iterator<Item = &'static str> {
+    ENV_OVERRIDES.iter().map(|(n, _, _)| *n)
+}
+
+impl Config {
+    /// Loads `path` (or defaults when `None`), applies overrides from `env`
+    /// and validates. `env` is injected so that tests never touch the
+    /// process environment.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![format!("cannot read config file {}: {e}", p.display())])
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    /// Parses TOML text, applies overrides and validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config file: {e}")]))?;
+        for (name, value) in env {
+            let Some((_, path, ty)) = ENV_OVERRIDES.iter().find(|(n, _, _)| *n == name) else {
+                continue;
+            };
+            let v = match ty {
+                EnvType::Str => Some(toml::Value::String(value)),
+                EnvType::Int => value.parse::<i64>().ok().map(toml::Value::Integer),
+                EnvType::Bool => match value.as_str() {
+                    "true" | "1" => Some(toml::Value::Boolean(true)),
+                    "false" | "0" => Some(toml::Value::Boolean(false)),
+                    _ => None,
+                },
+            };
+            match v {
+                Some(v) => set_path(&mut table, path, v),
+                None => errors.push(format!("{name}: not a valid {path} value")),
+            }
+        }
+        let raw: RawConfig = match toml::Value::Table(table).try_into() {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("config: {}", e.message()));
+                return Err(ConfigErrors(errors));
+            }
+        };
+        let cfg = validate(raw, &mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &str, v: toml::Value) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut t = table;
+    for p in parts {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(Default::default());
+        }
+        let toml::Value::Table(inner) = entry else {
+            return;
+        };
+        t = inner;
+    }
+    t.insert(last.to_string(), v);
+}
+
+fn parse_addr(setting: &str, v: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(format!(
+                "{setting}: {v:?} is not an address such as 127.0.0.1:7700"
+            ));
+            None
+        }
+    }
+}
+
+/// Parses a duration such as `30m`, `1h 30m` or `500ms`.
+pub fn parse_duration(setting: &str, v: &str, errors: &mut Vec<String>) -> Option<Duration> {
+    match humantime::parse_duration(v.trim()) {
+        Ok(d) => Some(d),
+        Err(_) => {
+            errors.push(format!(
+                "{setting}: {v:?} is not a duration such as 30s, 15m or 1h"
+            ));
+            None
+        }
+    }
+}
+
+fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
+    let fallback: SocketAddr = ([127, 0, 0, 1], 7700).into();
+    let listen = parse_addr(
+        "listen",
+        raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        errors,
+    )
+    .unwrap_or(fallback);
+    let metrics_listen = match raw.metrics_listen.as_deref() {
+        Some("off") => None,
+        other => parse_addr(
+            "metrics_listen",
+            other.unwrap_or(DEFAULT_METRICS_LISTEN),
+            errors,
+        ),
+    };
+    let data_dir = raw
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+
+    let store_url = match raw.store.url {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+        Some(u) if u.starts_with("sqlite:") => u,
+        Some(u) => {
+            errors.push(format!(
+                "store.url: must start with sqlite: or postgres:// (got scheme {:?})",
+                u.split(':').next().unwrap_or_default()
+            ));
+            String::new()
+        }
+        None => format!("sqlite://{}?mode=rwc", data_dir.join("rekey.db").display()),
+    };
+    let store_max_connections = raw.store.max_connections.unwrap_or(10);
+    if store_max_connections == 0 {
+        errors.push("store.max_connections: must be at least 1".into());
+    }
+
+    let kek = match (raw.kek.file, raw.kek.env) {
+        (Some(_), Some(_)) => {
+            errors.push("kek: set either kek.file or kek.env, not both".into());
+            KekSource::Generated(data_dir.join("kek"))
+        }
+        (Some(f), None) => KekSource::File(f),
+        (None, Some(e)) => {
+            if e.is_empty() {
+                errors.push("kek.env: must name an environment variable".into());
+            }
+            KekSource::Env(e)
+        }
+        (None, None) => KekSource::Generated(data_dir.join("kek")),
+    };
+
+    let admin_token_file = if raw.auth.bootstrap_admin.unwrap_or(true) {
+        Some(
+            raw.auth
+                .admin_token_file
+                .unwrap_or_else(|| data_dir.join("admin.token")),
+        )
+    } else {
+        None
+    };
+
+    let mut tokens = Vec::new();
+    for (i, t) in raw.auth.tokens.into_iter().enumerate() {
+        let setting = format!("auth.tokens[{i}]");
+        if t.identity.trim().is_empty() {
+            errors.push(format!("{setting}.identity: must not be empty"));
+        }
+        let mut sha = [0u8; 32];
+        if hex::decode_to_slice(t.sha256.trim(), &mut sha).is_err() {
+            // The value may be a token pasted by mistake: never echo it.
+            errors.push(format!(
+                "{setting}.sha256: must be 64 hex digits (the SHA-256 of the token, not the token)"
+            ));
+        }
+        let expires_at_ms = match t.expires_at.as_deref() {
+            None => None,
+            Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
+                Ok(d) => Some(d.timestamp_millis()),
+                Err(_) => {
+                    errors.push(format!(
+                        "{setting}.expires_at: {s:?} is not an RFC 3339 time such as 2027-01-01T00:00:00Z"
+                    ));
+                    None
+                }
+            },
+        };
+        tokens.push(TokenConfig {
+            identity: t.identity,
+            sha256: sha,
+            expires_at_ms,
+        });
+    }
+
+    let mut policies = Vec::new();
+    for (i, p) in raw.auth.policies.into_iter().enumerate() {
+        let setting = format!("auth.policies[{i}]");
+        let mut ops = BTreeSet::new();
+        for o in &p.operations {
+            match o.parse::<Operation>() {
+                Ok(op) => {
+                    ops.insert(op);
+                }
+                Err(()) => errors.push(format!(
+                    "{setting}.operations: unknown operation {o:?} (expected one of {})",
+                    Operation::ALL_NAMES.join(", ")
+                )),
+            }
+        }
+        if p.prefixes.is_empty() {
+            errors.push(format!(
+                "{setting}.prefixes: list at least one secret-id prefix (\"\" means every secret)"
+            ));
+        }
+        policies.push(PolicyConfig {
+            identity: p.identity,
+            prefixes: p.prefixes,
+            operations: ops,
+        });
+    }
+
+    let tls = raw.tls.map(|t| {
+        for (name, f) in [("tls.cert_file", Some(&t.cert_file)), ("tls.key_file", Some(&t.key_file)), ("tls.client_ca_file", t.client_ca_file.as_ref())] {
+            if let Some(f) = f
+                && let Err(e) = std::fs::metadata(f)
+            {
+                errors.push(format!("{name}: cannot read {}: {e}", f.display()));
+            }
+        }
+        TlsConfig {
+            cert_file: t.cert_file,
+            key_file: t.key_file,
+            client_ca_file: t.client_ca_file,
+        }
+    });
+
+    let scheduler_tick = raw
+        .scheduler
+        .tick
+        .as_deref()
+        .and_then(|t| parse_duration("scheduler.tick", t, errors))
+        .unwrap_or(Duration::from_secs(1));
+    if scheduler_tick.is_zero() {
+        errors.push("scheduler.tick: must be greater than zero".into());
+    }
+    let consumer_ttl = raw
+        .consumers
+        .ttl
+        .as_deref()
+        .and_then(|t| parse_duration("consumers.ttl", t, errors))
+        .unwrap_or(Duration::from_secs(120));
+    let step_delay = raw
+        .engine
+        .step_delay
+        .as_deref()
+        .and_then(|t| parse_duration("engine.step_delay", t, errors))
+        .unwrap_or(Duration::ZERO);
+
+    Config {
+        listen,
+        metrics_listen,
+        data_dir,
+        store_url,
+        store_max_connections,
+        kek,
+        admin_token_file,
+        tokens,
+        policies,
+        tls,
+        scheduler_enabled: raw.scheduler.enabled.unwrap_or(true),
+        scheduler_tick,
+        consumer_ttl,
+        step_delay,
+    }
+}
+
+/// The store URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}://{}:[redacted]@{}", &url[..s], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_toml("", env(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:7701");
+        assert!(c.store_url.starts_with("sqlite://./rekey-data/rekey.db"));
+        assert_eq!(c.kek, KekSource::Generated(PathBuf::from("./rekey-data/kek")));
+        assert_eq!(
+            c.admin_token_file,
+            Some(PathBuf::from("./rekey-data/admin.token"))
+        );
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = Config::from_toml(
+            "listen = \"127.0.0.1:1\"\n[store]\nurl = \"sqlite://x.db\"\n",
+            env(&[
+                ("REKEY_LISTEN", "127.0.0.1:9"),
+                ("REKEY_STORE_URL", "postgres://u@h/db"),
+                ("REKEY_SCHEDULER_ENABLED", "false"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9");
+        assert_eq!(c.store_url, "postgres://u@h/db");
+        assert!(!c.scheduler_enabled);
+    }
+
+    #[test]
+    fn unknown_setting_is_named() {
+        let e = Config::from_toml("[store]\nurll = \"x\"\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("urll"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_and_no_token_is_echoed() {
+        let text = r#"
+listen = "nowhere"
+[kek]
+file = "/a"
+env = "B"
+[[auth.tokens]]
+identity = "ci"
+sha256 = "my-plain-token-value"
+[[auth.policies]]
+identity = "ci"
+prefixes = []
+operations = ["rotate", "fly"]
+[scheduler]
+tick = "often"
+"#;
+        let e = Config::from_toml(text, env(&[])).unwrap_err();
+        let s = e.to_string();
+        for needle in [
+            "listen",
+            "kek",
+            "auth.tokens[0].sha256",
+            "\"fly\"",
+            "prefixes",
+            "scheduler.tick",
+        ] {
+            assert!(s.contains(needle), "missing {needle} in {s}");
+        }
+        assert!(!s.contains("my-plain-token-value"), "{s}");
+        assert_eq!(e.0.len(), 6, "{s}");
+    }
+
+    #[test]
+    fn bad_store_scheme_does_not_echo_the_url() {
+        let e = Config::from_toml("[store]\nurl = \"mysql://u:pw@h/db\"\n", env(&[])).unwrap_err();
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn redacts_url_passwords() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:[redacted]@db:5432/x"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}

@@ -1,0 +1,94 @@
+//! The backend's error type and its mapping to gRPC status codes.
+//!
+//! Messages name what failed (secret id, version, setting) so that a user can
+//! act on them; none ever carries a secret value.
+
+use tonic::{Code, Status};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A rotation step (set, test, revoke) failed at its target.
+    #[error("{step} failed for {secret}: {message}")]
+    Step {
+        secret: String,
+        step: &'static str,
+        message: String,
+    },
+    #[error("store: {0}")]
+    Store(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("crypto: {0}")]
+    Key(#[from] rekey_keyring::KeyError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn not_found_secret(id: &str) -> Self {
+        Error::NotFound(format!("secret {id}"))
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotFound(_) => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::FailedPrecondition(_) | Error::Step { .. } => Code::FailedPrecondition,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Store(_) | Error::Migrate(_) | Error::Key(_) | Error::Internal(_) => {
+                Code::Internal
+            }
+        }
+    }
+
+    /// Short outcome label for audit events and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self.code() {
+            Code::NotFound => "not_found",
+            Code::InvalidArgument => "invalid_argument",
+            Code::FailedPrecondition => "failed_precondition",
+            Code::AlreadyExists => "already_exists",
+            Code::Unauthenticated => "unauthenticated",
+            Code::PermissionDenied => "permission_denied",
+            _ => "error",
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
+        if code == Code::Internal {
+            // The detail stays in the log; the client gets a stable message.
+            tracing::error!(error = %e, "internal error");
+            return Status::new(code, "internal error; see the backend log");
+        }
+        let detail = match e {
+            // The variant's prefix ("not found: ") repeats the code.
+            Error::NotFound(m)
+            | Error::InvalidArgument(m)
+            | Error::FailedPrecondition(m)
+            | Error::AlreadyExists(m)
+            | Error::Unauthenticated(m)
+            | Error::PermissionDenied(m) => m,
+            other => other.to_string(),
+        };
+        Status::new(code, detail)
+    }
+}
