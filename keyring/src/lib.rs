@@ -82,7 +82,8 @@ impl MasterKey {
         id.copy_from_slice(&tag.as_ref()[..KEY_ID_LEN]);
         // A per-key subkey for the envelope, so that the master key itself
         // is never used directly as an AES key.
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"rekey envelope v1").extract(bytes.as_slice());
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"rekey envelope v1").extract(bytes.as_slice());
         let okm = prk
             .expand(&[b"aes-256-gcm"], Len32)
             .map_err(|_| KeyError::Random)?;
@@ -179,7 +180,11 @@ impl MasterKey {
         let mut buf = Zeroizing::new(body.to_vec());
         let plain = self
             .aead
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf,
+            )
             .map_err(|_| KeyError::Decrypt)?;
         Ok(SecretBytes::new(plain.to_vec()))
     }
@@ -244,7 +249,9 @@ impl Keyring {
 /// Fills a buffer from the system CSPRNG.
 pub fn random_bytes(n: usize) -> Result<SecretBytes, KeyError> {
     let mut b = vec![0u8; n];
-    SystemRandom::new().fill(&mut b).map_err(|_| KeyError::Random)?;
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| KeyError::Random)?;
     Ok(SecretBytes::new(b))
 }
 
@@ -266,7 +273,10 @@ mod tests {
         let env = k.seal(b"s3cret value", b"prod/db#3").unwrap();
         assert_eq!(env[0], ENVELOPE_VERSION);
         assert!(!env.windows(12).any(|w| w == b"s3cret value"));
-        assert_eq!(k.open(&env, b"prod/db#3").unwrap().expose(), b"s3cret value");
+        assert_eq!(
+            k.open(&env, b"prod/db#3").unwrap().expose(),
+            b"s3cret value"
+        );
         assert_eq!(k.open(&env, b"prod/db#4").unwrap_err(), KeyError::Decrypt);
     }
 
@@ -277,7 +287,10 @@ mod tests {
         let last = env.len() - 1;
         env[last] ^= 1;
         assert_eq!(k.open(&env, b"").unwrap_err(), KeyError::Decrypt);
-        assert!(matches!(k.open(&env[..10], b""), Err(KeyError::Malformed(_))));
+        assert!(matches!(
+            k.open(&env[..10], b""),
+            Err(KeyError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -121,7 +121,9 @@ impl SecretValue {
             Some((b'f', rest)) => {
                 let m: BTreeMap<String, String> = serde_json::from_slice(rest).ok()?;
                 Some(SecretValue::Fields(
-                    m.into_iter().map(|(k, v)| (k, SecretString::new(v))).collect(),
+                    m.into_iter()
+                        .map(|(k, v)| (k, SecretString::new(v)))
+                        .collect(),
                 ))
             }
             _ => None,
@@ -135,7 +137,8 @@ impl SecretValue {
             SecretValue::Raw(b) => vec![b.expose()],
             SecretValue::Fields(m) => m.values().map(|v| v.expose().as_bytes()).collect(),
         };
-        hay.iter().any(|h| h.windows(needle.len().max(1)).any(|w| w == needle))
+        hay.iter()
+            .any(|h| h.windows(needle.len().max(1)).any(|w| w == needle))
     }
 }
 

@@ -314,7 +314,10 @@ mod tests {
         let e = a
             .authorize(&ci, Operation::Revoke, "prod/api/db")
             .unwrap_err();
-        assert_eq!(e.to_string(), "permission denied: ci may not revoke prod/api/db");
+        assert_eq!(
+            e.to_string(),
+            "permission denied: ci may not revoke prod/api/db"
+        );
         let admin = Identity(ADMIN.into());
         assert!(a.allows(&admin, Operation::Reveal, "anything"));
         assert!(!a.allows(&Identity("stranger".into()), Operation::Read, "x"));

@@ -174,12 +174,28 @@ const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
     ("REKEY_METRICS_LISTEN", "metrics_listen", EnvType::Str),
     ("REKEY_DATA_DIR", "data_dir", EnvType::Str),
     ("REKEY_STORE_URL", "store.url", EnvType::Str),
-    ("REKEY_STORE_MAX_CONNECTIONS", "store.max_connections", EnvType::Int),
+    (
+        "REKEY_STORE_MAX_CONNECTIONS",
+        "store.max_connections",
+        EnvType::Int,
+    ),
     ("REKEY_KEK_FILE", "kek.file", EnvType::Str),
     ("REKEY_KEK_ENV", "kek.env", EnvType::Str),
-    ("REKEY_AUTH_ADMIN_TOKEN_FILE", "auth.admin_token_file", EnvType::Str),
-    ("REKEY_AUTH_BOOTSTRAP_ADMIN", "auth.bootstrap_admin", EnvType::Bool),
-    ("REKEY_SCHEDULER_ENABLED", "scheduler.enabled", EnvType::Bool),
+    (
+        "REKEY_AUTH_ADMIN_TOKEN_FILE",
+        "auth.admin_token_file",
+        EnvType::Str,
+    ),
+    (
+        "REKEY_AUTH_BOOTSTRAP_ADMIN",
+        "auth.bootstrap_admin",
+        EnvType::Bool,
+    ),
+    (
+        "REKEY_SCHEDULER_ENABLED",
+        "scheduler.enabled",
+        EnvType::Bool,
+    ),
     ("REKEY_SCHEDULER_TICK", "scheduler.tick", EnvType::Str),
     ("REKEY_CONSUMERS_TTL", "consumers.ttl", EnvType::Str),
     ("REKEY_ENGINE_STEP_DELAY", "engine.step_delay", EnvType::Str),
@@ -207,7 +223,10 @@ impl Config {
     ) -> Result<Self, ConfigErrors> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|e| {
-                ConfigErrors(vec![format!("cannot read config file {}: {e}", p.display())])
+                ConfigErrors(vec![format!(
+                    "cannot read config file {}: {e}",
+                    p.display()
+                )])
             })?,
             None => String::new(),
         };
@@ -423,7 +442,11 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
     }
 
     let tls = raw.tls.map(|t| {
-        for (name, f) in [("tls.cert_file", Some(&t.cert_file)), ("tls.key_file", Some(&t.key_file)), ("tls.client_ca_file", t.client_ca_file.as_ref())] {
+        for (name, f) in [
+            ("tls.cert_file", Some(&t.cert_file)),
+            ("tls.key_file", Some(&t.key_file)),
+            ("tls.client_ca_file", t.client_ca_file.as_ref()),
+        ] {
             if let Some(f) = f
                 && let Err(e) = std::fs::metadata(f)
             {
@@ -506,7 +529,10 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:7700");
         assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:7701");
         assert!(c.store_url.starts_with("sqlite://./rekey-data/rekey.db"));
-        assert_eq!(c.kek, KekSource::Generated(PathBuf::from("./rekey-data/kek")));
+        assert_eq!(
+            c.kek,
+            KekSource::Generated(PathBuf::from("./rekey-data/kek"))
+        );
         assert_eq!(
             c.admin_token_file,
             Some(PathBuf::from("./rekey-data/admin.token"))

@@ -1,0 +1,193 @@
+//! Prometheus metrics and the small HTTP server that exposes them.
+//!
+//! Labels carry kinds, outcomes, steps, secret ids and version numbers:
+//! never a value.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub secret: String,
+    pub version: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn step_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub rotations: Family<RotationLabels, Counter>,
+    pub step_seconds: HistogramFamily<StepLabels>,
+    pub watch_streams: Gauge,
+    pub consumers: Family<ConsumerLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("rekey");
+        let rotations = Family::<RotationLabels, Counter>::default();
+        registry.register(
+            "rotations",
+            "Rotations by kind and outcome",
+            rotations.clone(),
+        );
+        let step_seconds: HistogramFamily<StepLabels> =
+            Family::new_with_constructor(step_histogram as fn() -> Histogram);
+        registry.register(
+            "rotation_step_seconds",
+            "Latency of each rotation step (create, set, test, finish, revoke, rollback)",
+            step_seconds.clone(),
+        );
+        let watch_streams = Gauge::default();
+        registry.register(
+            "watch_streams",
+            "Open Watch streams on this replica",
+            watch_streams.clone(),
+        );
+        let consumers = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "consumers",
+            "Live consumers by secret and the version they serve",
+            consumers.clone(),
+        );
+        Self {
+            registry,
+            rotations,
+            step_seconds,
+            watch_streams,
+            consumers,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn rotation(&self, kind: &str, outcome: &str) {
+        self.rotations
+            .get_or_create(&RotationLabels {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn step(&self, step: &str, secs: f64) {
+        self.step_seconds
+            .get_or_create(&StepLabels { step: step.into() })
+            .observe(secs);
+    }
+
+    /// Replaces the consumer gauges of one secret.
+    pub fn set_consumers(&self, secret: &str, by_version: &[(i64, i64)]) {
+        // Family has no per-label removal by prefix; zero the old series of
+        // this secret instead of clearing everyone's.
+        for v in 0..=by_version.iter().map(|(v, _)| *v).max().unwrap_or(0) {
+            let l = ConsumerLabels {
+                secret: secret.into(),
+                version: v.to_string(),
+            };
+            self.consumers.remove(&l);
+        }
+        for (v, n) in by_version {
+            self.consumers
+                .get_or_create(&ConsumerLabels {
+                    secret: secret.into(),
+                    version: v.to_string(),
+                })
+                .set(*n);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` (and `/livez`) until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/livez", get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The address a listener actually bound (port 0 resolved).
+pub fn bound(l: &TcpListener) -> SocketAddr {
+    l.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_documented_series() {
+        let m = Metrics::default();
+        m.rotation("random", "ok");
+        m.step("finish", 0.002);
+        m.watch_streams.set(3);
+        m.set_consumers("prod/api/db", &[(2, 5), (3, 1)]);
+        m.set_consumers("prod/api/db", &[(3, 6)]);
+        let s = m.encode();
+        assert!(
+            s.contains("rekey_rotations_total{kind=\"random\",outcome=\"ok\"} 1"),
+            "{s}"
+        );
+        assert!(
+            s.contains("rekey_rotation_step_seconds_count{step=\"finish\"} 1"),
+            "{s}"
+        );
+        assert!(s.contains("rekey_watch_streams 3"), "{s}");
+        assert!(
+            s.contains("rekey_consumers{secret=\"prod/api/db\",version=\"3\"} 6"),
+            "{s}"
+        );
+        assert!(!s.contains("version=\"2\""), "{s}");
+    }
+}

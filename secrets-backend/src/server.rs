@@ -1,0 +1,378 @@
+//! Wires the backend together and runs it until shutdown: KEK, store,
+//! bootstrap admin token, engine, gRPC (with health and reflection),
+//! metrics, scheduler and, on Postgres, the LISTEN loop that carries changes
+//! from other replicas.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rekey_keyring::MasterKey;
+use rekey_proto::v1::rekey_server::RekeyServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+
+use crate::auth::{self, Auth};
+use crate::config::{self, Config, KekSource};
+use crate::engine::Engine;
+use crate::hub::Hub;
+use crate::metrics::{self, Metrics};
+use crate::service::RekeyService;
+use crate::store::{self, Dialect, Store};
+
+/// Reads (or, for the development default, creates) the KEK. Errors name
+/// the source, never the content.
+pub fn load_kek(
+    src: &KekSource,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<MasterKey> {
+    let (text, what) = match src {
+        KekSource::File(p) => (
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read kek.file {}", p.display()))?,
+            format!("kek.file {}", p.display()),
+        ),
+        KekSource::Env(name) => (
+            env(name)
+                .with_context(|| format!("kek.env: environment variable {name} is not set"))?,
+            format!("kek.env {name}"),
+        ),
+        KekSource::Generated(p) => {
+            if !p.exists() {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
+                let k = MasterKey::generate()?;
+                write_private(p, k.to_base64().expose())?;
+                tracing::warn!(path = %p.display(), "created a key-encryption key file for development only; in production set kek.file or kek.env");
+            } else {
+                tracing::warn!(path = %p.display(), "using the development key-encryption key file; in production set kek.file or kek.env");
+            }
+            (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?,
+                format!("KEK file {}", p.display()),
+            )
+        }
+    };
+    let text = zeroize::Zeroizing::new(text);
+    MasterKey::from_base64(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// Writes a new file readable only by its owner.
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Returns the digest of the bootstrap admin token, creating the token file
+/// when it does not exist. Logs the path, never the token.
+pub fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
+    if !path.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let raw = rekey_keyring::random_bytes(32)?;
+        let token = zeroize::Zeroizing::new(format!("rk_{}", hex::encode(raw.expose())));
+        write_private(path, &token)?;
+        tracing::info!(path = %path.display(), "wrote a new admin token");
+    } else {
+        tracing::info!(path = %path.display(), "admin token file in use");
+    }
+    let token = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read admin token file {}", path.display()))?,
+    );
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("admin token file {} is empty", path.display());
+    }
+    Ok(auth::token_digest(token))
+}
+
+/// Runs the backend until `shutdown` resolves. Prints one line to stdout
+/// once both listeners are bound: `listening grpc=ADDR metrics=ADDR`.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let kek = Arc::new(load_kek(&cfg.kek, |n| std::env::var(n).ok())?);
+    tracing::info!(store = %config::redact_url(&cfg.store_url), kek_id = %kek.id_hex(), "opening store");
+    let store = Arc::new(
+        Store::open(&cfg.store_url, cfg.store_max_connections, kek)
+            .await
+            .context("cannot open the store")?,
+    );
+    if let Some(path) = store::sqlite_path(&cfg.store_url) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    let admin = match &cfg.admin_token_file {
+        Some(p) => Some(bootstrap_admin(p)?),
+        None => None,
+    };
+    let auth = Arc::new(Auth::new(cfg.tokens.clone(), cfg.policies.clone(), admin));
+    let metrics = Arc::new(Metrics::default());
+    let hub = Arc::new(Hub::new(store.clone()));
+    let engine = Arc::new(Engine {
+        store: store.clone(),
+        kinds: Default::default(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        step_delay: cfg.step_delay,
+        consumer_ttl: cfg.consumer_ttl,
+    });
+
+    // Bind before spawning anything, so a taken port fails fast.
+    let grpc_listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen)", cfg.listen))?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
+    let grpc_addr = metrics::bound(&grpc_listener);
+    let metrics_addr = metrics_listener.as_ref().map(metrics::bound);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if let Some(l) = metrics_listener {
+        let m = metrics.clone();
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let stop = async move { stopped(&mut rx).await };
+            if let Err(e) = metrics::serve(l, m, stop).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+
+    {
+        let engine = engine.clone();
+        tasks.spawn(async move {
+            match engine.recover().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rotations = n, "interrupted rotations handled"),
+                Err(e) => tracing::error!(error = %e, "cannot resume interrupted rotations"),
+            }
+        });
+    }
+
+    if cfg.scheduler_enabled {
+        let engine = engine.clone();
+        let tick = cfg.scheduler_tick;
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(tick);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        if let Err(e) = engine.tick().await {
+                            tracing::warn!(error = %e, "scheduler pass failed");
+                        }
+                    }
+                    _ = stopped(&mut rx) => break,
+                }
+            }
+        });
+    }
+
+    if store.dialect() == Dialect::Postgres {
+        let url = cfg.store_url.clone();
+        let hub = hub.clone();
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = listen_changes(&url, &hub) => {}
+                _ = stopped(&mut rx) => {}
+            }
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RekeyServer<RekeyService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rekey_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let service = RekeyService::new(engine.clone(), auth, stop_rx.clone());
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &cfg.tls {
+        let cert = std::fs::read(&tls.cert_file)
+            .with_context(|| format!("cannot read tls.cert_file {}", tls.cert_file.display()))?;
+        let key = std::fs::read(&tls.key_file)
+            .with_context(|| format!("cannot read tls.key_file {}", tls.key_file.display()))?;
+        let mut t = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca_file {
+            let ca = std::fs::read(ca)
+                .with_context(|| format!("cannot read tls.client_ca_file {}", ca.display()))?;
+            t = t.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t).context("invalid TLS configuration")?;
+    }
+
+    println!(
+        "listening grpc={grpc_addr} metrics={}",
+        metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string())
+    );
+    tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, tls = cfg.tls.is_some(), "rekey-backend ready");
+
+    let stop_tx2 = stop_tx.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining calls in flight");
+        let _ = stop_tx2.send(true);
+    };
+    let served = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RekeyServer::new(service).max_decoding_message_size(4 << 20))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown,
+        )
+        .await;
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 10s");
+    }
+    store.pool().close().await;
+    served.context("gRPC server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Follows NOTIFYs from other replicas and refreshes the watched secrets
+/// they name. After a reconnect every watched secret is reloaded, since
+/// notifications sent meanwhile are lost.
+async fn listen_changes(url: &str, hub: &Hub) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match sqlx::postgres::PgListener::connect(url).await {
+            Ok(mut l) => {
+                if let Err(e) = l.listen(store::NOTIFY_CHANNEL).await {
+                    tracing::warn!(error = %e, "cannot LISTEN for changes");
+                } else {
+                    backoff = Duration::from_millis(200);
+                    hub.refresh_all().await;
+                    loop {
+                        match l.try_recv().await {
+                            Ok(Some(n)) => hub.refresh(n.payload()).await,
+                            Ok(None) => {
+                                tracing::warn!(
+                                    "change notifications reconnected; reloading watched secrets"
+                                );
+                                hub.refresh_all().await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "change notifications lost");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect for change notifications"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Resolves once the stop flag is set.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kek_errors_name_the_source_not_the_content() {
+        let dir = crate::store::tests_support::tempdir();
+        let p = dir.join("kek");
+        std::fs::write(&p, "c2VjcmV0LXRvby1zaG9ydA==\n").unwrap();
+        let e = load_kek(&KekSource::File(p.clone()), |_| None).unwrap_err();
+        let s = format!("{e:#}");
+        assert!(s.contains("kek.file"), "{s}");
+        assert!(s.contains("32 bytes"), "{s}");
+        assert!(!s.contains("c2VjcmV0"), "{s}");
+        let e = load_kek(&KekSource::File(dir.join("missing")), |_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read kek.file"));
+        let e = load_kek(&KekSource::Env("NOPE".into()), |_| None).unwrap_err();
+        assert!(format!("{e:#}").contains("NOPE is not set"));
+    }
+
+    #[test]
+    fn generated_kek_and_admin_token_are_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::store::tests_support::tempdir();
+        let p = dir.join("d").join("kek");
+        let a = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
+        let b = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
+        assert_eq!(a.id_hex(), b.id_hex());
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let t = dir.join("admin.token");
+        let d1 = bootstrap_admin(&t).unwrap();
+        let d2 = bootstrap_admin(&t).unwrap();
+        assert_eq!(d1, d2);
+        assert_eq!(
+            std::fs::metadata(&t).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let token = std::fs::read_to_string(&t).unwrap();
+        assert_eq!(auth::token_digest(token.trim()), d1);
+    }
+}
