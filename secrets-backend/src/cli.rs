@@ -39,6 +39,16 @@ pub struct Cli {
     /// Read the bearer token from this file.
     #[arg(long, env = "REKEY_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the backend's certificate, for
+    /// https:// addresses.
+    #[arg(long, env = "REKEY_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; its common name is your identity.
+    #[arg(long, env = "REKEY_CERT_FILE", global = true, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, env = "REKEY_KEY_FILE", global = true, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -360,7 +370,7 @@ async fn connect(
         }
         None => None,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(cli.addr.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(cli.addr.clone())
         .map_err(|_| {
             usage(format!(
                 "--addr {:?} is not a URL such as http://127.0.0.1:7700",
@@ -368,6 +378,27 @@ async fn connect(
             ))
         })?
         .connect_timeout(std::time::Duration::from_secs(5));
+    if cli.addr.starts_with("https://") {
+        let read = |flag: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| usage(format!("cannot read {flag} {}: {e}", p.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca_file {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                "--ca-file",
+                ca,
+            )?));
+        }
+        if let (Some(c), Some(k)) = (&cli.cert_file, &cli.key_file) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--cert-file", c)?,
+                read("--key-file", k)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| usage(format!("TLS settings: {e}")))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         CliError(format!(
             "unavailable: cannot reach rekey-backend at {} ({e}); is it running?",

@@ -27,6 +27,7 @@ struct RawConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
     data_dir: Option<PathBuf>,
+    shutdown_grace: Option<String>,
     store: RawStore,
     kek: RawKek,
     auth: RawAuth,
@@ -161,6 +162,9 @@ pub struct Config {
     /// Pause before each rotation step. For demonstrations and crash tests
     /// only; zero in production.
     pub step_delay: Duration,
+    /// After SIGTERM, how long calls in flight may take before the process
+    /// exits anyway.
+    pub shutdown_grace: Duration,
 }
 
 /// Every problem found in a configuration, listed together.
@@ -173,6 +177,7 @@ const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
     ("REKEY_LISTEN", "listen", EnvType::Str),
     ("REKEY_METRICS_LISTEN", "metrics_listen", EnvType::Str),
     ("REKEY_DATA_DIR", "data_dir", EnvType::Str),
+    ("REKEY_SHUTDOWN_GRACE", "shutdown_grace", EnvType::Str),
     ("REKEY_STORE_URL", "store.url", EnvType::Str),
     (
         "REKEY_STORE_MAX_CONNECTIONS",
@@ -482,7 +487,14 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         .and_then(|t| parse_duration("engine.step_delay", t, errors))
         .unwrap_or(Duration::ZERO);
 
+    let shutdown_grace = raw
+        .shutdown_grace
+        .as_deref()
+        .and_then(|t| parse_duration("shutdown_grace", t, errors))
+        .unwrap_or(Duration::from_secs(10));
+
     Config {
+        shutdown_grace,
         listen,
         metrics_listen,
         data_dir,

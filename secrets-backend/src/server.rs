@@ -240,20 +240,38 @@ pub async fn run(
     tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, tls = cfg.tls.is_some(), "rekey-backend ready");
 
     let stop_tx2 = stop_tx.clone();
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
-        tracing::info!("shutting down: draining calls in flight");
+        tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining calls in flight");
         let _ = stop_tx2.send(true);
+        let _ = fired_tx.send(());
     };
-    let served = builder
+    let grace = cfg.shutdown_grace;
+    // A client that never closes its connection must not hold the process
+    // past the grace period.
+    let grace_over = async move {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let serve = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RekeyServer::new(service).max_decoding_message_size(4 << 20))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             shutdown,
-        )
-        .await;
+        );
+    let served = tokio::select! {
+        r = serve => r,
+        _ = grace_over => {
+            tracing::warn!("grace period over; closing the connections still open");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain)

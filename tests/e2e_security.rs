@@ -1,0 +1,481 @@
+//! End to end: no value in any log (at RUST_LOG=trace), in the database
+//! file, in metrics or in the audit log; tokens, policy and mTLS.
+
+mod support;
+
+use std::process::Command;
+
+use rekey_proto::v1 as pb;
+use support::*;
+use tokio_stream::StreamExt;
+
+fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf %s '{s}' | sha256sum"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_value_reaches_logs_the_database_metrics_or_the_audit_log() {
+    let dir = TempDir::new("leak");
+    let mut b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            rust_log: Some("trace".into()),
+            ..Default::default()
+        },
+    );
+    let mut needles = vec![
+        "NEEDLE-static-5f3a9c71".to_string(),
+        "NEEDLE-second-8b1d2e44".to_string(),
+    ];
+    let f1 = dir.path().join("v1");
+    std::fs::write(&f1, &needles[0]).unwrap();
+    let f2 = dir.path().join("v2");
+    std::fs::write(&f2, &needles[1]).unwrap();
+    b.cli_json(&[
+        "create",
+        "prod/api/static",
+        "--kind",
+        "static",
+        "--value-file",
+        f1.to_str().unwrap(),
+    ]);
+    b.cli_json(&[
+        "rotate",
+        "prod/api/static",
+        "--request-token",
+        "leak-1",
+        "--value-file",
+        f2.to_str().unwrap(),
+    ]);
+    b.cli_json(&[
+        "create",
+        "prod/api/token",
+        "--kind",
+        "random",
+        "--length",
+        "24",
+        "--encoding",
+        "alnum",
+    ]);
+    b.cli_json(&["rotate", "prod/api/token"]);
+    b.cli_json(&["create", "prod/enc/master", "--kind", "encryption-key"]);
+    for id in ["prod/api/token", "prod/enc/master"] {
+        let v = b.cli_json(&["get", id, "--reveal"]);
+        needles.push(v["value"].as_str().unwrap().to_string());
+    }
+    let prev = b.cli_json(&["get", "prod/api/token", "--stage", "previous", "--reveal"]);
+    needles.push(prev["value"].as_str().unwrap().to_string());
+    // A failed call carrying a value must not echo it either.
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "NEEDLE-not-a-key-77aa").unwrap();
+    let o = b.cli(&[
+        "rotate",
+        "prod/enc/master",
+        "--value-file",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!stderr(&o).contains("NEEDLE"), "{}", stderr(&o));
+    needles.push("NEEDLE-not-a-key-77aa".into());
+
+    // Watch and report, so the streaming path runs at trace level too.
+    let mut client = b.client().await;
+    let mut s = client
+        .watch(pb::WatchRequest {
+            secret_ids: vec!["prod/api/static".into(), "prod/api/token".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = s.next().await.unwrap().unwrap();
+    let _ = s.next().await.unwrap().unwrap();
+    b.cli_json(&["rotate", "prod/api/token"]);
+    let ev = s.next().await.unwrap().unwrap();
+    let SomeRaw(v) = raw(ev.current.unwrap().value.unwrap());
+    needles.push(v);
+    drop(s);
+    drop(client);
+
+    let metrics = reqwest_free_get(&b.metrics);
+    let audit = b.cli(&["-o", "json", "audit"]);
+    let status = b.cli(&["-o", "json", "status"]);
+    let versions = b.cli(&["-o", "json", "versions", "prod/api/token"]);
+    let code = b.stop();
+    let logs = b.all_logs();
+    if code != Some(0) {
+        let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+        panic!(
+            "SIGTERM did not stop the backend cleanly ({code:?}); log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    assert!(logs.contains("TRACE"), "trace logging was on");
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("logs".into(), logs.into_bytes()),
+        ("metrics".into(), metrics.into_bytes()),
+        ("audit".into(), audit.stdout),
+        ("status".into(), status.stdout),
+        ("versions".into(), versions.stdout),
+    ];
+    for e in std::fs::read_dir(dir.path().join("data"))
+        .unwrap()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("rekey.db") {
+            files.push((name, std::fs::read(e.path()).unwrap()));
+        }
+    }
+    assert!(files.iter().any(|(n, _)| n == "rekey.db"));
+    for needle in &needles {
+        assert!(needle.len() >= 16, "needles must be distinctive: {needle}");
+        for (name, bytes) in &files {
+            assert!(
+                !contains(bytes, needle),
+                "a secret value was found in {name}"
+            );
+        }
+    }
+}
+
+struct SomeRaw(String);
+fn raw(v: pb::SecretValue) -> SomeRaw {
+    match v.value {
+        Some(pb::secret_value::Value::Raw(b)) => SomeRaw(String::from_utf8(b).unwrap()),
+        _ => panic!("expected a raw value"),
+    }
+}
+
+fn reqwest_free_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn tokens_are_checked_and_policy_limits_identities_to_prefixes() {
+    let dir = TempDir::new("policy");
+    let extra = format!(
+        r#"
+[[auth.tokens]]
+identity = "ci"
+sha256 = "{}"
+
+[[auth.tokens]]
+identity = "old-ci"
+sha256 = "{}"
+expires_at = "2020-01-01T00:00:00Z"
+
+[[auth.policies]]
+identity = "ci"
+prefixes = ["prod/api/"]
+operations = ["rotate", "read"]
+
+[[auth.policies]]
+identity = "old-ci"
+prefixes = [""]
+operations = ["read"]
+"#,
+        sha256_hex("ci-token-0123456789"),
+        sha256_hex("old-token-0123456789")
+    );
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: format!("[auth]\n{}", extra.replace("[[auth.", "[[auth.")),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&["create", "prod/api/key", "--kind", "random"]);
+    b.cli_json(&["create", "prod/billing/key", "--kind", "random"]);
+    let ci_token = dir.path().join("ci.token");
+    std::fs::write(&ci_token, "ci-token-0123456789\n").unwrap();
+    let as_ci = |args: &[&str]| b.cli_with(args, Some(&ci_token));
+
+    let o = as_ci(&["rotate", "prod/api/key"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_ci(&["rotate", "prod/billing/key"]);
+    assert!(!o.status.success());
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: permission denied: ci may not rotate prod/billing/key"
+    );
+    let o = as_ci(&["get", "prod/api/key", "--reveal"]);
+    assert!(
+        stderr(&o).contains("permission denied: ci may not reveal prod/api/key"),
+        "{}",
+        stderr(&o)
+    );
+    let o = as_ci(&["create", "prod/api/new", "--kind", "random"]);
+    assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
+    let o = as_ci(&["versions", "prod/billing/key"]);
+    assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
+    // Listing shows only what the identity may read.
+    let o = as_ci(&["-o", "json", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    let o = b.cli_with(&["list"], None);
+    assert_eq!(stderr(&o).trim(), "error: unauthenticated: no bearer token");
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "nope").unwrap();
+    let o = b.cli_with(&["list"], Some(&wrong));
+    assert_eq!(stderr(&o).trim(), "error: unauthenticated: unknown token");
+    let old = dir.path().join("old.token");
+    std::fs::write(&old, "old-token-0123456789").unwrap();
+    let o = b.cli_with(&["list"], Some(&old));
+    assert!(
+        stderr(&o).contains("unauthenticated: the token for old-ci has expired"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Nothing changed by the refusals; they are in the audit log.
+    let v = b.cli_json(&["versions", "prod/billing/key"]);
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let audit = b.cli_json(&["audit"]);
+    let denied: Vec<_> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["outcome"] == "permission_denied")
+        .collect();
+    assert!(denied.iter().any(|e| e["actor"] == "ci"
+        && e["action"] == "rotate"
+        && e["secret"] == "prod/billing/key"));
+    assert!(denied.iter().any(|e| e["action"] == "reveal"));
+    // The tokens themselves appear nowhere in the log.
+    let log = b.log();
+    assert!(!log.contains("ci-token-0123456789"));
+    assert!(
+        !log.contains(&b.token()),
+        "the admin token must never be logged"
+    );
+    assert!(log.contains("admin.token"), "its path is logged");
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// CA, server certificate for 127.0.0.1, and client certificates.
+fn make_pki(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rekey-test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    for cn in ["ci-bot", "intruder"] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{cn}.key"),
+                "-out",
+                &format!("{cn}.csr"),
+                "-subj",
+                &format!("/O=rekey tests/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{cn}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{cn}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
+            ],
+        );
+    }
+}
+
+#[tokio::test]
+async fn mtls_client_certificates_name_the_identity() {
+    let dir = TempDir::new("mtls");
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    make_pki(&pki);
+    let p = |f: &str| pki.join(f).display().to_string();
+    let extra = format!(
+        r#"
+[tls]
+cert_file = {:?}
+key_file = {:?}
+client_ca_file = {:?}
+
+[[auth.policies]]
+identity = "ci-bot"
+prefixes = ["prod/api/"]
+operations = ["create", "rotate", "read"]
+"#,
+        p("server.pem"),
+        p("server.key"),
+        p("ca.pem")
+    );
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: extra,
+            ..Default::default()
+        },
+    );
+    let addr = b.grpc.replace("http://", "https://");
+    let run = |cn: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(CLI);
+        cmd.args(["--addr", &addr, "--ca-file", &p("ca.pem")]);
+        if let Some(cn) = cn {
+            cmd.args([
+                "--cert-file",
+                &p(&format!("{cn}.pem")),
+                "--key-file",
+                &p(&format!("{cn}.key")),
+            ]);
+        }
+        cmd.args(args).env_remove("REKEY_TOKEN").output().unwrap()
+    };
+    let o = run(
+        Some("ci-bot"),
+        &["-o", "json", "create", "prod/api/key", "--kind", "random"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(Some("ci-bot"), &["rotate", "prod/api/key"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(
+        Some("ci-bot"),
+        &["create", "prod/db/key", "--kind", "random"],
+    );
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: permission denied: ci-bot may not create prod/db/key"
+    );
+    let o = run(Some("intruder"), &["versions", "prod/api/key"]);
+    assert!(
+        stderr(&o).contains("permission denied: intruder may not read"),
+        "{}",
+        stderr(&o)
+    );
+    // Without a client certificate the handshake is refused.
+    let o = run(None, &["versions", "prod/api/key"]);
+    assert!(!o.status.success());
+    let audit = run(
+        Some("ci-bot"),
+        &[
+            "--token-file",
+            b.token_path().to_str().unwrap(),
+            "-o",
+            "json",
+            "audit",
+        ],
+    );
+    // ci-bot has no audit right; the admin token does not override a
+    // certificate's identity.
+    assert!(
+        stderr(&audit).contains("permission denied: ci-bot may not audit"),
+        "{}",
+        stderr(&audit)
+    );
+}

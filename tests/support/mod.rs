@@ -1,0 +1,385 @@
+//! Shared harness for the end-to-end tests and benchmarks: starts the real
+//! `rekey-backend` binary on free ports with its own data directory, runs
+//! the real `rekey` CLI against it, and makes fresh Postgres databases.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rekey_proto::v1::rekey_client::RekeyClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const BACKEND: &str = env!("CARGO_BIN_EXE_rekey-backend");
+pub const CLI: &str = env!("CARGO_BIN_EXE_rekey");
+
+/// The Postgres server the machine runs (trust auth).
+pub fn pg_admin_url() -> String {
+    std::env::var("REKEY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "rekey-{tag}-{}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            Instant::now().elapsed().as_nanos() ^ rand_u32() as u128
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// A database created for one test on the machine's Postgres, dropped at
+/// the end.
+pub struct PgDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgDb {
+    pub async fn create(tag: &str) -> Self {
+        use sqlx::Connection;
+        let name = format!("rekey_{tag}_{}_{}", std::process::id(), rand_u32());
+        let mut c = sqlx::PgConnection::connect(&pg_admin_url())
+            .await
+            .expect("connect to the test Postgres on 127.0.0.1:5432 (run scripts/test)");
+        sqlx::Executor::execute(&mut c, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create database");
+        let base = pg_admin_url();
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => base,
+        };
+        PgDb { name, url }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Best effort, in a separate process so Drop needs no runtime.
+        let _ = Command::new("psql")
+            .args([
+                &pg_admin_url(),
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Options for one backend process.
+#[derive(Clone, Default)]
+pub struct BackendOpts {
+    /// `postgres://...`; SQLite in the data dir when `None`.
+    pub store_url: Option<String>,
+    /// Extra TOML appended to the generated config.
+    pub extra_toml: String,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// `RUST_LOG` (default `info`).
+    pub rust_log: Option<String>,
+    /// Share this admin token file instead of the data dir's.
+    pub admin_token_file: Option<PathBuf>,
+    /// Share this KEK file instead of generating one in the data dir.
+    pub kek_file: Option<PathBuf>,
+}
+
+/// A running `rekey-backend`.
+pub struct Backend {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub grpc: String,
+    pub metrics: String,
+    pub opts: BackendOpts,
+    pub log_path: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Backend {
+    /// Starts a backend with data under `dir` and waits until it listens.
+    pub fn start(dir: &Path, opts: BackendOpts) -> Backend {
+        let config_path = dir.join("rekey.toml");
+        let mut toml = String::from("listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n");
+        toml.push_str(&format!(
+            "data_dir = {:?}\n",
+            dir.join("data").display().to_string()
+        ));
+        if let Some(u) = &opts.store_url {
+            toml.push_str(&format!("[store]\nurl = {u:?}\n"));
+        }
+        if let Some(k) = &opts.kek_file {
+            toml.push_str(&format!("[kek]\nfile = {:?}\n", k.display().to_string()));
+        }
+        if let Some(t) = &opts.admin_token_file {
+            toml.push_str(&format!(
+                "[auth]\nadmin_token_file = {:?}\n",
+                t.display().to_string()
+            ));
+        }
+        toml.push_str(&opts.extra_toml);
+        std::fs::write(&config_path, toml).expect("write config");
+        Self::spawn(dir, opts, config_path)
+    }
+
+    fn spawn(dir: &Path, opts: BackendOpts, config_path: PathBuf) -> Backend {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let log_path = dir.join(format!("backend-{n}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(BACKEND);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                opts.rust_log.clone().unwrap_or_else(|| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn rekey-backend");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "rekey-backend did not start; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        // "listening grpc=ADDR metrics=ADDR"
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+                .to_string()
+        };
+        Backend {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            grpc: format!("http://{}", field("grpc=")),
+            metrics: field("metrics="),
+            opts,
+            log_path,
+            config_path,
+        }
+    }
+
+    /// Starts the same backend again (same config and data).
+    pub fn restart(&mut self) {
+        self.stop();
+        let next = Self::spawn(&self.dir, self.opts.clone(), self.config_path.clone());
+        *self = next;
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.opts
+            .admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.dir.join("data").join("admin.token"))
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.token_path())
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Every log this backend directory has produced (all restarts).
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("backend-") && name.ends_with(".log") {
+                    out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs the real `rekey` CLI against this backend with the admin token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with(args, Some(&self.token_path()))
+    }
+
+    /// Runs `rekey` with a given token file (or none).
+    pub fn cli_with(&self, args: &[&str], token_file: Option<&Path>) -> Output {
+        let mut cmd = Command::new(CLI);
+        cmd.arg("--addr").arg(&self.grpc);
+        if let Some(t) = token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .env_remove("REKEY_TOKEN")
+            .env_remove("REKEY_ADDR")
+            .stdin(Stdio::null());
+        cmd.output().expect("run rekey")
+    }
+
+    /// Runs the CLI with `-o json`, asserts success and parses stdout.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "rekey {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "rekey {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// A gRPC client that sends the admin token.
+    pub async fn client(&self) -> Client {
+        client(&self.grpc, &self.token()).await
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub type Client = RekeyClient<InterceptedService<Channel, TokenInterceptor>>;
+
+#[derive(Clone)]
+pub struct TokenInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub async fn client(addr: &str, token: &str) -> Client {
+    let ch = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to backend");
+    let v = format!("Bearer {token}").parse().expect("header");
+    RekeyClient::with_interceptor(ch, TokenInterceptor(v))
+}
+
+/// Text of a CLI run's stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Text of a CLI run's stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
