@@ -1,0 +1,70 @@
+# Shared helpers for scripts/test and .ci/run. Every step is idempotent.
+
+say() { printf '==> %s\n' "$*" >&2; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+apt_updated=""
+apt_install() {
+    have apt-get || { say "apt-get not found; install $* by hand"; return 1; }
+    if [ -z "$apt_updated" ]; then
+        apt-get update -qq >/dev/null 2>&1 || true
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# rust-toolchain.toml names the release; where rustup knows it only as
+# "stable", link the name so no download is attempted.
+ensure_toolchain() {
+    local want
+    want=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+    if have rustup && ! rustup toolchain list | grep -q "^$want"; then
+        local stable_version
+        stable_version=$(RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | awk '{print $2}')
+        if [ "$stable_version" = "$want" ]; then
+            say "linking toolchain $want to the installed stable"
+            rustup toolchain link "$want" "$(RUSTUP_TOOLCHAIN=stable rustc --print sysroot)"
+        fi
+    fi
+}
+
+pg_url="${REKEY_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+pg_up() { psql "$pg_url" -qAtc 'select 1' >/dev/null 2>&1; }
+
+# PostgreSQL on 127.0.0.1:5432 with trust auth for local connections.
+ensure_postgres() {
+    have psql || apt_install postgresql-client
+    pg_up && return 0
+    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+        say "installing PostgreSQL"
+        apt_install postgresql
+    fi
+    local v
+    v=$(ls /etc/postgresql | sort -V | tail -n 1)
+    say "starting PostgreSQL $v"
+    pg_ctlcluster --skip-systemctl-redirect "$v" main start >/dev/null 2>&1 || true
+    for _ in $(seq 1 60); do
+        pg_up && return 0
+        sleep 0.5
+    done
+    # A fresh cluster asks for passwords on TCP: trust local connections,
+    # as the test machines do.
+    local hba="/etc/postgresql/$v/main/pg_hba.conf"
+    if [ -f "$hba" ] && ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+        say "allowing trusted local TCP connections for the tests"
+        sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+        pg_ctlcluster --skip-systemctl-redirect "$v" main reload >/dev/null 2>&1 || true
+    fi
+    for _ in $(seq 1 20); do
+        pg_up && return 0
+        sleep 0.5
+    done
+    say "PostgreSQL is not reachable at $pg_url"
+    return 1
+}
+
+ensure_tools() {
+    have openssl || apt_install openssl
+    have sha256sum || apt_install coreutils
+}
