@@ -202,7 +202,7 @@ operations = ["read"]
     let b = Backend::start(
         dir.path(),
         BackendOpts {
-            extra_toml: format!("[auth]\n{}", extra.replace("[[auth.", "[[auth.")),
+            extra_toml: extra,
             ..Default::default()
         },
     );

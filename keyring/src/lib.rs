@@ -190,8 +190,11 @@ impl MasterKey {
     }
 }
 
-/// Splits an envelope into key id, nonce and ciphertext||tag.
-fn parse(envelope: &[u8]) -> Result<([u8; KEY_ID_LEN], [u8; NONCE_LEN], &[u8]), KeyError> {
+/// An envelope split into key id, nonce and ciphertext||tag.
+type Parts<'a> = ([u8; KEY_ID_LEN], [u8; NONCE_LEN], &'a [u8]);
+
+/// Splits an envelope into its parts.
+fn parse(envelope: &[u8]) -> Result<Parts<'_>, KeyError> {
     if envelope.len() < HEADER_LEN + TAG_LEN {
         return Err(KeyError::Malformed("too short"));
     }

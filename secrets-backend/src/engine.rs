@@ -491,7 +491,7 @@ impl Engine {
         // `false` means a concurrent driver advanced it already; the loop
         // re-reads the step either way.
         self.store
-            .advance_rotation(&mut c, id, target, from, to, "", now_ms())
+            .advance_rotation(&mut c, id, target, from, to, "")
             .await?;
         Ok(())
     }
@@ -509,7 +509,7 @@ impl Engine {
                 // Another driver finished it; mark the step and stop.
                 if s.current_version == target || s.previous_version == target {
                     self.store
-                        .advance_rotation(&mut tx, id, target, "tested", "finished", "", now_ms())
+                        .advance_rotation(&mut tx, id, target, "tested", "finished", "")
                         .await?;
                     tx.commit().await?;
                     return Ok(());
@@ -541,7 +541,7 @@ impl Engine {
                 detail.push_str(&format!("; v{displaced} revoked (displaced from previous)"));
             }
             self.store
-                .advance_rotation(&mut tx, id, target, "tested", "finished", "", now)
+                .advance_rotation(&mut tx, id, target, "tested", "finished", "")
                 .await?;
             let ev = audit::append_in(
                 &self.store,
@@ -598,15 +598,7 @@ impl Engine {
                     .set_version_state(&mut tx, id, target, REVOKED, now)
                     .await?;
                 self.store
-                    .advance_rotation(
-                        &mut tx,
-                        id,
-                        target,
-                        &rot.step,
-                        "failed",
-                        &err.to_string(),
-                        now,
-                    )
+                    .advance_rotation(&mut tx, id, target, &rot.step, "failed", &err.to_string())
                     .await?;
                 let ev = audit::append_in(
                     &self.store,

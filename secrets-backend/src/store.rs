@@ -564,8 +564,8 @@ impl Store {
         from: &str,
         to: &str,
         error: &str,
-        now_ms: i64,
     ) -> Result<bool> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let r = sqlx::query(
             "UPDATE rotations SET step = $1, error = $2, updated_at_ms = $3 WHERE secret_id = $4 AND target_version = $5 AND step = $6",
         )
