@@ -733,3 +733,73 @@ pub fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[tokio::test]
+async fn audit_verify_reports_an_edited_or_deleted_event() {
+    let dir = TempDir::new("audit");
+    let mut b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/a", "--kind", "random"]);
+    b.cli_json(&["rotate", "prod/a"]);
+    b.cli_json(&["rotate", "prod/a"]);
+    let v = b.cli_json(&["audit", "--verify"]);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["checked"], 3);
+    b.stop();
+
+    // Someone with database access rewrites who rotated.
+    let db = dir.path().join("data").join("rekey.db");
+    let edit = |sql: &str| {
+        let url = format!("sqlite://{}", db.display());
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    use sqlx::Connection;
+                    let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                    sqlx::query(&sql).execute(&mut c).await.unwrap();
+                })
+        })
+        .join()
+        .unwrap();
+    };
+    edit("UPDATE audit SET actor = 'someone-else' WHERE seq = 2");
+    b.restart();
+    let o = b.cli(&["audit", "--verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    fails_with(&o, "audit log broken at event 2: event 2 was altered");
+    b.stop();
+
+    edit("UPDATE audit SET actor = 'admin' WHERE seq = 2");
+    edit("DELETE FROM audit WHERE seq = 2");
+    b.restart();
+    let o = b.cli(&["audit", "--verify"]);
+    fails_with(&o, "audit log broken at event 2: event 2 is missing");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_audit_events_are_logged() {
+    let dir = TempDir::new("jsonlog");
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            env: vec![("REKEY_LOG_FORMAT".into(), "json".into())],
+            ..Default::default()
+        },
+    );
+    b.cli_json(&["create", "prod/a", "--kind", "random"]);
+    b.cli_json(&["rotate", "prod/a"]);
+    let log = b.log();
+    let mut audit_lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "rekey::audit" {
+            let ev: Value = serde_json::from_str(v["message"].as_str().unwrap()).unwrap();
+            assert!(ev["hash"].as_str().unwrap().len() == 64);
+            audit_lines += 1;
+        }
+    }
+    assert_eq!(audit_lines, 2, "{log}");
+}
