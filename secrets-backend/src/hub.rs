@@ -40,6 +40,9 @@ type Slot = watch::Sender<Option<Arc<Snapshot>>>;
 pub struct Hub {
     store: Arc<Store>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Serializes first loads, so that thousands of streams opening at once
+    /// on a secret nobody watched yet cause one load, not thousands.
+    first_load: tokio::sync::Mutex<()>,
 }
 
 impl Hub {
@@ -47,31 +50,34 @@ impl Hub {
         Self {
             store,
             slots: Mutex::new(HashMap::new()),
+            first_load: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn slot(&self, id: &str) -> (Slot, bool) {
+    /// The channel of `id` (created when missing) and a receiver on it,
+    /// taken under the lock so the slot cannot be pruned in between.
+    fn slot(&self, id: &str) -> (Slot, watch::Receiver<Option<Arc<Snapshot>>>) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         // Drop slots nobody watches any more, so the map does not grow with
         // every secret ever watched.
         slots.retain(|k, s| k == id || s.receiver_count() > 0);
-        match slots.get(id) {
-            Some(s) => (s.clone(), false),
-            None => {
-                let (tx, _) = watch::channel(None);
-                slots.insert(id.to_string(), tx.clone());
-                (tx, true)
-            }
-        }
+        let slot = slots
+            .entry(id.to_string())
+            .or_insert_with(|| watch::channel(None).0)
+            .clone();
+        let rx = slot.subscribe();
+        (slot, rx)
     }
 
     /// A receiver that yields the secret's current snapshot at once, then
     /// each change.
     pub async fn subscribe(&self, id: &str) -> Result<watch::Receiver<Option<Arc<Snapshot>>>> {
-        let (slot, fresh) = self.slot(id);
-        let rx = slot.subscribe();
-        if fresh || slot.borrow().is_none() {
-            self.load_into(id, &slot).await?;
+        let (slot, rx) = self.slot(id);
+        if slot.borrow().is_none() {
+            let _one = self.first_load.lock().await;
+            if slot.borrow().is_none() {
+                self.load_into(id, &slot).await?;
+            }
         }
         Ok(rx)
     }
