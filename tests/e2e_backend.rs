@@ -794,7 +794,8 @@ async fn json_logs_are_one_object_per_line_and_audit_events_are_logged() {
     let log = b.log();
     let mut audit_lines = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         if v["target"] == "rekey::audit" {
             let ev: Value = serde_json::from_str(v["message"].as_str().unwrap()).unwrap();
             assert!(ev["hash"].as_str().unwrap().len() == 64);
@@ -802,4 +803,57 @@ async fn json_logs_are_one_object_per_line_and_audit_events_are_logged() {
         }
     }
     assert_eq!(audit_lines, 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_that_stop_reporting_stop_counting() {
+    let dir = TempDir::new("ttl");
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[consumers]\nttl = \"1s\"\n[scheduler]\ntick = \"100ms\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        "prod/api/key",
+        "--kind",
+        "random",
+        "--window",
+        "0s",
+    ]);
+    b.cli_json(&["rotate", "prod/api/key"]);
+    let mut client = b.client().await;
+    client
+        .report_status(pb::ReportStatusRequest {
+            consumer_id: "pod-gone".into(),
+            pod: "api-1".into(),
+            namespace: "prod".into(),
+            secrets: vec![pb::ServedSecret {
+                secret_id: "prod/api/key".into(),
+                version: 1,
+                healthy: true,
+                error: String::new(),
+            }],
+        })
+        .await
+        .unwrap();
+    let m = http_get(&b.metrics, "/metrics");
+    assert!(
+        m.contains("rekey_consumers{secret=\"prod/api/key\",version=\"1\"} 1"),
+        "{m}"
+    );
+    // While it is live it holds decommission back; once silent it does not.
+    eventually(Duration::from_secs(10), "the silent consumer to stop counting", || {
+        let v = b.cli_json(&["versions", "prod/api/key"]);
+        let m = http_get(&b.metrics, "/metrics");
+        async move {
+            (v[1]["state"] == "revoked" && !m.contains("rekey_consumers{")).then_some(())
+        }
+    })
+    .await;
+    let st = b.cli_json(&["status", "prod/api/key"]);
+    assert_eq!(st[0]["consumers"][0]["live"], false);
+    assert_eq!(st[0]["live_consumers"], 0);
 }

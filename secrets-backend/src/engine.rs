@@ -86,6 +86,9 @@ pub const DEFAULT_VALIDATION_WINDOW: Duration = Duration::from_secs(30 * 60);
 /// How long the scheduler waits before retrying a due rotation it claimed
 /// but could not complete.
 const SCHEDULE_RETRY_MS: i64 = 5 * 60 * 1000;
+/// How often, at most, the scheduler recomputes the consumer gauges (a
+/// quarter of the consumer TTL when that is shorter).
+const CONSUMER_GAUGE_REFRESH_MS: i64 = 15_000;
 /// Attempts at a compare-and-swap before giving up under contention.
 const CAS_ATTEMPTS: usize = 20;
 
@@ -97,6 +100,9 @@ pub struct Engine {
     /// Pause before each step (demonstrations and crash tests only).
     pub step_delay: Duration,
     pub consumer_ttl: Duration,
+    /// When the consumer gauges were last recomputed (Unix ms), so that
+    /// consumers that stopped reporting drop out of them.
+    pub consumers_refreshed_at: std::sync::atomic::AtomicI64,
 }
 
 /// Secret ids look like paths: `prod/api/database`.
@@ -946,6 +952,23 @@ impl Engine {
                 Err(e) => {
                     tracing::warn!(secret = %s.id, error = %e, "scheduled rotation did not run; retrying later")
                 }
+            }
+        }
+
+        let last = self
+            .consumers_refreshed_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let every =
+            (self.consumer_ttl.as_millis() as i64 / 4).clamp(1_000, CONSUMER_GAUGE_REFRESH_MS);
+        if now - last >= every {
+            self.consumers_refreshed_at
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            let ids = {
+                let mut c = self.store.conn().await?;
+                self.store.consumed_secret_ids(&mut c).await?
+            };
+            for id in ids {
+                self.refresh_consumer_metrics(&id).await;
             }
         }
 

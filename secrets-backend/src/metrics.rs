@@ -43,6 +43,9 @@ pub struct Metrics {
     pub step_seconds: HistogramFamily<StepLabels>,
     pub watch_streams: Gauge,
     pub consumers: Family<ConsumerLabels, Gauge>,
+    /// The versions each secret's consumer series were last set for, so
+    /// that series of versions nobody serves any more are removed.
+    consumer_versions: std::sync::Mutex<std::collections::HashMap<String, Vec<i64>>>,
 }
 
 impl Default for Metrics {
@@ -79,6 +82,7 @@ impl Default for Metrics {
             step_seconds,
             watch_streams,
             consumers,
+            consumer_versions: Default::default(),
         }
     }
 }
@@ -99,24 +103,27 @@ impl Metrics {
             .observe(secs);
     }
 
-    /// Replaces the consumer gauges of one secret.
+    /// Replaces the consumer gauges of one secret with `(version, count)`.
     pub fn set_consumers(&self, secret: &str, by_version: &[(i64, i64)]) {
-        // Family has no per-label removal by prefix; zero the old series of
-        // this secret instead of clearing everyone's.
-        for v in 0..=by_version.iter().map(|(v, _)| *v).max().unwrap_or(0) {
-            let l = ConsumerLabels {
-                secret: secret.into(),
-                version: v.to_string(),
-            };
-            self.consumers.remove(&l);
+        let label = |v: i64| ConsumerLabels {
+            secret: secret.into(),
+            version: v.to_string(),
+        };
+        let mut known = self
+            .consumer_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for v in known.remove(secret).unwrap_or_default() {
+            self.consumers.remove(&label(v));
         }
         for (v, n) in by_version {
-            self.consumers
-                .get_or_create(&ConsumerLabels {
-                    secret: secret.into(),
-                    version: v.to_string(),
-                })
-                .set(*n);
+            self.consumers.get_or_create(&label(*v)).set(*n);
+        }
+        if !by_version.is_empty() {
+            known.insert(
+                secret.to_string(),
+                by_version.iter().map(|(v, _)| *v).collect(),
+            );
         }
     }
 
@@ -174,7 +181,10 @@ mod tests {
         m.watch_streams.set(3);
         m.set_consumers("prod/api/db", &[(2, 5), (3, 1)]);
         m.set_consumers("prod/api/db", &[(3, 6)]);
+        m.set_consumers("prod/api/other", &[(1, 1)]);
+        m.set_consumers("prod/api/other", &[]);
         let s = m.encode();
+        assert!(!s.contains("prod/api/other"), "{s}");
         assert!(
             s.contains("rekey_rotations_total{kind=\"random\",outcome=\"ok\"} 1"),
             "{s}"

@@ -135,6 +135,7 @@ pub async fn run(
         metrics: metrics.clone(),
         step_delay: cfg.step_delay,
         consumer_ttl: cfg.consumer_ttl,
+        consumers_refreshed_at: Default::default(),
     });
 
     // Bind before spawning anything, so a taken port fails fast.

@@ -683,6 +683,14 @@ impl Store {
         Ok(())
     }
 
+    /// Ids of secrets that any consumer has reported on.
+    pub async fn consumed_secret_ids(&self, c: &mut AnyConnection) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT DISTINCT secret_id FROM consumers ORDER BY secret_id")
+            .fetch_all(c)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     pub async fn consumers(
         &self,
         c: &mut AnyConnection,
