@@ -455,21 +455,7 @@ async fn kill_9_during_a_rotation_then_restart_leaves_a_consistent_secret() {
         );
         b.cli_json(&["create", "prod/k", "--kind", "random"]);
         let v1 = b.cli_json(&["get", "prod/k", "--reveal"])["value"].clone();
-        let mut rot = std::process::Command::new(CLI)
-            .args([
-                "--addr",
-                &b.grpc,
-                "--token-file",
-                b.token_path().to_str().unwrap(),
-                "rotate",
-                "prod/k",
-                "--request-token",
-                "crash-1",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut rot = b.spawn_cli(&["rotate", "prod/k", "--request-token", "crash-1"]);
         std::thread::sleep(Duration::from_millis(kill_after_ms));
         b.kill9();
         let _ = rot.wait();
@@ -718,20 +704,6 @@ async fn grpc_health_and_reflection_answer_on_the_api_port() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
-}
-
-/// A minimal HTTP/1.1 GET over a plain TCP socket.
-pub fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[tokio::test]

@@ -137,19 +137,7 @@ async fn postgres_store_keeps_versions_across_restart_and_recovers_from_kill_9()
     );
     b.cli_json(&["create", "prod/db/key", "--kind", "encryption-key"]);
     let v1 = b.cli_json(&["get", "prod/db/key", "--reveal"])["value"].clone();
-    let mut rot = std::process::Command::new(CLI)
-        .args([
-            "--addr",
-            &b.grpc,
-            "--token-file",
-            b.token_path().to_str().unwrap(),
-            "rotate",
-            "prod/db/key",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut rot = b.spawn_cli(&["rotate", "prod/db/key"]);
     std::thread::sleep(Duration::from_millis(600));
     b.kill9();
     let _ = rot.wait();

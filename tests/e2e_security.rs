@@ -109,7 +109,7 @@ async fn no_secret_value_reaches_logs_the_database_metrics_or_the_audit_log() {
     drop(s);
     drop(client);
 
-    let metrics = reqwest_free_get(&b.metrics);
+    let metrics = http_get(&b.metrics, "/metrics");
     let audit = b.cli(&["-o", "json", "audit"]);
     let status = b.cli(&["-o", "json", "status"]);
     let versions = b.cli(&["-o", "json", "versions", "prod/api/token"]);
@@ -157,19 +157,6 @@ fn raw(v: pb::SecretValue) -> SomeRaw {
         Some(pb::secret_value::Value::Raw(b)) => SomeRaw(String::from_utf8(b).unwrap()),
         _ => panic!("expected a raw value"),
     }
-}
-
-fn reqwest_free_get(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[tokio::test]

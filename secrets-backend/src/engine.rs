@@ -81,8 +81,6 @@ pub struct Outcome {
     pub replayed: bool,
 }
 
-/// Default validation window (the runbook's 30 to 60 minutes).
-pub const DEFAULT_VALIDATION_WINDOW: Duration = Duration::from_secs(30 * 60);
 /// How long the scheduler waits before retrying a due rotation it claimed
 /// but could not complete.
 const SCHEDULE_RETRY_MS: i64 = 5 * 60 * 1000;

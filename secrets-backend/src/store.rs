@@ -158,17 +158,21 @@ fn rotation_from_row(r: &AnyRow) -> Result<RotationRow> {
     })
 }
 
+/// The schema, written once: the only dialect difference is the binary
+/// type, `BLOB` in SQLite and `BYTEA` in Postgres.
+const INIT_SQL: &str = include_str!("../migrations/0001_init.sql");
+
 fn migrator(dialect: Dialect) -> Migrator {
-    let sql: &'static str = match dialect {
-        Dialect::Sqlite => include_str!("../migrations/sqlite/0001_init.sql"),
-        Dialect::Postgres => include_str!("../migrations/postgres/0001_init.sql"),
+    let sql = match dialect {
+        Dialect::Sqlite => INIT_SQL.to_string(),
+        Dialect::Postgres => INIT_SQL.replace(" BLOB ", " BYTEA "),
     };
     Migrator {
         migrations: Cow::Owned(vec![Migration::new(
             1,
             Cow::Borrowed("init"),
             MigrationType::Simple,
-            Cow::Borrowed(sql),
+            Cow::Owned(sql),
             false,
         )]),
         ..Migrator::DEFAULT

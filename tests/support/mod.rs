@@ -304,6 +304,22 @@ impl Backend {
         cmd.output().expect("run rekey")
     }
 
+    /// Starts the CLI with the admin token without waiting for it (to kill
+    /// the backend while a call is in flight).
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        Command::new(CLI)
+            .arg("--addr")
+            .arg(&self.grpc)
+            .arg("--token-file")
+            .arg(self.token_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn rekey")
+    }
+
     /// Runs the CLI with `-o json`, asserts success and parses stdout.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["-o", "json"];
@@ -354,6 +370,20 @@ pub async fn client(addr: &str, token: &str) -> Client {
         .expect("connect to backend");
     let v = format!("Bearer {token}").parse().expect("header");
     RekeyClient::with_interceptor(ch, TokenInterceptor(v))
+}
+
+/// A minimal HTTP/1.1 GET over a plain TCP socket; the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }
 
 /// Text of a CLI run's stderr.
