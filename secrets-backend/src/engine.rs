@@ -1061,3 +1061,240 @@ impl Engine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::Kind;
+    use async_trait::async_trait;
+    use rekey_keyring::MasterKey;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A kind whose target can be made to fail: stands in for the kinds
+    /// that act on real systems (a database role, a provider's API key).
+    struct Flaky {
+        fail_set: AtomicBool,
+        fail_restore: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Kind for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn check_options(&self, _: &serde_json::Value) -> Result<serde_json::Value> {
+            Ok(serde_json::json!({}))
+        }
+        fn value_input(&self) -> ValueInput {
+            ValueInput::Never
+        }
+        async fn create(&self, _: &SecretCtx<'_>, _: Option<SecretValue>) -> Result<SecretValue> {
+            Ok(SecretValue::Raw(rekey_keyring::random_bytes(16)?))
+        }
+        async fn set(
+            &self,
+            ctx: &SecretCtx<'_>,
+            _: &SecretValue,
+            _: Option<&SecretValue>,
+        ) -> Result<()> {
+            if self.fail_set.load(Ordering::SeqCst) {
+                return Err(Error::Step {
+                    secret: ctx.id.into(),
+                    step: "set",
+                    message: "target refused the new password".into(),
+                });
+            }
+            Ok(())
+        }
+        async fn restore(&self, _: &SecretCtx<'_>, _: &SecretValue) -> Result<()> {
+            if self.fail_restore.load(Ordering::SeqCst) {
+                return Err(Error::Internal("target unreachable".into()));
+            }
+            Ok(())
+        }
+        fn one_rotation_at_a_time(&self) -> bool {
+            true
+        }
+    }
+
+    async fn engine() -> (Engine, Arc<Flaky>) {
+        let dir = crate::store::tests_support::tempdir();
+        let url = format!("sqlite://{}?mode=rwc", dir.join("e.db").display());
+        let store = Arc::new(
+            Store::open(&url, 1, Arc::new(MasterKey::from_bytes(&[9; 32]).unwrap()))
+                .await
+                .unwrap(),
+        );
+        let flaky = Arc::new(Flaky {
+            fail_set: AtomicBool::new(false),
+            fail_restore: AtomicBool::new(false),
+        });
+        let mut kinds = Kinds::default();
+        kinds.register(flaky.clone());
+        let engine = Engine {
+            hub: Arc::new(Hub::new(store.clone())),
+            store,
+            kinds,
+            metrics: Arc::new(Metrics::default()),
+            step_delay: Duration::ZERO,
+            consumer_ttl: Duration::from_secs(60),
+            consumers_refreshed_at: Default::default(),
+        };
+        (engine, flaky)
+    }
+
+    fn spec(id: &str, kind: &str) -> CreateSpec {
+        CreateSpec {
+            id: id.into(),
+            kind: kind.into(),
+            options: serde_json::json!({}),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_rolls_the_rotation_back_and_keeps_current() {
+        let (e, flaky) = engine().await;
+        let actor = Actor::system("test");
+        e.create_secret(&actor, spec("prod/db", "flaky"))
+            .await
+            .unwrap();
+        flaky.fail_set.store(true, Ordering::SeqCst);
+        let err = e
+            .rotate(&actor, "prod/db", Some("tok"), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Step { step: "set", .. }), "{err}");
+        let mut c = e.store.conn().await.unwrap();
+        let s = e.store.require_secret(&mut c, "prod/db").await.unwrap();
+        assert_eq!(
+            (s.current_version, s.previous_version, s.pending_version),
+            (1, 0, 0)
+        );
+        let v2 = e.store.require_version(&mut c, "prod/db", 2).await.unwrap();
+        assert_eq!(v2.state, REVOKED, "the failed version is never served");
+        let rot = e
+            .store
+            .last_rotation(&mut c, "prod/db")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rot.step, "failed");
+        assert!(rot.error.contains("refused the new password"));
+        let events = audit::list(&mut c, "prod/db", 0, 100).await.unwrap();
+        assert_eq!(events.last().unwrap().outcome, "failed");
+        drop(c);
+        // A retry with the same token reports the same failure, creates nothing.
+        let again = e
+            .rotate(&actor, "prod/db", Some("tok"), None)
+            .await
+            .unwrap_err();
+        assert!(again.to_string().contains("failed"), "{again}");
+        // Once the target works again, a new rotation succeeds with v3.
+        flaky.fail_set.store(false, Ordering::SeqCst);
+        let ok = e.rotate(&actor, "prod/db", None, None).await.unwrap();
+        assert_eq!(ok.version.version, 3);
+    }
+
+    #[tokio::test]
+    async fn one_rotation_at_a_time_until_previous_is_decommissioned() {
+        let (e, _) = engine().await;
+        let actor = Actor::system("test");
+        e.create_secret(&actor, spec("prod/db", "flaky"))
+            .await
+            .unwrap();
+        e.rotate(&actor, "prod/db", None, None).await.unwrap();
+        let err = e.rotate(&actor, "prod/db", None, None).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert!(err.to_string().contains("not decommissioned yet"), "{err}");
+        // Validation window 0 and no consumers: decommission runs on tick.
+        e.tick().await.unwrap();
+        let mut c = e.store.conn().await.unwrap();
+        let s = e.store.require_secret(&mut c, "prod/db").await.unwrap();
+        assert_eq!(s.previous_version, 0);
+        drop(c);
+        assert_eq!(
+            e.rotate(&actor, "prod/db", None, None)
+                .await
+                .unwrap()
+                .version
+                .version,
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn rollback_restores_the_target_first_and_changes_nothing_when_that_fails() {
+        let (e, flaky) = engine().await;
+        let actor = Actor::system("test");
+        e.create_secret(&actor, spec("prod/db", "flaky"))
+            .await
+            .unwrap();
+        e.rotate(&actor, "prod/db", None, None).await.unwrap();
+        flaky.fail_restore.store(true, Ordering::SeqCst);
+        let err = e.rollback(&actor, "prod/db").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Step {
+                    step: "restore",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut c = e.store.conn().await.unwrap();
+        let s = e.store.require_secret(&mut c, "prod/db").await.unwrap();
+        assert_eq!((s.current_version, s.previous_version), (2, 1));
+        drop(c);
+        flaky.fail_restore.store(false, Ordering::SeqCst);
+        let o = e.rollback(&actor, "prod/db").await.unwrap();
+        assert_eq!(
+            (o.secret.current_version, o.secret.previous_version),
+            (1, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn random_secrets_rotate_back_to_back_and_displace_previous() {
+        let (e, _) = engine().await;
+        let actor = Actor::system("test");
+        let mut s = spec("prod/jwt", "random");
+        s.validation_window_ms = 3_600_000;
+        e.create_secret(&actor, s).await.unwrap();
+        for _ in 0..3 {
+            e.rotate(&actor, "prod/jwt", None, None).await.unwrap();
+        }
+        let mut c = e.store.conn().await.unwrap();
+        let s = e.store.require_secret(&mut c, "prod/jwt").await.unwrap();
+        assert_eq!((s.current_version, s.previous_version), (4, 3));
+        let states: Vec<String> = e
+            .store
+            .list_versions(&mut c, "prod/jwt")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.state)
+            .collect();
+        assert_eq!(states, ["active", "active", "revoked", "revoked"]);
+    }
+
+    #[test]
+    fn secret_ids_look_like_paths() {
+        for ok in ["prod/api/database", "a", "x-1_2.3/y"] {
+            validate_id(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "/abs",
+            "trailing/",
+            "a//b",
+            "../etc",
+            "a/./b",
+            "sp ace",
+            "ü",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -242,8 +242,13 @@ pub async fn run(
 
     let stop_tx2 = stop_tx.clone();
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_on_stop = health.clone();
     let shutdown = async move {
         shutdown.await;
+        // Load balancers and probes stop sending new calls first.
+        health_on_stop
+            .set_not_serving::<RekeyServer<RekeyService>>()
+            .await;
         tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining calls in flight");
         let _ = stop_tx2.send(true);
         let _ = fired_tx.send(());
