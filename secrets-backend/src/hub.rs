@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub secret: pb::Secret,
     pub current: pb::Version,
     pub previous: Option<pb::Version>,
+    /// When this replica loaded and published it (Unix ms).
+    pub published_at_ms: i64,
 }
 
 impl Snapshot {
@@ -155,6 +157,7 @@ impl Hub {
             secret: convert::secret(&s),
             current: convert::version(&s, &cur_row, Some(&cur_val)),
             previous,
+            published_at_ms: crate::engine::now_ms(),
         })
     }
 }

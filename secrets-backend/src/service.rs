@@ -433,6 +433,7 @@ impl Rekey for RekeyService {
                 current: Some(s.current.clone()),
                 previous: s.previous.clone(),
                 snapshot,
+                published_at_ms: s.published_at_ms,
             })))
         });
         // End every stream at shutdown so the server can drain.

@@ -1,0 +1,670 @@
+//! Sidecar configuration: a TOML file and/or flags, `REKEY_*` overrides, and
+//! one validation step that lists every problem before any port is bound.
+//!
+//! The config names files (tokens, outputs, pid files); it never holds a
+//! secret itself.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2773";
+pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:7700";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub backend: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub api_token_file: Option<PathBuf>,
+    pub consumer_id: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub report_interval: Option<String>,
+    pub debounce: Option<String>,
+    pub backoff_max: Option<String>,
+    pub secrets: Vec<RawSecret>,
+    pub file_sources: Vec<RawFileSource>,
+    pub reload: Vec<RawReload>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutput {
+    pub path: Option<PathBuf>,
+    pub format: Option<String>,
+    pub template: Option<String>,
+    pub env_name: Option<String>,
+    pub mode: Option<String>,
+    pub owner: Option<String>,
+    /// Write into this directory the way kubelet does (`..data` symlink
+    /// swap); `path` is then the file name inside it.
+    pub directory: Option<PathBuf>,
+    pub keyring_path: Option<PathBuf>,
+    pub validate: Option<RawValidate>,
+    pub reload: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    pub id: String,
+    #[serde(flatten)]
+    pub out: RawOutput,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileSource {
+    /// The name the read API, metrics and `/readyz` use.
+    pub id: String,
+    /// The file to watch (e.g. a key in a mounted Secret volume).
+    pub source: PathBuf,
+    #[serde(flatten)]
+    pub out: RawOutput,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValidate {
+    /// none, postgres, redis or http.
+    pub kind: String,
+    /// For http: the URL that must answer 2xx with the new value as a
+    /// bearer token.
+    pub url: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    pub name: String,
+    pub signal: Option<String>,
+    pub pid_file: Option<PathBuf>,
+    pub process_name: Option<String>,
+    pub http_post: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub timeout: Option<String>,
+}
+
+/// How a value is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    /// The bytes as they are (single-valued secrets).
+    Raw,
+    /// The fields as a JSON object, or `{"value": ...}`.
+    Json,
+    /// `NAME=value` lines.
+    Env,
+    /// `{{field}}` placeholders.
+    Template(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Validate {
+    None,
+    Postgres,
+    Redis,
+    Http(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The file written; for directory outputs, `directory/<name>`.
+    pub path: PathBuf,
+    /// For kubelet-style outputs: the directory holding `..data`.
+    pub directory: Option<PathBuf>,
+    pub format: Format,
+    pub env_name: String,
+    pub mode: u32,
+    pub owner: Option<(u32, u32)>,
+    pub keyring_path: Option<PathBuf>,
+    pub validate: Validate,
+    pub validate_timeout: Duration,
+    pub reload: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretConfig {
+    pub id: String,
+    pub out: Output,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    pub id: String,
+    pub source: PathBuf,
+    pub out: Output,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReloadKind {
+    Signal {
+        signal: rustix::process::Signal,
+        name: String,
+        pid_file: Option<PathBuf>,
+        process_name: Option<String>,
+    },
+    HttpPost(String),
+    Command(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub name: String,
+    pub kind: ReloadKind,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backend: String,
+    pub token_file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub api_token_file: Option<PathBuf>,
+    pub consumer_id: String,
+    pub pod: String,
+    pub namespace: String,
+    pub report_interval: Duration,
+    pub debounce: Duration,
+    pub backoff_max: Duration,
+    pub secrets: Vec<SecretConfig>,
+    pub file_sources: Vec<FileSource>,
+    pub reloads: Vec<Reload>,
+}
+
+/// Every problem found, listed together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+/// Settings given as flags; they add to or override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub backend: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub secrets: Vec<String>,
+    pub api_token_file: Option<PathBuf>,
+    pub listen: Option<String>,
+}
+
+const ENV: &[(&str, &str)] = &[
+    ("REKEY_BACKEND", "backend"),
+    ("REKEY_TOKEN_FILE", "token_file"),
+    ("REKEY_LISTEN", "listen"),
+    ("REKEY_API_TOKEN_FILE", "api_token_file"),
+    ("REKEY_CONSUMER_ID", "consumer_id"),
+    ("REKEY_POD", "pod"),
+    ("REKEY_NAMESPACE", "namespace"),
+    ("REKEY_REPORT_INTERVAL", "report_interval"),
+    ("REKEY_DEBOUNCE", "debounce"),
+    ("REKEY_BACKOFF_MAX", "backoff_max"),
+];
+
+/// Signals a reload action may send.
+pub fn parse_signal(name: &str) -> Option<rustix::process::Signal> {
+    use rustix::process::Signal;
+    let n = name.trim().to_ascii_uppercase();
+    let n = n.strip_prefix("SIG").unwrap_or(&n);
+    Some(match n {
+        "HUP" => Signal::HUP,
+        "USR1" => Signal::USR1,
+        "USR2" => Signal::USR2,
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "QUIT" => Signal::QUIT,
+        "WINCH" => Signal::WINCH,
+        _ => return None,
+    })
+}
+
+/// `ID:PATH[:FORMAT]`.
+pub fn parse_secret_flag(s: &str) -> Result<(String, PathBuf, Option<String>), String> {
+    let mut parts = s.splitn(3, ':');
+    let id = parts.next().unwrap_or_default();
+    let path = parts.next().unwrap_or_default();
+    let format = parts.next().map(str::to_string);
+    if id.is_empty() || path.is_empty() {
+        return Err(format!(
+            "--secret {s:?}: expected ID:PATH[:FORMAT], e.g. prod/api/db:/etc/app/db.json:json"
+        ));
+    }
+    Ok((id.to_string(), PathBuf::from(path), format))
+}
+
+fn parse_duration(setting: &str, v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Duration {
+    match v {
+        None => default,
+        Some(s) => humantime::parse_duration(s.trim()).unwrap_or_else(|_| {
+            errors.push(format!("{setting}: {s:?} is not a duration such as 200ms or 30s"));
+            default
+        }),
+    }
+}
+
+/// Placeholders named in a template (`{{ name }}`), or an error.
+pub fn template_fields(t: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut rest = t;
+    while let Some(i) = rest.find("{{") {
+        let after = &rest[i + 2..];
+        let j = after
+            .find("}}")
+            .ok_or_else(|| "a {{ has no closing }}".to_string())?;
+        let name = after[..j].trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("{{{{{name}}}}} is not a field name"));
+        }
+        out.push(name.to_string());
+        rest = &after[j + 2..];
+    }
+    Ok(out)
+}
+
+fn env_name_for(id: &str) -> String {
+    id.rsplit('/')
+        .next()
+        .unwrap_or(id)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect()
+}
+
+/// Checks that a directory exists and that this process can create files
+/// in it.
+fn check_writable(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".rekey-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
+}
+
+fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<String>, errors: &mut Vec<String>) -> Output {
+    let format = match (raw.format.as_deref(), raw.template) {
+        (Some("template") | None, Some(t)) => {
+            if let Err(e) = template_fields(&t) {
+                errors.push(format!("{setting}.template: {e}"));
+            }
+            Format::Template(t)
+        }
+        (Some("template"), None) => {
+            errors.push(format!("{setting}.template: format template needs a template"));
+            Format::Raw
+        }
+        (None | Some("raw"), None) => Format::Raw,
+        (Some("json"), None) => Format::Json,
+        (Some("env"), None) => Format::Env,
+        (Some(f), _) => {
+            errors.push(format!(
+                "{setting}.format: unknown format {f:?} (expected raw, json, env or template)"
+            ));
+            Format::Raw
+        }
+    };
+    let (path, directory) = match (raw.path, raw.directory) {
+        (Some(p), Some(d)) => {
+            if p.components().count() != 1 {
+                errors.push(format!("{setting}.path: with directory, path is a file name"));
+            }
+            (d.join(&p), Some(d))
+        }
+        (Some(p), None) => (p, None),
+        (None, _) => {
+            errors.push(format!("{setting}.path: where to write {id}"));
+            (PathBuf::new(), None)
+        }
+    };
+    let dir = directory
+        .clone()
+        .or_else(|| path.parent().map(Path::to_path_buf))
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    if !path.as_os_str().is_empty()
+        && let Err(e) = check_writable(&dir)
+    {
+        errors.push(format!("{setting}.path: {e}"));
+    }
+    if let Some(k) = &raw.keyring_path {
+        let kd = k.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Err(e) = check_writable(kd) {
+            errors.push(format!("{setting}.keyring_path: {e}"));
+        }
+    }
+    let mode = match raw.mode.as_deref() {
+        None => 0o400,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .unwrap_or_else(|| {
+                errors.push(format!("{setting}.mode: {m:?} is not an octal mode such as 0400"));
+                0o400
+            }),
+    };
+    let owner = raw.owner.as_deref().and_then(|o| {
+        let parsed = o
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        if parsed.is_none() {
+            errors.push(format!("{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"));
+        }
+        parsed
+    });
+    let (validate, validate_timeout) = match raw.validate {
+        None => (Validate::None, Duration::from_secs(5)),
+        Some(v) => {
+            let t = parse_duration(&format!("{setting}.validate.timeout"), v.timeout.as_deref(), Duration::from_secs(5), errors);
+            let k = match (v.kind.as_str(), v.url) {
+                ("none", _) => Validate::None,
+                ("postgres", _) => Validate::Postgres,
+                ("redis", _) => Validate::Redis,
+                ("http", Some(u)) if u.starts_with("http://") => Validate::Http(u),
+                ("http", _) => {
+                    errors.push(format!("{setting}.validate.url: http validation needs an http:// URL"));
+                    Validate::None
+                }
+                (other, _) => {
+                    errors.push(format!(
+                        "{setting}.validate.kind: unknown validation {other:?} (expected none, postgres, redis or http)"
+                    ));
+                    Validate::None
+                }
+            };
+            (k, t)
+        }
+    };
+    for r in &raw.reload {
+        if !reload_names.contains(r) {
+            errors.push(format!("{setting}.reload: no [[reload]] action is named {r:?}"));
+        }
+    }
+    Output {
+        path,
+        directory,
+        format,
+        env_name: raw.env_name.unwrap_or_else(|| env_name_for(id)),
+        mode,
+        owner,
+        keyring_path: raw.keyring_path,
+        validate,
+        validate_timeout,
+        reload: raw.reload,
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), applies `REKEY_*` from `env`, then flags,
+    /// and validates everything.
+    pub fn load(
+        path: Option<&Path>,
+        flags: Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![format!("cannot read config file {}: {e}", p.display())])
+            })?,
+            None => String::new(),
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config file: {e}")]))?;
+        let mut host = None;
+        for (k, v) in env {
+            if k == "HOSTNAME" {
+                host = Some(v.clone());
+            }
+            if let Some((_, key)) = ENV.iter().find(|(n, _)| *n == k) {
+                table.insert(key.to_string(), toml::Value::String(v));
+            }
+        }
+        let mut raw: RawConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config: {}", e.message())]))?;
+        let mut errors = Vec::new();
+        if flags.backend.is_some() {
+            raw.backend = flags.backend;
+        }
+        if flags.token_file.is_some() {
+            raw.token_file = flags.token_file;
+        }
+        if flags.api_token_file.is_some() {
+            raw.api_token_file = flags.api_token_file;
+        }
+        if flags.listen.is_some() {
+            raw.listen = flags.listen;
+        }
+        for s in &flags.secrets {
+            match parse_secret_flag(s) {
+                Ok((id, path, format)) => raw.secrets.push(RawSecret {
+                    id,
+                    out: RawOutput {
+                        path: Some(path),
+                        format,
+                        ..Default::default()
+                    },
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        let cfg = validate(raw, host, &mut errors);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn read_token_file(setting: &str, p: &Path, errors: &mut Vec<String>) {
+    match std::fs::read_to_string(p) {
+        Ok(t) if t.trim().is_empty() => errors.push(format!("{setting}: {} is empty", p.display())),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("{setting}: cannot read {}: {e}", p.display())),
+    }
+}
+
+fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> Config {
+    let backend = raw.backend.unwrap_or_else(|| DEFAULT_BACKEND.into());
+    if !(backend.starts_with("http://") || backend.starts_with("https://")) {
+        errors.push(format!("backend: {backend:?} is not a URL such as http://rekey-backend:7700"));
+    }
+    if let Some(p) = &raw.token_file {
+        read_token_file("token_file", p, errors);
+    }
+    if let Some(p) = &raw.api_token_file {
+        read_token_file("api_token_file", p, errors);
+    }
+    let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+    let listen = listen_s.parse().unwrap_or_else(|_| {
+        errors.push(format!("listen: {listen_s:?} is not an address such as 127.0.0.1:2773"));
+        ([127, 0, 0, 1], 2773).into()
+    });
+
+    let mut reload_names = BTreeSet::new();
+    let mut reloads = Vec::new();
+    for (i, r) in raw.reload.into_iter().enumerate() {
+        let setting = format!("reload[{i}]");
+        if !reload_names.insert(r.name.clone()) {
+            errors.push(format!("{setting}.name: {:?} is used twice", r.name));
+        }
+        let timeout = parse_duration(&format!("{setting}.timeout"), r.timeout.as_deref(), Duration::from_secs(10), errors);
+        let kind = match (r.signal, r.http_post, r.command) {
+            (Some(sig), None, None) => {
+                let parsed = parse_signal(&sig);
+                if parsed.is_none() {
+                    errors.push(format!(
+                        "{setting}.signal: unknown signal {sig:?} (expected HUP, USR1, USR2, TERM, INT, QUIT or WINCH)"
+                    ));
+                }
+                if r.pid_file.is_none() == r.process_name.is_none() {
+                    errors.push(format!("{setting}: a signal needs exactly one of pid_file or process_name"));
+                }
+                ReloadKind::Signal {
+                    signal: parsed.unwrap_or(rustix::process::Signal::HUP),
+                    name: sig,
+                    pid_file: r.pid_file,
+                    process_name: r.process_name,
+                }
+            }
+            (None, Some(url), None) => {
+                if !url.starts_with("http://") {
+                    errors.push(format!("{setting}.http_post: {url:?} is not an http:// URL"));
+                }
+                ReloadKind::HttpPost(url)
+            }
+            (None, None, Some(cmd)) => {
+                if cmd.is_empty() {
+                    errors.push(format!("{setting}.command: name the program to run"));
+                }
+                ReloadKind::Command(cmd)
+            }
+            _ => {
+                errors.push(format!("{setting}: give exactly one of signal, http_post or command"));
+                ReloadKind::Command(vec![])
+            }
+        };
+        reloads.push(Reload {
+            name: r.name,
+            kind,
+            timeout,
+        });
+    }
+
+    let mut ids = BTreeSet::new();
+    let mut secrets = Vec::new();
+    for (i, s) in raw.secrets.into_iter().enumerate() {
+        let setting = format!("secrets[{i}] ({})", s.id);
+        if s.id.is_empty() {
+            errors.push(format!("secrets[{i}].id: must not be empty"));
+        }
+        if !ids.insert(s.id.clone()) {
+            errors.push(format!("{setting}: the secret is listed twice"));
+        }
+        secrets.push(SecretConfig {
+            out: output(&setting, &s.id, s.out, &reload_names, errors),
+            id: s.id,
+        });
+    }
+    let mut file_sources = Vec::new();
+    for (i, f) in raw.file_sources.into_iter().enumerate() {
+        let setting = format!("file_sources[{i}] ({})", f.id);
+        if !ids.insert(f.id.clone()) {
+            errors.push(format!("{setting}: the id is used twice"));
+        }
+        if f.source.parent().is_none_or(|p| !p.exists()) {
+            errors.push(format!("{setting}.source: the directory of {} does not exist", f.source.display()));
+        }
+        file_sources.push(FileSource {
+            out: output(&setting, &f.id, f.out, &reload_names, errors),
+            id: f.id,
+            source: f.source,
+        });
+    }
+    if secrets.is_empty() && file_sources.is_empty() {
+        errors.push("no secrets: give --secret ID:PATH[:FORMAT] or [[secrets]] in the config".into());
+    }
+    if !secrets.is_empty() && raw.token_file.is_none() {
+        errors.push("token_file: the sidecar needs a token to read from the backend (--token-file)".into());
+    }
+    let consumer_id = raw
+        .consumer_id
+        .or(host)
+        .unwrap_or_else(|| format!("sidecar-{}", std::process::id()));
+    Config {
+        backend,
+        token_file: raw.token_file,
+        listen,
+        api_token_file: raw.api_token_file,
+        pod: raw.pod.unwrap_or_else(|| consumer_id.clone()),
+        namespace: raw.namespace.unwrap_or_default(),
+        consumer_id,
+        report_interval: parse_duration("report_interval", raw.report_interval.as_deref(), Duration::from_secs(30), errors),
+        debounce: parse_duration("debounce", raw.debounce.as_deref(), Duration::from_millis(100), errors),
+        backoff_max: parse_duration("backoff_max", raw.backoff_max.as_deref(), Duration::from_secs(30), errors),
+        secrets,
+        file_sources,
+        reloads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rekey-sc-cfg-{}-{}", std::process::id(), rand()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+    fn rand() -> u64 {
+        let b = rekey_keyring::random_bytes(8).unwrap();
+        u64::from_le_bytes(b.expose().try_into().unwrap())
+    }
+
+    #[test]
+    fn flags_alone_make_a_config() {
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let out = d.join("db.json");
+        let c = Config::load(
+            None,
+            Flags {
+                backend: Some("http://b:7700".into()),
+                token_file: Some(tok),
+                secrets: vec![format!("prod/db:{}:json", out.display()), format!("prod/jwt:{}", d.join("jwt").display())],
+                ..Default::default()
+            },
+            vec![("HOSTNAME".into(), "api-7d9f".into())],
+        )
+        .unwrap();
+        assert_eq!(c.secrets.len(), 2);
+        assert_eq!(c.secrets[0].out.format, Format::Json);
+        assert_eq!(c.secrets[1].out.format, Format::Raw);
+        assert_eq!(c.secrets[1].out.mode, 0o400);
+        assert_eq!(c.consumer_id, "api-7d9f");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:2773");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let d = tmp();
+        let text = format!(
+            r#"
+token_file = "{missing}"
+[[secrets]]
+id = "prod/db"
+path = "/nonexistent-dir/db"
+template = "postgres://{{{{username}}:{{{{password}}}}@h"
+reload = ["nope"]
+[[reload]]
+name = "app"
+signal = "SIGFOO"
+pid_file = "/run/app.pid"
+"#,
+            missing = d.join("missing-token").display()
+        );
+        let p = d.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let e = Config::load(Some(&p), Flags { secrets: vec!["bad".into()], ..Default::default() }, vec![]).unwrap_err();
+        let s = e.to_string();
+        for needle in ["token_file: cannot read", "cannot write in /nonexistent-dir", "template", "SIGFOO", "\"nope\"", "--secret \"bad\""] {
+            assert!(s.contains(needle), "missing {needle:?} in {s}");
+        }
+    }
+
+    #[test]
+    fn template_placeholders() {
+        assert_eq!(template_fields("a{{x}}b{{ y_1 }}").unwrap(), ["x", "y_1"]);
+        assert!(template_fields("{{x").is_err());
+        assert!(template_fields("{{a b}}").is_err());
+        assert_eq!(env_name_for("prod/api/jwt-secret"), "JWT_SECRET");
+        assert!(parse_signal("SIGHUP").is_some());
+        assert!(parse_signal("usr1").is_some());
+        assert!(parse_signal("SIGFOO").is_none());
+    }
+}
