@@ -64,6 +64,25 @@ ensure_postgres() {
     return 1
 }
 
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+
+# Redis on 127.0.0.1:6379 (sidecar validation tests).
+ensure_redis() {
+    have redis-server || apt_install redis-server
+    have redis-cli || apt_install redis-tools
+    redis_up && return 0
+    say "starting Redis"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+        --dir /var/lib/redis --logfile /var/log/redis/rekey-tests.log >/dev/null
+    for _ in $(seq 1 40); do
+        redis_up && return 0
+        sleep 0.25
+    done
+    say "Redis is not reachable on 127.0.0.1:6379"
+    return 1
+}
+
 ensure_tools() {
     have openssl || apt_install openssl
     have sha256sum || apt_install coreutils

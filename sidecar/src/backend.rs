@@ -145,14 +145,29 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
         })
         .await;
         match r {
-            Err(_) => return Ok(Probe::Unreachable("the backend did not answer within 10s".into())),
+            Err(_) => {
+                return Ok(Probe::Unreachable(
+                    "the backend did not answer within 10s".into(),
+                ));
+            }
             Ok(Ok(Some(ev))) => events.push(ev),
             Ok(Ok(None)) => errors.push(format!("secret {id}: the backend closed the stream")),
             Ok(Err(st)) => match st.code() {
-                Code::PermissionDenied | Code::NotFound | Code::Unauthenticated | Code::InvalidArgument => {
-                    errors.push(format!("secret {id}: {}: {}", code_name(st.code()), st.message()))
+                Code::PermissionDenied
+                | Code::NotFound
+                | Code::Unauthenticated
+                | Code::InvalidArgument => errors.push(format!(
+                    "secret {id}: {}: {}",
+                    code_name(st.code()),
+                    st.message()
+                )),
+                _ => {
+                    return Ok(Probe::Unreachable(format!(
+                        "{}: {}",
+                        code_name(st.code()),
+                        st.message()
+                    )));
                 }
-                _ => return Ok(Probe::Unreachable(format!("{}: {}", code_name(st.code()), st.message()))),
             },
         }
     }
@@ -195,14 +210,24 @@ pub async fn run(
     }
     let mut attempt = 0u32;
     loop {
-        let r = session(&cfg, &state, &outputs, &reloader, &mut shutdown, &mut attempt).await;
+        let r = session(
+            &cfg,
+            &state,
+            &outputs,
+            &reloader,
+            &mut shutdown,
+            &mut attempt,
+        )
+        .await;
         state.set_connected(false);
         if *shutdown.borrow() {
             return;
         }
         match r {
             Ok(()) => tracing::warn!("the backend closed the Watch stream; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, attempt, "backend unavailable; serving the last good versions"),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "backend unavailable; serving the last good versions")
+            }
         }
         let delay = backoff(attempt, cfg.backoff_max);
         attempt = attempt.saturating_add(1);
@@ -290,7 +315,9 @@ mod tests {
         let max = Duration::from_secs(5);
         for attempt in 0..20 {
             let d = backoff(attempt, max);
-            let cap = Duration::from_millis(200).saturating_mul(1 << attempt.min(16)).min(max);
+            let cap = Duration::from_millis(200)
+                .saturating_mul(1 << attempt.min(16))
+                .min(max);
             assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?}");
         }
     }

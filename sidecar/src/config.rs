@@ -236,11 +236,18 @@ pub fn parse_secret_flag(s: &str) -> Result<(String, PathBuf, Option<String>), S
     Ok((id.to_string(), PathBuf::from(path), format))
 }
 
-fn parse_duration(setting: &str, v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Duration {
+fn parse_duration(
+    setting: &str,
+    v: Option<&str>,
+    default: Duration,
+    errors: &mut Vec<String>,
+) -> Duration {
     match v {
         None => default,
         Some(s) => humantime::parse_duration(s.trim()).unwrap_or_else(|_| {
-            errors.push(format!("{setting}: {s:?} is not a duration such as 200ms or 30s"));
+            errors.push(format!(
+                "{setting}: {s:?} is not a duration such as 200ms or 30s"
+            ));
             default
         }),
     }
@@ -270,7 +277,13 @@ fn env_name_for(id: &str) -> String {
         .next()
         .unwrap_or(id)
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -283,7 +296,13 @@ fn check_writable(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
-fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<String>, errors: &mut Vec<String>) -> Output {
+fn output(
+    setting: &str,
+    id: &str,
+    raw: RawOutput,
+    reload_names: &BTreeSet<String>,
+    errors: &mut Vec<String>,
+) -> Output {
     let format = match (raw.format.as_deref(), raw.template) {
         (Some("template") | None, Some(t)) => {
             if let Err(e) = template_fields(&t) {
@@ -292,7 +311,9 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
             Format::Template(t)
         }
         (Some("template"), None) => {
-            errors.push(format!("{setting}.template: format template needs a template"));
+            errors.push(format!(
+                "{setting}.template: format template needs a template"
+            ));
             Format::Raw
         }
         (None | Some("raw"), None) => Format::Raw,
@@ -308,7 +329,9 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
     let (path, directory) = match (raw.path, raw.directory) {
         (Some(p), Some(d)) => {
             if p.components().count() != 1 {
-                errors.push(format!("{setting}.path: with directory, path is a file name"));
+                errors.push(format!(
+                    "{setting}.path: with directory, path is a file name"
+                ));
             }
             (d.join(&p), Some(d))
         }
@@ -329,7 +352,10 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
         errors.push(format!("{setting}.path: {e}"));
     }
     if let Some(k) = &raw.keyring_path {
-        let kd = k.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let kd = k
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if let Err(e) = check_writable(kd) {
             errors.push(format!("{setting}.keyring_path: {e}"));
         }
@@ -340,7 +366,9 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
             .ok()
             .filter(|m| *m <= 0o777)
             .unwrap_or_else(|| {
-                errors.push(format!("{setting}.mode: {m:?} is not an octal mode such as 0400"));
+                errors.push(format!(
+                    "{setting}.mode: {m:?} is not an octal mode such as 0400"
+                ));
                 0o400
             }),
     };
@@ -349,21 +377,30 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
             .split_once(':')
             .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
         if parsed.is_none() {
-            errors.push(format!("{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"));
+            errors.push(format!(
+                "{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"
+            ));
         }
         parsed
     });
     let (validate, validate_timeout) = match raw.validate {
         None => (Validate::None, Duration::from_secs(5)),
         Some(v) => {
-            let t = parse_duration(&format!("{setting}.validate.timeout"), v.timeout.as_deref(), Duration::from_secs(5), errors);
+            let t = parse_duration(
+                &format!("{setting}.validate.timeout"),
+                v.timeout.as_deref(),
+                Duration::from_secs(5),
+                errors,
+            );
             let k = match (v.kind.as_str(), v.url) {
                 ("none", _) => Validate::None,
                 ("postgres", _) => Validate::Postgres,
                 ("redis", _) => Validate::Redis,
                 ("http", Some(u)) if u.starts_with("http://") => Validate::Http(u),
                 ("http", _) => {
-                    errors.push(format!("{setting}.validate.url: http validation needs an http:// URL"));
+                    errors.push(format!(
+                        "{setting}.validate.url: http validation needs an http:// URL"
+                    ));
                     Validate::None
                 }
                 (other, _) => {
@@ -378,7 +415,9 @@ fn output(setting: &str, id: &str, raw: RawOutput, reload_names: &BTreeSet<Strin
     };
     for r in &raw.reload {
         if !reload_names.contains(r) {
-            errors.push(format!("{setting}.reload: no [[reload]] action is named {r:?}"));
+            errors.push(format!(
+                "{setting}.reload: no [[reload]] action is named {r:?}"
+            ));
         }
     }
     Output {
@@ -405,7 +444,10 @@ impl Config {
     ) -> Result<Config, ConfigErrors> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|e| {
-                ConfigErrors(vec![format!("cannot read config file {}: {e}", p.display())])
+                ConfigErrors(vec![format!(
+                    "cannot read config file {}: {e}",
+                    p.display()
+                )])
             })?,
             None => String::new(),
         };
@@ -470,7 +512,9 @@ fn read_token_file(setting: &str, p: &Path, errors: &mut Vec<String>) {
 fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> Config {
     let backend = raw.backend.unwrap_or_else(|| DEFAULT_BACKEND.into());
     if !(backend.starts_with("http://") || backend.starts_with("https://")) {
-        errors.push(format!("backend: {backend:?} is not a URL such as http://rekey-backend:7700"));
+        errors.push(format!(
+            "backend: {backend:?} is not a URL such as http://rekey-backend:7700"
+        ));
     }
     if let Some(p) = &raw.token_file {
         read_token_file("token_file", p, errors);
@@ -480,7 +524,9 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
     }
     let listen_s = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
     let listen = listen_s.parse().unwrap_or_else(|_| {
-        errors.push(format!("listen: {listen_s:?} is not an address such as 127.0.0.1:2773"));
+        errors.push(format!(
+            "listen: {listen_s:?} is not an address such as 127.0.0.1:2773"
+        ));
         ([127, 0, 0, 1], 2773).into()
     });
 
@@ -491,7 +537,12 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
         if !reload_names.insert(r.name.clone()) {
             errors.push(format!("{setting}.name: {:?} is used twice", r.name));
         }
-        let timeout = parse_duration(&format!("{setting}.timeout"), r.timeout.as_deref(), Duration::from_secs(10), errors);
+        let timeout = parse_duration(
+            &format!("{setting}.timeout"),
+            r.timeout.as_deref(),
+            Duration::from_secs(10),
+            errors,
+        );
         let kind = match (r.signal, r.http_post, r.command) {
             (Some(sig), None, None) => {
                 let parsed = parse_signal(&sig);
@@ -501,7 +552,9 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
                     ));
                 }
                 if r.pid_file.is_none() == r.process_name.is_none() {
-                    errors.push(format!("{setting}: a signal needs exactly one of pid_file or process_name"));
+                    errors.push(format!(
+                        "{setting}: a signal needs exactly one of pid_file or process_name"
+                    ));
                 }
                 ReloadKind::Signal {
                     signal: parsed.unwrap_or(rustix::process::Signal::HUP),
@@ -512,7 +565,9 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
             }
             (None, Some(url), None) => {
                 if !url.starts_with("http://") {
-                    errors.push(format!("{setting}.http_post: {url:?} is not an http:// URL"));
+                    errors.push(format!(
+                        "{setting}.http_post: {url:?} is not an http:// URL"
+                    ));
                 }
                 ReloadKind::HttpPost(url)
             }
@@ -523,7 +578,9 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
                 ReloadKind::Command(cmd)
             }
             _ => {
-                errors.push(format!("{setting}: give exactly one of signal, http_post or command"));
+                errors.push(format!(
+                    "{setting}: give exactly one of signal, http_post or command"
+                ));
                 ReloadKind::Command(vec![])
             }
         };
@@ -556,7 +613,10 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
             errors.push(format!("{setting}: the id is used twice"));
         }
         if f.source.parent().is_none_or(|p| !p.exists()) {
-            errors.push(format!("{setting}.source: the directory of {} does not exist", f.source.display()));
+            errors.push(format!(
+                "{setting}.source: the directory of {} does not exist",
+                f.source.display()
+            ));
         }
         file_sources.push(FileSource {
             out: output(&setting, &f.id, f.out, &reload_names, errors),
@@ -565,10 +625,13 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
         });
     }
     if secrets.is_empty() && file_sources.is_empty() {
-        errors.push("no secrets: give --secret ID:PATH[:FORMAT] or [[secrets]] in the config".into());
+        errors
+            .push("no secrets: give --secret ID:PATH[:FORMAT] or [[secrets]] in the config".into());
     }
     if !secrets.is_empty() && raw.token_file.is_none() {
-        errors.push("token_file: the sidecar needs a token to read from the backend (--token-file)".into());
+        errors.push(
+            "token_file: the sidecar needs a token to read from the backend (--token-file)".into(),
+        );
     }
     let consumer_id = raw
         .consumer_id
@@ -582,9 +645,24 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
         pod: raw.pod.unwrap_or_else(|| consumer_id.clone()),
         namespace: raw.namespace.unwrap_or_default(),
         consumer_id,
-        report_interval: parse_duration("report_interval", raw.report_interval.as_deref(), Duration::from_secs(30), errors),
-        debounce: parse_duration("debounce", raw.debounce.as_deref(), Duration::from_millis(100), errors),
-        backoff_max: parse_duration("backoff_max", raw.backoff_max.as_deref(), Duration::from_secs(30), errors),
+        report_interval: parse_duration(
+            "report_interval",
+            raw.report_interval.as_deref(),
+            Duration::from_secs(30),
+            errors,
+        ),
+        debounce: parse_duration(
+            "debounce",
+            raw.debounce.as_deref(),
+            Duration::from_millis(100),
+            errors,
+        ),
+        backoff_max: parse_duration(
+            "backoff_max",
+            raw.backoff_max.as_deref(),
+            Duration::from_secs(30),
+            errors,
+        ),
         secrets,
         file_sources,
         reloads,
@@ -596,7 +674,8 @@ mod tests {
     use super::*;
 
     fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("rekey-sc-cfg-{}-{}", std::process::id(), rand()));
+        let d =
+            std::env::temp_dir().join(format!("rekey-sc-cfg-{}-{}", std::process::id(), rand()));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -616,7 +695,10 @@ mod tests {
             Flags {
                 backend: Some("http://b:7700".into()),
                 token_file: Some(tok),
-                secrets: vec![format!("prod/db:{}:json", out.display()), format!("prod/jwt:{}", d.join("jwt").display())],
+                secrets: vec![
+                    format!("prod/db:{}:json", out.display()),
+                    format!("prod/jwt:{}", d.join("jwt").display()),
+                ],
                 ..Default::default()
             },
             vec![("HOSTNAME".into(), "api-7d9f".into())],
@@ -650,9 +732,24 @@ pid_file = "/run/app.pid"
         );
         let p = d.join("c.toml");
         std::fs::write(&p, text).unwrap();
-        let e = Config::load(Some(&p), Flags { secrets: vec!["bad".into()], ..Default::default() }, vec![]).unwrap_err();
+        let e = Config::load(
+            Some(&p),
+            Flags {
+                secrets: vec!["bad".into()],
+                ..Default::default()
+            },
+            vec![],
+        )
+        .unwrap_err();
         let s = e.to_string();
-        for needle in ["token_file: cannot read", "cannot write in /nonexistent-dir", "template", "SIGFOO", "\"nope\"", "--secret \"bad\""] {
+        for needle in [
+            "token_file: cannot read",
+            "cannot write in /nonexistent-dir",
+            "template",
+            "SIGFOO",
+            "\"nope\"",
+            "--secret \"bad\"",
+        ] {
             assert!(s.contains(needle), "missing {needle:?} in {s}");
         }
     }

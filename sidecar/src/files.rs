@@ -59,15 +59,16 @@ pub async fn run(
         return;
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = tx.send(());
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch file sources");
-            return;
-        }
-    };
+    let mut watcher =
+        match notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            let _ = tx.send(());
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch file sources");
+                return;
+            }
+        };
     let dirs: BTreeMap<PathBuf, ()> = sources
         .iter()
         .filter_map(|s| s.source.parent().map(|p| (p.to_path_buf(), ())))

@@ -44,13 +44,20 @@ pub fn router(h: Http) -> axum::Router {
 
 async fn readyz(AxState(h): AxState<Http>) -> Response {
     let (ready, body) = h.state.readiness(h.backend_needed);
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, body).into_response()
 }
 
 async fn metrics(AxState(h): AxState<Http>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         h.state.metrics.encode(),
     )
         .into_response()
@@ -60,24 +67,25 @@ fn error(code: StatusCode, kind: &str, msg: String) -> Response {
     (code, axum::Json(json!({"__type": kind, "message": msg}))).into_response()
 }
 
-/// The read API's guard: X-Forwarded-For first, then the token.
-fn check(h: &Http, headers: &HeaderMap) -> Result<(), Response> {
+/// The read API's guard: X-Forwarded-For first, then the token. `Some` is
+/// the refusal to send.
+fn refusal(h: &Http, headers: &HeaderMap) -> Option<Response> {
     if headers.contains_key("x-forwarded-for") {
-        return Err(error(
+        return Some(error(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             "X-Forwarded-For is not accepted: the read API serves the pod itself".into(),
         ));
     }
     let Some(given) = headers.get(TOKEN_HEADER) else {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "Forbidden",
             format!("missing {TOKEN_HEADER} header"),
         ));
     };
     let Some(file) = &h.api_token_file else {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "Forbidden",
             "the read API is off: start the sidecar with --api-token-file".into(),
@@ -86,17 +94,16 @@ fn check(h: &Http, headers: &HeaderMap) -> Result<(), Response> {
     let expected = zeroize::Zeroizing::new(std::fs::read_to_string(file).unwrap_or_default());
     let expected = expected.trim();
     if expected.is_empty() || !rekey_keyring::ct_eq(given.as_bytes(), expected.as_bytes()) {
-        return Err(error(StatusCode::FORBIDDEN, "Forbidden", "wrong token".into()));
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "wrong token".into(),
+        ));
     }
-    Ok(())
+    None
 }
 
-fn answer(
-    h: &Http,
-    id: &str,
-    stage: Option<&str>,
-    version_id: Option<&str>,
-) -> Response {
+fn answer(h: &Http, id: &str, stage: Option<&str>, version_id: Option<&str>) -> Response {
     let Some(served) = h.state.served(id) else {
         let known = h.state.ids().iter().any(|i| i == id);
         let msg = if known {
@@ -111,7 +118,11 @@ fn answer(
             let want = vid.trim_start_matches('v');
             if served.current.version.to_string() == want {
                 (&served.current, "AWSCURRENT")
-            } else if let Some(p) = served.previous.as_ref().filter(|p| p.version.to_string() == want) {
+            } else if let Some(p) = served
+                .previous
+                .as_ref()
+                .filter(|p| p.version.to_string() == want)
+            {
                 (p, "AWSPREVIOUS")
             } else {
                 return error(
@@ -154,11 +165,16 @@ fn answer(
         SecretValue::Raw(b) => match std::str::from_utf8(b.expose()) {
             Ok(s) => body["SecretString"] = json!(s),
             Err(_) => {
-                body["SecretBinary"] = json!(base64::engine::general_purpose::STANDARD.encode(b.expose()))
+                body["SecretBinary"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(b.expose()))
             }
         },
         other => {
-            body["SecretString"] = json!(crate::render::json_value(other).map(|j| j.to_string()).unwrap_or_default())
+            body["SecretString"] = json!(
+                crate::render::json_value(other)
+                    .map(|j| j.to_string())
+                    .unwrap_or_default()
+            )
         }
     }
     (StatusCode::OK, axum::Json(body)).into_response()
@@ -169,13 +185,22 @@ async fn get_query(
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = check(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
     let Some(id) = q.get("secretId") else {
-        return error(StatusCode::BAD_REQUEST, "InvalidParameterException", "secretId is required".into());
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterException",
+            "secretId is required".into(),
+        );
     };
-    answer(&h, id, q.get("versionStage").map(String::as_str), q.get("versionId").map(String::as_str))
+    answer(
+        &h,
+        id,
+        q.get("versionStage").map(String::as_str),
+        q.get("versionId").map(String::as_str),
+    )
 }
 
 async fn get_path(
@@ -184,8 +209,13 @@ async fn get_path(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = check(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
-    answer(&h, &id, q.get("versionStage").map(String::as_str), q.get("versionId").map(String::as_str))
+    answer(
+        &h,
+        &id,
+        q.get("versionStage").map(String::as_str),
+        q.get("versionId").map(String::as_str),
+    )
 }

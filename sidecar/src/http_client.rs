@@ -9,7 +9,12 @@ use tokio::net::TcpStream;
 
 /// Sends one request and returns the status code. `bearer` goes into an
 /// `Authorization` header and is never logged.
-pub async fn request(method: &str, url: &str, bearer: Option<&str>, body: &[u8]) -> Result<u16, String> {
+pub async fn request(
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> Result<u16, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// is supported"))?;
@@ -17,7 +22,11 @@ pub async fn request(method: &str, url: &str, bearer: Option<&str>, body: &[u8])
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = if host.contains(':') { host.to_string() } else { format!("{host}:80") };
+    let addr = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
     let fut = async {
         let mut s = TcpStream::connect(&addr)
             .await
@@ -30,7 +39,9 @@ pub async fn request(method: &str, url: &str, bearer: Option<&str>, body: &[u8])
             req.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
         req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
         s.write_all(body).await.map_err(|e| format!("{url}: {e}"))?;
         let mut head = Vec::with_capacity(256);
         let mut buf = [0u8; 256];

@@ -37,7 +37,10 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 /// Runs the sidecar until `shutdown` resolves. Prints one line to stdout
 /// once the HTTP port is bound: `listening http=ADDR`.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::default());
     let ids = cfg
@@ -112,7 +115,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks did not stop within 10s");
     }
     drop(reloader);

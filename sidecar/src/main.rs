@@ -8,7 +8,11 @@ use clap::Parser;
 use rekey_sidecar::config::{Config, Flags};
 
 #[derive(Debug, Parser)]
-#[command(name = "rekey-sidecar", version, about = "The rekey sidecar: hot-reloads rotated secrets without restarts")]
+#[command(
+    name = "rekey-sidecar",
+    version,
+    about = "The rekey sidecar: hot-reloads rotated secrets without restarts"
+)]
 struct Args {
     /// TOML configuration file; flags and REKEY_* variables override it.
     #[arg(long, env = "REKEY_CONFIG")]
@@ -67,7 +71,10 @@ fn main() -> ExitCode {
         }
     };
     // The sidecar idles almost always: one thread is plenty.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

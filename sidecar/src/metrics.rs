@@ -39,7 +39,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("rekey_sidecar");
         let version = Family::<SecretLabel, Gauge>::default();
-        registry.register("secret_version", "Version served per secret", version.clone());
+        registry.register(
+            "secret_version",
+            "Version served per secret",
+            version.clone(),
+        );
         let deliveries = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "deliveries",
@@ -61,7 +65,11 @@ impl Default for Metrics {
             backend_connected.clone(),
         );
         let reconnects = Counter::default();
-        registry.register("backend_reconnects", "Attempts to reconnect to the backend", reconnects.clone());
+        registry.register(
+            "backend_reconnects",
+            "Attempts to reconnect to the backend",
+            reconnects.clone(),
+        );
         Self {
             registry,
             version,
@@ -95,7 +103,9 @@ impl Metrics {
 
     pub fn serving(&self, secret: &str, version: u64) {
         self.version
-            .get_or_create(&SecretLabel { secret: secret.into() })
+            .get_or_create(&SecretLabel {
+                secret: secret.into(),
+            })
             .set(version as i64);
     }
 

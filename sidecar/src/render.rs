@@ -70,13 +70,23 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
             let mut s = Zeroizing::new(String::new());
             match v {
                 SecretValue::Raw(b) => {
-                    s.push_str(&format!("{}={}\n", out.env_name, env_quote(text(b.expose())?)));
+                    s.push_str(&format!(
+                        "{}={}\n",
+                        out.env_name,
+                        env_quote(text(b.expose())?)
+                    ));
                 }
                 SecretValue::Fields(m) => {
                     for (k, val) in m {
                         let key: String = k
                             .chars()
-                            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                            .map(|c| {
+                                if c.is_ascii_alphanumeric() {
+                                    c.to_ascii_uppercase()
+                                } else {
+                                    '_'
+                                }
+                            })
                             .collect();
                         s.push_str(&format!("{key}={}\n", env_quote(val.expose())));
                     }
@@ -117,7 +127,10 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
 
 /// A keyring file: `{"current": {"version": N, "value": ...}, "previous":
 /// {...} | null}`. Apps that must still decrypt old data read both keys.
-pub fn render_keyring(current: (u64, &SecretValue), previous: Option<(u64, &SecretValue)>) -> Result<SecretBytes, String> {
+pub fn render_keyring(
+    current: (u64, &SecretValue),
+    previous: Option<(u64, &SecretValue)>,
+) -> Result<SecretBytes, String> {
     let entry = |(n, v): (u64, &SecretValue)| -> Result<Value, String> {
         let value = match v {
             SecretValue::Raw(b) => Value::String(text(b.expose())?.to_string()),
@@ -173,16 +186,28 @@ mod tests {
     fn formats() {
         let raw = SecretValue::Raw(SecretBytes::new(b"tok".to_vec()));
         assert_eq!(s(render(&out(Format::Raw), &raw).unwrap()), "tok");
-        assert_eq!(s(render(&out(Format::Json), &raw).unwrap()), r#"{"value":"tok"}"#);
-        assert_eq!(s(render(&out(Format::Env), &raw).unwrap()), "JWT_SECRET=\"tok\"\n");
-        let j: Value = serde_json::from_slice(render(&out(Format::Json), &db()).unwrap().expose()).unwrap();
+        assert_eq!(
+            s(render(&out(Format::Json), &raw).unwrap()),
+            r#"{"value":"tok"}"#
+        );
+        assert_eq!(
+            s(render(&out(Format::Env), &raw).unwrap()),
+            "JWT_SECRET=\"tok\"\n"
+        );
+        let j: Value =
+            serde_json::from_slice(render(&out(Format::Json), &db()).unwrap().expose()).unwrap();
         assert_eq!(j["password"], "p\"w$");
         assert_eq!(
             s(render(&out(Format::Env), &db()).unwrap()),
             "HOST=\"db\"\nPASSWORD=\"p\\\"w\\$\"\nUSERNAME=\"app_a\"\n"
         );
-        let t = out(Format::Template("postgres://{{username}}:{{ password }}@{{host}}/app".into()));
-        assert_eq!(s(render(&t, &db()).unwrap()), "postgres://app_a:p\"w$@db/app");
+        let t = out(Format::Template(
+            "postgres://{{username}}:{{ password }}@{{host}}/app".into(),
+        ));
+        assert_eq!(
+            s(render(&t, &db()).unwrap()),
+            "postgres://app_a:p\"w$@db/app"
+        );
     }
 
     #[test]
@@ -198,10 +223,13 @@ mod tests {
     fn keyring_holds_current_and_previous() {
         let a = SecretValue::Raw(SecretBytes::new(b"new".to_vec()));
         let b = SecretValue::Raw(SecretBytes::new(b"old".to_vec()));
-        let k: Value = serde_json::from_slice(render_keyring((3, &a), Some((2, &b))).unwrap().expose()).unwrap();
+        let k: Value =
+            serde_json::from_slice(render_keyring((3, &a), Some((2, &b))).unwrap().expose())
+                .unwrap();
         assert_eq!(k["current"]["version"], 3);
         assert_eq!(k["previous"]["value"], "old");
-        let k: Value = serde_json::from_slice(render_keyring((3, &a), None).unwrap().expose()).unwrap();
+        let k: Value =
+            serde_json::from_slice(render_keyring((3, &a), None).unwrap().expose()).unwrap();
         assert!(k["previous"].is_null());
     }
 }

@@ -126,7 +126,9 @@ impl State {
             }
         }
         if backend_needed && !self.connected() {
-            lines.push("backend: unreachable; serving the last good versions and reconnecting".into());
+            lines.push(
+                "backend: unreachable; serving the last good versions and reconnecting".into(),
+            );
         }
         let head = if ready { "ready" } else { "not ready" };
         (ready, format!("{head}\n{}\n", lines.join("\n")))
@@ -146,7 +148,9 @@ impl State {
         let same_current = before
             .as_ref()
             .is_some_and(|s| s.current.version == offered.current.version);
-        let same_previous = before.as_ref().map(|s| s.previous.as_ref().map(|p| p.version))
+        let same_previous = before
+            .as_ref()
+            .map(|s| s.previous.as_ref().map(|p| p.version))
             == Some(offered.previous.as_ref().map(|p| p.version));
         if same_current && (same_previous || out.keyring_path.is_none()) {
             // A reconnect's snapshot of what is already served: no write,
@@ -179,20 +183,29 @@ impl State {
             None => None,
         };
         if main.is_some()
-            && let Err(e) = validate::validate(&out.validate, &offered.current.value, out.validate_timeout).await
+            && let Err(e) =
+                validate::validate(&out.validate, &offered.current.value, out.validate_timeout)
+                    .await
         {
             return fail("validation_failed", format!("validation failed: {e}"));
         }
         if let Some(b) = &main {
             let r = match &out.directory {
                 Some(dir) => {
-                    let name = out.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    let name = out
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
                     write::write_in_data_dir(dir, &name, b.expose(), out.mode, out.owner)
                 }
                 None => write::write_file(&out.path, b.expose(), out.mode, out.owner),
             };
             if let Err(e) = r {
-                return fail("write_failed", format!("cannot write {}: {e}", out.path.display()));
+                return fail(
+                    "write_failed",
+                    format!("cannot write {}: {e}", out.path.display()),
+                );
             }
         }
         if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)

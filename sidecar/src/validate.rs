@@ -19,7 +19,11 @@ fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
 }
 
 /// Checks `value` as `how` says, within `timeout`.
-pub async fn validate(how: &Validate, value: &SecretValue, timeout: Duration) -> Result<(), String> {
+pub async fn validate(
+    how: &Validate,
+    value: &SecretValue,
+    timeout: Duration,
+) -> Result<(), String> {
     let fut = async {
         match how {
             Validate::None => Ok(()),
@@ -72,10 +76,17 @@ fn redis_target(v: &SecretValue) -> Result<(String, Option<String>, Option<Strin
         None => (None, rest),
     };
     let host = host.split('/').next().unwrap_or(host);
-    let addr = if host.contains(':') { host.to_string() } else { format!("{host}:6379") };
+    let addr = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:6379")
+    };
     let (mut user, mut pass) = match auth {
         Some(a) => match a.split_once(':') {
-            Some((u, p)) => (Some(u.to_string()).filter(|u| !u.is_empty()), Some(p.to_string())),
+            Some((u, p)) => (
+                Some(u.to_string()).filter(|u| !u.is_empty()),
+                Some(p.to_string()),
+            ),
             None => (None, Some(a.to_string())),
         },
         None => (None, None),
@@ -107,9 +118,14 @@ async fn redis(v: &SecretValue) -> Result<(), String> {
             Some(u) => cmd(&["AUTH", u, p]),
             None => cmd(&["AUTH", p]),
         };
-        s.get_mut().write_all(c.as_bytes()).await.map_err(|e| format!("redis: {e}"))?;
+        s.get_mut()
+            .write_all(c.as_bytes())
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
         let mut line = String::new();
-        s.read_line(&mut line).await.map_err(|e| format!("redis: {e}"))?;
+        s.read_line(&mut line)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
         if !line.starts_with("+OK") {
             return Err(format!("redis: AUTH refused: {}", line.trim()));
         }
@@ -119,7 +135,9 @@ async fn redis(v: &SecretValue) -> Result<(), String> {
         .await
         .map_err(|e| format!("redis: {e}"))?;
     let mut line = String::new();
-    s.read_line(&mut line).await.map_err(|e| format!("redis: {e}"))?;
+    s.read_line(&mut line)
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
     if line.starts_with("+PONG") {
         Ok(())
     } else {
@@ -129,8 +147,12 @@ async fn redis(v: &SecretValue) -> Result<(), String> {
 
 async fn http(url: &str, v: &SecretValue) -> Result<(), String> {
     let token = match v {
-        SecretValue::Raw(b) => std::str::from_utf8(b.expose()).map_err(|_| "the value is not text")?,
-        SecretValue::Fields(_) => field(v, "password").or(field(v, "token")).ok_or("http validation needs a single value, or a password or token field")?,
+        SecretValue::Raw(b) => {
+            std::str::from_utf8(b.expose()).map_err(|_| "the value is not text")?
+        }
+        SecretValue::Fields(_) => field(v, "password")
+            .or(field(v, "token"))
+            .ok_or("http validation needs a single value, or a password or token field")?,
     };
     let status = crate::http_client::request("GET", url, Some(token), b"").await?;
     if (200..300).contains(&status) {
@@ -149,7 +171,10 @@ mod tests {
     fn redis_urls() {
         let v = SecretValue::Fields(
             [
-                ("url".to_string(), SecretString::new("redis://app:old@cache:6380/0".into())),
+                (
+                    "url".to_string(),
+                    SecretString::new("redis://app:old@cache:6380/0".into()),
+                ),
                 ("password".to_string(), SecretString::new("new".into())),
             ]
             .into(),
@@ -167,8 +192,12 @@ mod tests {
         // The machine's Redis on 127.0.0.1:6379 has the default user with
         // no password: PING must succeed, a wrong AUTH must fail.
         let ok = SecretValue::Raw(SecretBytes::new(b"redis://127.0.0.1:6379".to_vec()));
-        redis(&ok).await.expect("Redis on 127.0.0.1:6379 (scripts/test starts it)");
-        let bad = SecretValue::Raw(SecretBytes::new(b"redis://nobody:wrong-pass-123@127.0.0.1:6379".to_vec()));
+        redis(&ok)
+            .await
+            .expect("Redis on 127.0.0.1:6379 (scripts/test starts it)");
+        let bad = SecretValue::Raw(SecretBytes::new(
+            b"redis://nobody:wrong-pass-123@127.0.0.1:6379".to_vec(),
+        ));
         let e = redis(&bad).await.unwrap_err();
         assert!(e.contains("AUTH refused"), "{e}");
         assert!(!e.contains("wrong-pass-123"), "{e}");
@@ -176,7 +205,12 @@ mod tests {
 
     #[test]
     fn scrub_removes_values() {
-        let v = SecretValue::Fields([("password".to_string(), SecretString::new("hunter22".into()))].into());
-        assert_eq!(scrub("auth failed for hunter22", &v), "auth failed for [redacted]");
+        let v = SecretValue::Fields(
+            [("password".to_string(), SecretString::new("hunter22".into()))].into(),
+        );
+        assert_eq!(
+            scrub("auth failed for hunter22", &v),
+            "auth failed for [redacted]"
+        );
     }
 }

@@ -41,12 +41,24 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Replaces `path` with `data` atomically.
-pub fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn write_file(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let tmp = dir.join(format!(".{}.rekey-{}", name.to_string_lossy(), unique_suffix()));
+    let tmp = dir.join(format!(
+        ".{}.rekey-{}",
+        name.to_string_lossy(),
+        unique_suffix()
+    ));
     if let Err(e) = write_new(&tmp, data, mode, owner).and_then(|_| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -56,7 +68,13 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, owner: Option<(u32, u32)>
 
 /// Updates one file in a kubelet-style directory; the other files in it
 /// are carried over into the new generation.
-pub fn write_in_data_dir(dir: &Path, name: &str, data: &[u8], mode: u32, owner: Option<(u32, u32)>) -> io::Result<()> {
+pub fn write_in_data_dir(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     let generation = format!("..{}", unique_suffix());
     let gen_path = dir.join(&generation);
     fs::create_dir(&gen_path)?;
@@ -77,7 +95,10 @@ pub fn write_in_data_dir(dir: &Path, name: &str, data: &[u8], mode: u32, owner: 
         symlink(&generation, &tmp_link)?;
         fs::rename(&tmp_link, dir.join(DATA))?;
         let visible = dir.join(name);
-        if fs::symlink_metadata(&visible).map(|m| !m.file_type().is_symlink()).unwrap_or(true) {
+        if fs::symlink_metadata(&visible)
+            .map(|m| !m.file_type().is_symlink())
+            .unwrap_or(true)
+        {
             let tmp = dir.join(format!(".{name}.rekey-{}", unique_suffix()));
             symlink(format!("{DATA}/{name}"), &tmp)?;
             fs::rename(&tmp, &visible)?;
@@ -111,7 +132,10 @@ mod tests {
         write_file(&p, b"one", 0o400, None).unwrap();
         write_file(&p, b"two", 0o440, None).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o440);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o440
+        );
         let leftovers: Vec<_> = fs::read_dir(&d).unwrap().flatten().collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left behind");
     }
@@ -124,7 +148,12 @@ mod tests {
         write_in_data_dir(&d, "a", b"a2", 0o400, None).unwrap();
         assert_eq!(fs::read(d.join("a")).unwrap(), b"a2");
         assert_eq!(fs::read(d.join("b")).unwrap(), b"b1");
-        assert!(fs::symlink_metadata(d.join("a")).unwrap().file_type().is_symlink());
+        assert!(
+            fs::symlink_metadata(d.join("a"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         let gens: Vec<_> = fs::read_dir(&d)
             .unwrap()
             .flatten()

@@ -19,6 +19,18 @@ use tonic::transport::Channel;
 pub const BACKEND: &str = env!("CARGO_BIN_EXE_rekey-backend");
 pub const CLI: &str = env!("CARGO_BIN_EXE_rekey");
 
+/// `rekey-sidecar`, built beside the backend by `cargo test --workspace`
+/// (scripts/test).
+pub fn sidecar_bin() -> PathBuf {
+    let p = Path::new(BACKEND).with_file_name("rekey-sidecar");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
 /// The Postgres server the machine runs (trust auth).
 pub fn pg_admin_url() -> String {
     std::env::var("REKEY_TEST_PG_URL")
@@ -117,6 +129,8 @@ pub struct BackendOpts {
     pub admin_token_file: Option<PathBuf>,
     /// Share this KEK file instead of generating one in the data dir.
     pub kek_file: Option<PathBuf>,
+    /// gRPC address (default 127.0.0.1:0, a free port).
+    pub listen: Option<String>,
 }
 
 /// A running `rekey-backend`.
@@ -134,7 +148,10 @@ impl Backend {
     /// Starts a backend with data under `dir` and waits until it listens.
     pub fn start(dir: &Path, opts: BackendOpts) -> Backend {
         let config_path = dir.join("rekey.toml");
-        let mut toml = String::from("listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n");
+        let mut toml = format!(
+            "listen = {:?}\nmetrics_listen = \"127.0.0.1:0\"\n",
+            opts.listen.as_deref().unwrap_or("127.0.0.1:0")
+        );
         toml.push_str(&format!(
             "data_dir = {:?}\n",
             dir.join("data").display().to_string()
@@ -412,4 +429,143 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `rekey-sidecar`.
+pub struct Sidecar {
+    child: Option<Child>,
+    pub http: String,
+    pub log_path: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the sidecar with `args` and waits for its listening line.
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let log_path = dir.join(format!("sidecar-{n}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(sidecar_bin());
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn rekey-sidecar");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "rekey-sidecar did not start; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        let http = line
+            .strip_prefix("listening http=")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Sidecar {
+            child: Some(child),
+            http,
+            log_path,
+        }
+    }
+
+    /// Runs the sidecar expecting it to refuse to start: (exit code,
+    /// stdout, stderr).
+    pub fn refuse(args: &[&str]) -> (Option<i32>, String, String) {
+        let o = Command::new(sidecar_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rekey-sidecar");
+        (o.status.code(), stdout(&o), stderr(&o))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_request(&self.http, path, &[])
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM and wait; the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// GET with extra headers: (status, body).
+pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
