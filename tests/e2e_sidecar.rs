@@ -720,3 +720,39 @@ command = ["sh", "-c", "echo ran >> {ran}"]
     );
     assert!(!sc.log().contains("not-the-password-42"));
 }
+
+#[test]
+fn rekey_demo_rotates_under_load_without_a_failed_request() {
+    let dir = TempDir::new("demo");
+    let o = std::process::Command::new(CLI)
+        .args([
+            "demo",
+            "--rotations",
+            "3",
+            "--interval",
+            "300ms",
+            "--rate",
+            "100",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("rotate -> v4"), "{out}");
+    assert_eq!(
+        out.matches("on disk").count(),
+        6,
+        "both pods got every version: {out}"
+    );
+    let summary = out.lines().find(|l| l.starts_with("requests:")).unwrap();
+    assert!(
+        summary.ends_with("0 failed; pods restarted: 0"),
+        "{summary}"
+    );
+    assert!(!summary.starts_with("requests: 0 sent"), "{summary}");
+    assert!(
+        out.contains("pod-0 v4") && out.contains("pod-1 v4"),
+        "the apps took the last version: {out}"
+    );
+}

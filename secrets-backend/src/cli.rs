@@ -70,6 +70,9 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start a backend, two sidecars and two apps, rotate under load and
+    /// print a timeline. The first thing to run.
+    Demo(crate::demo::DemoArgs),
     /// Create a secret and store version 1 as current.
     Create(CreateArgs),
     /// Rotate a secret: create, set, test and finish a new version.
@@ -418,6 +421,16 @@ async fn connect(
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    if let Command::Demo(args) = &cli.command {
+        return match crate::demo::run(args.clone()).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: demo: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match execute(&cli).await {
         Ok(code) => code,
         Err(CliError(msg)) => {
@@ -431,6 +444,7 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
     let json_out = cli.output == Output::Json;
     let mut client = connect(cli).await?;
     match &cli.command {
+        Command::Demo(_) => unreachable!("handled in run"),
         Command::Create(a) => {
             let next_override = match &a.next_rotation_at {
                 None => 0,

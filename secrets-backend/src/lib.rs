@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod hub;
