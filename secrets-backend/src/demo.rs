@@ -113,11 +113,14 @@ fn sibling(name: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// (modified time, inode) of a loaded file.
+type Stamp = (std::time::SystemTime, u64);
+
 /// The demo app's view of its keyring file, reloaded when the file changes.
 struct Keyring {
     path: PathBuf,
-    /// (modified time, inode) of the loaded file, and (version, key) pairs.
-    loaded: Mutex<Option<((std::time::SystemTime, u64), Vec<(u64, String)>)>>,
+    /// The loaded file's stamp, and its (version, key) pairs.
+    loaded: Mutex<Option<(Stamp, Vec<(u64, String)>)>>,
 }
 
 impl Keyring {
