@@ -115,16 +115,18 @@ fn sibling(name: &str) -> Result<PathBuf, String> {
 
 /// (modified time, inode) of a loaded file.
 type Stamp = (std::time::SystemTime, u64);
+/// (version, key) pairs, current first.
+type Keys = Vec<(u64, String)>;
 
 /// The demo app's view of its keyring file, reloaded when the file changes.
 struct Keyring {
     path: PathBuf,
     /// The loaded file's stamp, and its (version, key) pairs.
-    loaded: Mutex<Option<(Stamp, Vec<(u64, String)>)>>,
+    loaded: Mutex<Option<(Stamp, Keys)>>,
 }
 
 impl Keyring {
-    fn keys(&self) -> Vec<(u64, String)> {
+    fn keys(&self) -> Keys {
         use std::os::unix::fs::MetadataExt;
         let Ok(meta) = std::fs::metadata(&self.path) else {
             return vec![];
