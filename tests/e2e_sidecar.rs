@@ -756,3 +756,81 @@ fn rekey_demo_rotates_under_load_without_a_failed_request() {
         "the apps took the last version: {out}"
     );
 }
+
+/// A reload endpoint on the test's side: counts POSTs to /-/reload.
+fn reload_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap_or(0);
+            if String::from_utf8_lossy(&buf[..n]).starts_with("POST /-/reload ") {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (addr, hits)
+}
+
+#[test]
+fn an_http_reload_hook_is_posted_once_per_burst() {
+    let dir = TempDir::new("sc-post");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/api/a", "--kind", "random"]);
+    b.cli_json(&["create", "prod/api/b", "--kind", "random"]);
+    let (addr, hits) = reload_endpoint();
+    let cfg = write(
+        dir.path(),
+        "sidecar.toml",
+        &format!(
+            r#"
+backend = "{backend}"
+token_file = "{token}"
+listen = "127.0.0.1:0"
+debounce = "1500ms"
+[[secrets]]
+id = "prod/api/a"
+path = "{out}/a"
+reload = ["app"]
+[[secrets]]
+id = "prod/api/b"
+path = "{out}/b"
+format = "env"
+reload = ["app"]
+[[reload]]
+name = "app"
+http_post = "http://{addr}/-/reload"
+"#,
+            backend = b.grpc,
+            token = b.token_path().display(),
+            out = dir.path().display()
+        ),
+    );
+    let sc = Sidecar::start(dir.path(), &["--config", cfg.to_str().unwrap()], &[]);
+    let count = || hits.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("the start-up reload", Duration::from_secs(5), || {
+        count() == 1
+    });
+    // Both secrets rotate together: one POST.
+    b.cli_json(&["rotate", "prod/api/a"]);
+    b.cli_json(&["rotate", "prod/api/b"]);
+    wait_for("the reload", Duration::from_secs(5), || count() == 2);
+    std::thread::sleep(Duration::from_millis(1800));
+    assert_eq!(count(), 2, "debounced into one");
+    assert!(
+        std::fs::read_to_string(dir.path().join("b"))
+            .unwrap()
+            .starts_with("B=\"")
+    );
+    let m = sc.get("/metrics").1;
+    assert!(
+        m.contains("rekey_sidecar_reloads_total{action=\"app\",outcome=\"ok\"} 2"),
+        "{m}"
+    );
+}

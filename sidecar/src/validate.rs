@@ -203,6 +203,42 @@ mod tests {
         assert!(!e.contains("wrong-pass-123"), "{e}");
     }
 
+    #[tokio::test]
+    async fn postgres_validation_against_the_real_server() {
+        let url = |db: &str| {
+            SecretValue::Fields(
+                [(
+                    "url".to_string(),
+                    SecretString::new(format!("postgres://postgres@127.0.0.1:5432/{db}")),
+                )]
+                .into(),
+            )
+        };
+        validate(
+            &Validate::Postgres,
+            &url("postgres"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("Postgres on 127.0.0.1:5432 (scripts/test starts it)");
+        let e = validate(
+            &Validate::Postgres,
+            &url("no_such_db_for_rekey"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("postgres: cannot connect"), "{e}");
+        let e = validate(
+            &Validate::Postgres,
+            &SecretValue::Raw(SecretBytes::new(b"x".to_vec())),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("postgres"), "{e}");
+    }
+
     #[test]
     fn scrub_removes_values() {
         let v = SecretValue::Fields(
