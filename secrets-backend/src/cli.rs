@@ -474,7 +474,7 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
                     min_interval_ms: duration_ms("--min-interval", a.min_interval.as_deref())?,
                     next_rotation_at_ms: next_override,
                 }),
-                validation_window_ms: duration_ms("--window", Some(&a.window))?,
+                validation_window_ms: Some(duration_ms("--window", Some(&a.window))?),
                 value: a.value_file.as_deref().map(read_value).transpose()?,
             };
             let r = client.create_secret(req).await?.into_inner();

@@ -81,6 +81,9 @@ pub struct Outcome {
     pub replayed: bool,
 }
 
+/// Validation window when a CreateSecret call gives none (the runbook's 30
+/// to 60 minutes).
+pub const DEFAULT_VALIDATION_WINDOW_MS: i64 = 30 * 60 * 1000;
 /// How long the scheduler waits before retrying a due rotation it claimed
 /// but could not complete.
 const SCHEDULE_RETRY_MS: i64 = 5 * 60 * 1000;

@@ -22,6 +22,9 @@ use crate::metrics::{self, Metrics};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
+/// HTTP/2 streams one client connection may hold open at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Reads (or, for the development default, creates) the KEK. Errors name
 /// the source, never the content.
 pub fn load_kek(
@@ -219,7 +222,9 @@ pub async fn run(
         .context("cannot build the reflection service")?;
     let service = RekeyService::new(engine.clone(), auth, stop_rx.clone());
 
-    let mut builder = Server::builder();
+    // Watch streams are long-lived: allow many per connection (a sidecar
+    // needs one; a client multiplexing many watchers more), but bounded.
+    let mut builder = Server::builder().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let Some(tls) = &cfg.tls {
         let cert = std::fs::read(&tls.cert_file)
             .with_context(|| format!("cannot read tls.cert_file {}", tls.cert_file.display()))?;

@@ -183,7 +183,9 @@ impl Rekey for RekeyService {
                     jitter_ms: sched.jitter_ms,
                     min_interval_ms: sched.min_interval_ms,
                     next_override_ms: sched.next_rotation_at_ms,
-                    validation_window_ms: r.validation_window_ms,
+                    validation_window_ms: r
+                        .validation_window_ms
+                        .unwrap_or(crate::engine::DEFAULT_VALIDATION_WINDOW_MS),
                     value: opt_value(r.value.as_ref())?,
                 };
                 self.engine.create_secret(&actor, spec).await

@@ -215,6 +215,17 @@ impl Store {
                 Dialect::Sqlite => 1,
                 Dialect::Postgres => max_connections,
             })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // Write-ahead logging: readers never wait for the
+                        // writer, and a commit is one append. Durability
+                        // stays at synchronous=FULL.
+                        sqlx::Executor::execute(&mut *conn, "PRAGMA journal_mode = WAL").await?;
+                    }
+                    Ok(())
+                })
+            })
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
@@ -831,6 +842,19 @@ mod tests {
         drop(c);
         let bytes = std::fs::read(dir.join("t.db")).unwrap();
         assert!(!bytes.windows(10).any(|w| w == b"needle-xyz"));
+    }
+
+    #[tokio::test]
+    async fn sqlite_runs_in_wal_mode() {
+        let dir = tempdir();
+        let store = temp_store(&dir).await;
+        let mut c = store.conn().await.unwrap();
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mode, "wal");
     }
 
     #[tokio::test]

@@ -228,7 +228,7 @@ async fn create_random(c: &mut Client, id: &str) -> Result<u64> {
             // Previous stays valid (and in every Watch event) for the whole
             // run, as in production; with 0 the backend would decommission
             // it in the background and send an extra event per rotation.
-            validation_window_ms: VALIDATION_WINDOW_MS,
+            validation_window_ms: Some(VALIDATION_WINDOW_MS),
             ..Default::default()
         }),
     )
