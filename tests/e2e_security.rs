@@ -9,19 +9,6 @@ use rekey_proto::v1 as pb;
 use support::*;
 use tokio_stream::StreamExt;
 
-fn sha256_hex(s: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf %s '{s}' | sha256sum"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }

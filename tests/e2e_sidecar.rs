@@ -622,19 +622,6 @@ fn sigterm_stops_the_sidecar_with_status_0() {
     assert!(sc.log().contains("stopped"));
 }
 
-fn sha256_hex(s: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("printf %s '{s}' | sha256sum"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn a_version_that_fails_validation_is_reported_and_not_served() {
     let dir = TempDir::new("sc-valid");

@@ -190,27 +190,7 @@ impl Backend {
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn rekey-backend");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "rekey-backend did not start; log:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-        };
+        let (child, line) = spawn_until_first_line(cmd, &log_path, "rekey-backend", 60);
         // "listening grpc=ADDR metrics=ADDR"
         let field = |k: &str| {
             line.split_whitespace()
@@ -431,6 +411,50 @@ where
     }
 }
 
+/// Spawns `cmd` (stdout piped, stderr to `log`) and waits for the first
+/// line it prints; the rest of stdout is drained so the child never blocks.
+fn spawn_until_first_line(mut cmd: Command, log: &Path, what: &str, secs: u64) -> (Child, String) {
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(l) => (child, l),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "{what} did not start; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Hex SHA-256 of a token, as `[[auth.tokens]]` wants it.
+pub fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_string()
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -461,26 +485,7 @@ impl Sidecar {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn rekey-sidecar");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "rekey-sidecar did not start; log:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
-            }
-        };
+        let (child, line) = spawn_until_first_line(cmd, &log_path, "rekey-sidecar", 30);
         let http = line
             .strip_prefix("listening http=")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
