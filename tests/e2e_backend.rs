@@ -611,8 +611,16 @@ async fn watch_sends_the_snapshot_then_each_change_and_status_shows_consumers() 
             .any(|e| e["actor"] == "decommission" && e["action"] == "revoke")
     );
 
-    // Metrics: rotations, open streams, consumers per version.
-    let m = http_get(&b.metrics, "/metrics");
+    // Metrics: rotations, open streams, consumers per version (the gauges
+    // follow reports at the next scheduler pass).
+    let m = eventually(Duration::from_secs(10), "the consumer gauge", || {
+        let m = http_get(&b.metrics, "/metrics");
+        async move {
+            m.contains("rekey_consumers{secret=\"prod/api/key\",version=\"2\"} 1")
+                .then_some(m)
+        }
+    })
+    .await;
     assert!(
         m.contains("rekey_rotations_total{kind=\"random\",outcome=\"ok\"} 1"),
         "{m}"
@@ -811,11 +819,14 @@ async fn consumers_that_stop_reporting_stop_counting() {
         })
         .await
         .unwrap();
-    let m = http_get(&b.metrics, "/metrics");
-    assert!(
-        m.contains("rekey_consumers{secret=\"prod/api/key\",version=\"1\"} 1"),
-        "{m}"
-    );
+    eventually(Duration::from_secs(5), "the consumer gauge", || {
+        let m = http_get(&b.metrics, "/metrics");
+        async move {
+            m.contains("rekey_consumers{secret=\"prod/api/key\",version=\"1\"} 1")
+                .then_some(())
+        }
+    })
+    .await;
     // While it is live it holds decommission back; once silent it does not.
     eventually(Duration::from_secs(10), "the silent consumer to stop counting", || {
         let v = b.cli_json(&["versions", "prod/api/key"]);

@@ -74,7 +74,7 @@ pub enum Command {
     /// print a timeline. The first thing to run.
     Demo(crate::demo::DemoArgs),
     /// Create a secret and store version 1 as current.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Rotate a secret: create, set, test and finish a new version.
     Rotate {
         secret: String,
@@ -84,6 +84,14 @@ pub enum Command {
         /// The new value (static and encryption-key secrets); `-` for stdin.
         #[arg(long)]
         value_file: Option<PathBuf>,
+        /// Clear a rotation parked as needs-attention (or abort one in
+        /// flight) instead of rotating.
+        #[arg(long, conflicts_with_all = ["request_token", "value_file", "wait"])]
+        cancel: bool,
+        /// If previous is not decommissioned yet, wait until it is, then
+        /// rotate.
+        #[arg(long)]
+        wait: bool,
     },
     /// Show one version (current by default); its value only with --reveal.
     Get {
@@ -140,7 +148,7 @@ pub enum StageArg {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     pub secret: String,
-    #[arg(long, value_parser = ["random", "encryption-key", "static"])]
+    #[arg(long, value_parser = ["random", "encryption-key", "static", "postgres", "redis", "exec"])]
     pub kind: String,
     /// random: bytes of entropy (characters for alnum). Default 32.
     #[arg(long)]
@@ -169,6 +177,51 @@ pub struct CreateArgs {
     /// One-off time of the next scheduled rotation (RFC 3339).
     #[arg(long)]
     pub next_rotation_at: Option<String>,
+    /// postgres, redis: a file holding the admin connection URL.
+    #[arg(long)]
+    pub admin_url_file: Option<PathBuf>,
+    /// postgres: the role that owns the app's objects.
+    #[arg(long)]
+    pub group_role: Option<String>,
+    /// postgres: login roles are BASE_a and BASE_b.
+    #[arg(long)]
+    pub role_base: Option<String>,
+    /// postgres: the database apps connect to.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// postgres: host apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// postgres: port apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// postgres: SQL the test step runs as the new role (default SELECT 1).
+    #[arg(long)]
+    pub probe: Option<String>,
+    /// postgres: terminate the old role's sessions at decommission.
+    #[arg(long)]
+    pub terminate_sessions: bool,
+    /// redis: the ACL user whose passwords rotate.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// redis: address apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// exec: hook that prints a new value.
+    #[arg(long)]
+    pub hook_create: Option<PathBuf>,
+    /// exec: hook that makes the new value valid where it is used.
+    #[arg(long)]
+    pub hook_set: Option<PathBuf>,
+    /// exec: hook that proves the new value works.
+    #[arg(long)]
+    pub hook_test: Option<PathBuf>,
+    /// exec: hook that makes an old value stop working.
+    #[arg(long)]
+    pub hook_revoke: Option<PathBuf>,
+    /// exec: time limit per hook run.
+    #[arg(long)]
+    pub hook_timeout: Option<String>,
 }
 
 /// A failure to report: `error: {what}: {detail}`.
@@ -218,6 +271,44 @@ fn read_value(path: &Path) -> CliResult<pb::SecretValue> {
     Ok(pb::SecretValue {
         value: Some(pb::secret_value::Value::Raw(buf)),
     })
+}
+
+fn path_str(p: Option<&Path>) -> String {
+    p.map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// Polls status until the secret has no previous version and no rotation
+/// in flight (one rotation at a time for postgres, redis and exec).
+async fn wait_for_decommission<T>(client: &mut RekeyClient<T>, secret: &str) -> CliResult<()>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut said = false;
+    loop {
+        let st = client
+            .get_status(pb::GetStatusRequest {
+                secret_id: secret.to_string(),
+            })
+            .await?
+            .into_inner();
+        let s = st.secrets.first().cloned().unwrap_or_default();
+        let sec = s.secret.unwrap_or_default();
+        if sec.previous_version == 0 && sec.pending_version == 0 {
+            return Ok(());
+        }
+        if !said {
+            eprintln!(
+                "waiting: previous v{} of {secret} is not decommissioned yet ({})",
+                sec.previous_version,
+                s.decommission_blockers.join("; ")
+            );
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 fn stage_names(stages: &[i32]) -> Vec<&'static str> {
@@ -476,6 +567,33 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
                 }),
                 validation_window_ms: Some(duration_ms("--window", Some(&a.window))?),
                 value: a.value_file.as_deref().map(read_value).transpose()?,
+                postgres: (a.kind == "postgres").then(|| pb::PostgresOptions {
+                    admin_url_file: path_str(a.admin_url_file.as_deref()),
+                    group_role: a.group_role.clone().unwrap_or_default(),
+                    role_base: a.role_base.clone().unwrap_or_default(),
+                    database: a.database.clone().unwrap_or_default(),
+                    host: a.host.clone().unwrap_or_default(),
+                    port: a.port.map(u32::from).unwrap_or(0),
+                    probe: a.probe.clone().unwrap_or_default(),
+                    terminate_sessions: a.terminate_sessions,
+                }),
+                redis: (a.kind == "redis").then(|| pb::RedisOptions {
+                    admin_url_file: path_str(a.admin_url_file.as_deref()),
+                    username: a.username.clone().unwrap_or_default(),
+                    address: a.address.clone().unwrap_or_default(),
+                }),
+                exec: if a.kind == "exec" {
+                    Some(pb::ExecOptions {
+                        create: path_str(a.hook_create.as_deref()),
+                        set: path_str(a.hook_set.as_deref()),
+                        test: path_str(a.hook_test.as_deref()),
+                        revoke: path_str(a.hook_revoke.as_deref()),
+                        timeout_ms: duration_ms("--hook-timeout", a.hook_timeout.as_deref())?
+                            as u64,
+                    })
+                } else {
+                    None
+                },
             };
             let r = client.create_secret(req).await?.into_inner();
             let s = r.secret.unwrap_or_default();
@@ -492,13 +610,28 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
             secret,
             request_token,
             value_file,
+            cancel,
+            wait,
         } => {
             let req = pb::RotateRequest {
                 secret_id: secret.clone(),
                 request_token: request_token.clone().unwrap_or_default(),
                 value: value_file.as_deref().map(read_value).transpose()?,
+                cancel: *cancel,
             };
+            if *wait {
+                wait_for_decommission(&mut client, secret).await?;
+            }
             let r = client.rotate(req).await?.into_inner();
+            if *cancel {
+                let s = r.secret.unwrap_or_default();
+                if json_out {
+                    print_json(&secret_json(&s));
+                } else {
+                    println!("cancelled: {} stays at v{}", s.id, s.current_version);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let s = r.secret.unwrap_or_default();
             let v = r.version.unwrap_or_default();
             if json_out {

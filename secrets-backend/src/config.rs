@@ -102,6 +102,8 @@ struct RawConsumers {
 #[serde(deny_unknown_fields, default)]
 struct RawEngine {
     step_delay: Option<String>,
+    step_attempts: Option<u32>,
+    step_backoff: Option<String>,
 }
 
 /// Where the key-encryption key comes from.
@@ -162,6 +164,11 @@ pub struct Config {
     /// Pause before each rotation step. For demonstrations and crash tests
     /// only; zero in production.
     pub step_delay: Duration,
+    /// Attempts per set / test step before a rotation is parked as
+    /// needs-attention.
+    pub step_attempts: u32,
+    /// Pause before a step's second attempt; doubles each time.
+    pub step_backoff: Duration,
     /// After SIGTERM, how long calls in flight may take before the process
     /// exits anyway.
     pub shutdown_grace: Duration,
@@ -204,6 +211,16 @@ const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
     ("REKEY_SCHEDULER_TICK", "scheduler.tick", EnvType::Str),
     ("REKEY_CONSUMERS_TTL", "consumers.ttl", EnvType::Str),
     ("REKEY_ENGINE_STEP_DELAY", "engine.step_delay", EnvType::Str),
+    (
+        "REKEY_ENGINE_STEP_ATTEMPTS",
+        "engine.step_attempts",
+        EnvType::Int,
+    ),
+    (
+        "REKEY_ENGINE_STEP_BACKOFF",
+        "engine.step_backoff",
+        EnvType::Str,
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -487,6 +504,16 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         .and_then(|t| parse_duration("engine.step_delay", t, errors))
         .unwrap_or(Duration::ZERO);
 
+    let step_attempts = raw.engine.step_attempts.unwrap_or(3);
+    if step_attempts == 0 {
+        errors.push("engine.step_attempts: must be at least 1".into());
+    }
+    let step_backoff = raw
+        .engine
+        .step_backoff
+        .as_deref()
+        .and_then(|t| parse_duration("engine.step_backoff", t, errors))
+        .unwrap_or(Duration::from_secs(1));
     let shutdown_grace = raw
         .shutdown_grace
         .as_deref()
@@ -494,6 +521,8 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         .unwrap_or(Duration::from_secs(10));
 
     Config {
+        step_attempts,
+        step_backoff,
         shutdown_grace,
         listen,
         metrics_listen,

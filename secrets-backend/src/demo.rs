@@ -384,6 +384,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
                 secret_id: secret.into(),
                 request_token: format!("demo-{}-{r}", std::process::id()),
                 value: None,
+                cancel: false,
             })
             .await
             .map_err(|e| format!("rotate: {}", e.message()))?

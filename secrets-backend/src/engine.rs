@@ -87,6 +87,8 @@ pub const DEFAULT_VALIDATION_WINDOW_MS: i64 = 30 * 60 * 1000;
 /// How long the scheduler waits before retrying a due rotation it claimed
 /// but could not complete.
 const SCHEDULE_RETRY_MS: i64 = 5 * 60 * 1000;
+/// A rotation whose step failed every attempt.
+pub const NEEDS_ATTENTION: &str = "needs-attention";
 /// How often, at most, the scheduler recomputes the consumer gauges (a
 /// quarter of the consumer TTL when that is shorter).
 const CONSUMER_GAUGE_REFRESH_MS: i64 = 15_000;
@@ -100,10 +102,18 @@ pub struct Engine {
     pub metrics: Arc<Metrics>,
     /// Pause before each step (demonstrations and crash tests only).
     pub step_delay: Duration,
+    /// Attempts per set / test step before the rotation is parked.
+    pub step_attempts: u32,
+    /// Pause before the second attempt; doubles each time.
+    pub step_backoff: Duration,
     pub consumer_ttl: Duration,
     /// When the consumer gauges were last recomputed (Unix ms), so that
     /// consumers that stopped reporting drop out of them.
     pub consumers_refreshed_at: std::sync::atomic::AtomicI64,
+    /// Secrets with new consumer reports since the last scheduler pass.
+    /// Gauges are recomputed there, once per secret, not per report: a
+    /// rotation makes every sidecar report at once.
+    pub consumers_dirty: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Secret ids look like paths: `prod/api/database`.
@@ -201,7 +211,7 @@ impl Engine {
             options: &options,
         };
         Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
-        let value = kind.create(&ctx, spec.value).await?;
+        let value = kind.create(&ctx, None, spec.value).await?;
         kind.set(&ctx, &value, None)
             .await
             .map_err(|e| step_error(&spec.id, "set", e))?;
@@ -315,7 +325,14 @@ impl Engine {
         };
         self.check_rotatable(&s, kind.as_ref())?;
         Self::check_supplied(kind.as_ref(), &ctx, supplied.as_ref())?;
-        let value = kind.create(&ctx, supplied).await?;
+        let current = {
+            let mut c = self.store.conn().await?;
+            self.store
+                .version_value(&mut c, id, s.current_version)
+                .await?
+        };
+        let value = kind.create(&ctx, Some(&current), supplied).await?;
+        drop(current);
 
         let mut attempt = 0;
         let target = loop {
@@ -434,8 +451,11 @@ impl Engine {
                 "created" => {
                     self.pause().await;
                     let (new, old) = self.values(id, target, s.current_version).await?;
-                    if let Err(e) = kind.set(&ctx, &new, old.as_ref()).await {
-                        return Err(self.abort(&rot, "set", step_error(id, "set", e)).await);
+                    if let Err(e) = self
+                        .retrying(id, "set", || kind.set(&ctx, &new, old.as_ref()))
+                        .await
+                    {
+                        return Err(self.abort(&rot, step_error(id, "set", e)).await);
                     }
                     self.advance(id, target, "created", "set").await?;
                     self.metrics.step("set", started.elapsed().as_secs_f64());
@@ -443,8 +463,8 @@ impl Engine {
                 "set" => {
                     self.pause().await;
                     let (new, _) = self.values(id, target, 0).await?;
-                    if let Err(e) = kind.test(&ctx, &new).await {
-                        return Err(self.abort(&rot, "test", step_error(id, "test", e)).await);
+                    if let Err(e) = self.retrying(id, "test", || kind.test(&ctx, &new)).await {
+                        return Err(self.abort(&rot, step_error(id, "test", e)).await);
                     }
                     self.advance(id, target, "set", "tested").await?;
                     self.metrics.step("test", started.elapsed().as_secs_f64());
@@ -473,6 +493,28 @@ impl Engine {
                         }
                     )));
                 }
+            }
+        }
+    }
+
+    /// Runs a step up to `step_attempts` times with doubling pauses.
+    async fn retrying<F, Fut>(&self, id: &str, step: &str, f: F) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut pause = self.step_backoff;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < self.step_attempts.max(1) => {
+                    tracing::warn!(secret = id, step, attempt, error = %e, retry_in = ?pause, "rotation step failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -582,12 +624,21 @@ impl Engine {
         )))
     }
 
-    /// A failed step: the pending version is revoked and its stage cleared,
-    /// current stays as it was. Returns the step's error for the caller.
-    async fn abort(&self, rot: &RotationRow, step: &str, err: Error) -> Error {
+    /// A step that failed every attempt: the rotation is parked as
+    /// `needs-attention` with its error, the pending version is revoked and
+    /// its stage cleared, and current stays as it was. Scheduled rotations
+    /// of the secret wait until `rekey rotate --cancel` clears it. Returns
+    /// the step's error for the caller.
+    async fn abort(&self, rot: &RotationRow, err: Error) -> Error {
+        self.park(rot, NEEDS_ATTENTION, "failed", err).await
+    }
+
+    /// Ends a rotation that did not finish: pending revoked and cleared,
+    /// the rotation row moved to `to`, an audit event with `outcome`.
+    async fn park(&self, rot: &RotationRow, to: &str, outcome: &str, err: Error) -> Error {
         let id = rot.secret_id.as_str();
         let target = rot.target_version;
-        tracing::warn!(secret = id, version = target, step, error = %err, "rotation step failed; rolling back");
+        tracing::warn!(secret = id, version = target, state = to, error = %err, "rotation stopped; current is unchanged");
         let r: Result<()> = async {
             for _ in 0..CAS_ATTEMPTS {
                 let mut tx = self.store.begin().await?;
@@ -605,7 +656,7 @@ impl Engine {
                     .set_version_state(&mut tx, id, target, REVOKED, now)
                     .await?;
                 self.store
-                    .advance_rotation(&mut tx, id, target, &rot.step, "failed", &err.to_string())
+                    .advance_rotation(&mut tx, id, target, &rot.step, to, &err.to_string())
                     .await?;
                 let ev = audit::append_in(
                     &self.store,
@@ -615,7 +666,7 @@ impl Engine {
                         action: "rotate".into(),
                         secret_id: id.into(),
                         version: target,
-                        outcome: "failed".into(),
+                        outcome: outcome.into(),
                         request_id: rot.request_id.clone(),
                         detail: err.to_string(),
                     },
@@ -900,6 +951,70 @@ impl Engine {
         )))
     }
 
+    /// `rekey rotate --cancel`: aborts a rotation in flight, or clears one
+    /// parked as needs-attention so that scheduled rotations resume.
+    pub async fn cancel(&self, actor: &Actor, id: &str) -> Result<Outcome> {
+        let (s, last) = {
+            let mut c = self.store.conn().await?;
+            let s = self.store.require_secret(&mut c, id).await?;
+            let last = self.store.last_rotation(&mut c, id).await?;
+            (s, last)
+        };
+        let Some(rot) = last.filter(|r| {
+            r.step == NEEDS_ATTENTION
+                || (s.pending_version == r.target_version && r.step != "finished")
+        }) else {
+            return Err(Error::FailedPrecondition(format!(
+                "{id} has no rotation in flight or waiting for attention"
+            )));
+        };
+        let mut by = rot.clone();
+        by.actor = actor.identity.clone();
+        by.request_id = actor.request_id.clone();
+        if rot.step == NEEDS_ATTENTION {
+            let mut tx = self.store.begin().await?;
+            self.store
+                .advance_rotation(
+                    &mut tx,
+                    id,
+                    rot.target_version,
+                    NEEDS_ATTENTION,
+                    "cancelled",
+                    &rot.error,
+                )
+                .await?;
+            let ev = audit::append_in(
+                &self.store,
+                &mut tx,
+                NewEvent {
+                    actor: actor.identity.clone(),
+                    action: "cancel".into(),
+                    secret_id: id.into(),
+                    version: rot.target_version,
+                    outcome: "ok".into(),
+                    request_id: actor.request_id.clone(),
+                    detail: "parked rotation cleared".into(),
+                },
+                now_ms(),
+            )
+            .await?;
+            tx.commit().await?;
+            audit::log_event(&ev);
+        } else {
+            let err = Error::FailedPrecondition(format!("cancelled by {}", actor.identity));
+            self.park(&by, "cancelled", "cancelled", err).await;
+        }
+        let mut c = self.store.conn().await?;
+        Ok(Outcome {
+            secret: self.store.require_secret(&mut c, id).await?,
+            version: self
+                .store
+                .require_version(&mut c, id, rot.target_version)
+                .await?,
+            replayed: false,
+        })
+    }
+
     /// Resumes every rotation that a previous process left between steps.
     pub async fn recover(&self) -> Result<usize> {
         let rots = {
@@ -930,6 +1045,17 @@ impl Engine {
             self.store.due_secrets(&mut c, now).await?
         };
         for s in due {
+            let parked = {
+                let mut c = self.store.conn().await?;
+                self.store
+                    .last_rotation(&mut c, &s.id)
+                    .await?
+                    .is_some_and(|r| r.step == NEEDS_ATTENTION)
+            };
+            if parked {
+                // Waits for an operator: `rekey rotate --cancel`.
+                continue;
+            }
             let claimed = {
                 let mut c = self.store.conn().await?;
                 self.store
@@ -961,16 +1087,27 @@ impl Engine {
             .load(std::sync::atomic::Ordering::Relaxed);
         let every =
             (self.consumer_ttl.as_millis() as i64 / 4).clamp(1_000, CONSUMER_GAUGE_REFRESH_MS);
-        if now - last >= every {
+        let ids: Vec<String> = if now - last >= every {
             self.consumers_refreshed_at
                 .store(now, std::sync::atomic::Ordering::Relaxed);
-            let ids = {
-                let mut c = self.store.conn().await?;
-                self.store.consumed_secret_ids(&mut c).await?
-            };
-            for id in ids {
-                self.refresh_consumer_metrics(&id).await;
-            }
+            self.consumers_dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            let mut c = self.store.conn().await?;
+            self.store.consumed_secret_ids(&mut c).await?
+        } else {
+            std::mem::take(
+                &mut *self
+                    .consumers_dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )
+            .into_iter()
+            .collect()
+        };
+        for id in ids {
+            self.refresh_consumer_metrics(&id).await;
         }
 
         let candidates = {
@@ -1091,7 +1228,12 @@ mod tests {
         fn value_input(&self) -> ValueInput {
             ValueInput::Never
         }
-        async fn create(&self, _: &SecretCtx<'_>, _: Option<SecretValue>) -> Result<SecretValue> {
+        async fn create(
+            &self,
+            _: &SecretCtx<'_>,
+            _: Option<&SecretValue>,
+            _: Option<SecretValue>,
+        ) -> Result<SecretValue> {
             Ok(SecretValue::Raw(rekey_keyring::random_bytes(16)?))
         }
         async fn set(
@@ -1140,8 +1282,11 @@ mod tests {
             kinds,
             metrics: Arc::new(Metrics::default()),
             step_delay: Duration::ZERO,
+            step_attempts: 2,
+            step_backoff: Duration::from_millis(10),
             consumer_ttl: Duration::from_secs(60),
             consumers_refreshed_at: Default::default(),
+            consumers_dirty: Default::default(),
         };
         (engine, flaky)
     }
@@ -1182,7 +1327,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(rot.step, "failed");
+        assert_eq!(rot.step, NEEDS_ATTENTION);
         assert!(rot.error.contains("refused the new password"));
         let events = audit::list(&mut c, "prod/db", 0, 100).await.unwrap();
         assert_eq!(events.last().unwrap().outcome, "failed");

@@ -137,8 +137,11 @@ pub async fn run(
         hub: hub.clone(),
         metrics: metrics.clone(),
         step_delay: cfg.step_delay,
+        step_attempts: cfg.step_attempts,
+        step_backoff: cfg.step_backoff,
         consumer_ttl: cfg.consumer_ttl,
         consumers_refreshed_at: Default::default(),
+        consumers_dirty: Default::default(),
     });
 
     // Bind before spawning anything, so a taken port fails fast.

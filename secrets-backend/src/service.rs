@@ -163,12 +163,33 @@ impl Rekey for RekeyService {
         let options = serde_json::json!({
             "random": r.random.as_ref().map(|o| {
                 let mut m = serde_json::Map::new();
-                // 0 means "default" on the wire; an explicit 0 from the CLI
-                // arrives as the string marker below.
+                // 0 means "the default length" on the wire.
                 if o.length > 0 { m.insert("length".into(), o.length.into()); }
                 if !o.encoding.is_empty() { m.insert("encoding".into(), o.encoding.clone().into()); }
                 serde_json::Value::Object(m)
             }),
+            "postgres": r.postgres.as_ref().map(|p| serde_json::json!({
+                "admin_url_file": p.admin_url_file,
+                "group_role": p.group_role,
+                "role_base": p.role_base,
+                "database": p.database,
+                "host": p.host,
+                "port": p.port,
+                "probe": p.probe,
+                "terminate_sessions": p.terminate_sessions,
+            })),
+            "redis": r.redis.as_ref().map(|p| serde_json::json!({
+                "admin_url_file": p.admin_url_file,
+                "username": p.username,
+                "address": p.address,
+            })),
+            "exec": r.exec.as_ref().map(|p| serde_json::json!({
+                "create": p.create,
+                "set": p.set,
+                "test": p.test,
+                "revoke": p.revoke,
+                "timeout_ms": p.timeout_ms,
+            })),
         });
         let sched = r.schedule.clone().unwrap_or_default();
         let id = r.id.clone();
@@ -211,6 +232,9 @@ impl Rekey for RekeyService {
                 &r.secret_id,
                 0,
                 |actor| async move {
+                    if r.cancel {
+                        return self.engine.cancel(&actor, &r.secret_id).await;
+                    }
                     let token = Some(r.request_token.as_str()).filter(|t| !t.is_empty());
                     self.engine
                         .rotate(&actor, &r.secret_id, token, opt_value(r.value.as_ref())?)
@@ -483,9 +507,11 @@ impl Rekey for RekeyService {
                 .await?;
         }
         tx.commit().await.map_err(Error::from)?;
-        for s in &r.secrets {
-            self.engine.refresh_consumer_metrics(&s.secret_id).await;
-        }
+        self.engine
+            .consumers_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(r.secrets.iter().map(|s| s.secret_id.clone()));
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
 

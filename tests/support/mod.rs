@@ -574,3 +574,136 @@ pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, S
         .unwrap_or_default();
     (status, body)
 }
+
+/// A private PostgreSQL server with password authentication
+/// (`scram-sha-256` for TCP), created with `initdb` for one test and
+/// removed afterwards. The machine's own server trusts every local
+/// connection, so it cannot show that an old password stops working.
+pub struct PgServer {
+    pub port: u16,
+    pub admin_password: String,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PgServer {
+    pub fn start(tag: &str) -> PgServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect(
+                "PostgreSQL server binaries in /usr/lib/postgresql (scripts/test installs them)",
+            )
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("initdb");
+        let dir = std::env::temp_dir().join(format!(
+            "rekey-pg-{tag}-{}-{}",
+            std::process::id(),
+            rand_u32()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin_password = format!("admin-{}", rand_u32());
+        std::fs::write(dir.join("pw"), &admin_password).unwrap();
+        let run = |args: &[&str]| {
+            let o = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .output()
+                .expect("runuser");
+            assert!(
+                o.status.success(),
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let data = dir.join("data");
+        run(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--pwfile",
+            dir.join("pw").to_str().unwrap(),
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            "-E",
+            "UTF8",
+        ]);
+        let port = free_port();
+        run(&[
+            bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            dir.join("log").to_str().unwrap(),
+            "-o",
+            &format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.display()
+            ),
+            "-w",
+            "start",
+        ]);
+        PgServer {
+            port,
+            admin_password,
+            dir,
+            bin,
+        }
+    }
+
+    /// The superuser's URL (password authentication).
+    pub fn admin_url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{db}",
+            self.admin_password, self.port
+        )
+    }
+
+    /// Runs SQL as the superuser.
+    pub async fn sql(&self, db: &str, sql: &str) {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&self.admin_url(db))
+            .await
+            .expect("connect as admin");
+        sqlx::raw_sql(sql).execute(&mut c).await.expect("admin SQL");
+    }
+
+    /// Whether `user` / `password` may log in and run SELECT 1.
+    pub async fn login(&self, user: &str, password: &str, db: &str) -> Result<(), String> {
+        use sqlx::Connection;
+        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port);
+        let mut c = sqlx::PgConnection::connect(&url)
+            .await
+            .map_err(|e| e.to_string())?;
+        sqlx::query("SELECT 1")
+            .execute(&mut c)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

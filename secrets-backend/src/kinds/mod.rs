@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub mod exec;
+pub mod postgres;
+pub mod redis;
+mod resp;
+
 /// What a step knows about the secret it acts on.
 pub struct SecretCtx<'a> {
     pub id: &'a str,
@@ -50,11 +55,12 @@ pub trait Kind: Send + Sync {
         Ok(())
     }
 
-    /// Step 1: produce the new value (`supplied` already passed
-    /// [`Kind::check_value`]).
+    /// Step 1: produce the new value. `current` is the value in use (none
+    /// for version 1); `supplied` already passed [`Kind::check_value`].
     async fn create(
         &self,
         ctx: &SecretCtx<'_>,
+        current: Option<&SecretValue>,
         supplied: Option<SecretValue>,
     ) -> Result<SecretValue>;
 
@@ -107,6 +113,9 @@ impl Default for Kinds {
         k.register(Arc::new(Random));
         k.register(Arc::new(EncryptionKey));
         k.register(Arc::new(Static));
+        k.register(Arc::new(postgres::Postgres));
+        k.register(Arc::new(redis::Redis));
+        k.register(Arc::new(exec::Exec));
         k
     }
 }
@@ -209,7 +218,12 @@ impl Kind for Random {
         ValueInput::Never
     }
 
-    async fn create(&self, ctx: &SecretCtx<'_>, _: Option<SecretValue>) -> Result<SecretValue> {
+    async fn create(
+        &self,
+        ctx: &SecretCtx<'_>,
+        _: Option<&SecretValue>,
+        _: Option<SecretValue>,
+    ) -> Result<SecretValue> {
         let o = Self::options(ctx.options)?;
         Ok(SecretValue::Raw(generate(o.length as usize, o.encoding)?))
     }
@@ -283,6 +297,7 @@ impl Kind for EncryptionKey {
     async fn create(
         &self,
         _ctx: &SecretCtx<'_>,
+        _current: Option<&SecretValue>,
         supplied: Option<SecretValue>,
     ) -> Result<SecretValue> {
         match supplied {
@@ -347,6 +362,7 @@ impl Kind for Static {
     async fn create(
         &self,
         ctx: &SecretCtx<'_>,
+        _current: Option<&SecretValue>,
         supplied: Option<SecretValue>,
     ) -> Result<SecretValue> {
         supplied.ok_or_else(|| {
@@ -380,7 +396,7 @@ mod tests {
             let opts = Random
                 .check_options(&serde_json::json!({"random": {"length": len, "encoding": enc}}))
                 .unwrap();
-            let v = Random.create(&ctx(&opts), None).await.unwrap();
+            let v = Random.create(&ctx(&opts), None, None).await.unwrap();
             let SecretValue::Raw(b) = v else { panic!() };
             assert_eq!(b.len(), want_len, "{enc}");
             if enc == "alnum" {
@@ -390,8 +406,8 @@ mod tests {
         let opts = Random.check_options(&serde_json::json!({})).unwrap();
         assert_eq!(opts["random"]["length"], 32);
         assert_eq!(opts["random"]["encoding"], "base64url");
-        let a = Random.create(&ctx(&opts), None).await.unwrap();
-        let b = Random.create(&ctx(&opts), None).await.unwrap();
+        let a = Random.create(&ctx(&opts), None, None).await.unwrap();
+        let b = Random.create(&ctx(&opts), None, None).await.unwrap();
         assert_ne!(a, b);
     }
 
@@ -414,7 +430,7 @@ mod tests {
     #[tokio::test]
     async fn encryption_keys_are_32_bytes_of_base64() {
         let o = serde_json::json!({});
-        let v = EncryptionKey.create(&ctx(&o), None).await.unwrap();
+        let v = EncryptionKey.create(&ctx(&o), None, None).await.unwrap();
         EncryptionKey.test(&ctx(&o), &v).await.unwrap();
         let short = SecretValue::Raw(SecretBytes::new(b"c2hvcnQ=".to_vec()));
         let e = EncryptionKey.check_value(&ctx(&o), &short).unwrap_err();
@@ -427,7 +443,7 @@ mod tests {
         let supplied = SecretValue::Raw(SecretBytes::new(with_newline.into_bytes()));
         EncryptionKey.check_value(&ctx(&o), &supplied).unwrap();
         let stored = EncryptionKey
-            .create(&ctx(&o), Some(supplied))
+            .create(&ctx(&o), None, Some(supplied))
             .await
             .unwrap();
         let SecretValue::Raw(b) = stored else {
@@ -439,7 +455,7 @@ mod tests {
     #[tokio::test]
     async fn static_requires_a_value() {
         let o = serde_json::json!({});
-        assert!(Static.create(&ctx(&o), None).await.is_err());
+        assert!(Static.create(&ctx(&o), None, None).await.is_err());
         let empty = SecretValue::Raw(SecretBytes::new(vec![]));
         assert!(Static.check_value(&ctx(&o), &empty).is_err());
     }
@@ -448,7 +464,7 @@ mod tests {
     fn unknown_kind_lists_known_ones() {
         let e = Kinds::default().get("ldap").err().unwrap();
         assert!(
-            e.to_string().contains("encryption-key, random, static"),
+            e.to_string().contains("encryption-key, exec, postgres, random, redis, static"),
             "{e}"
         );
     }

@@ -1,0 +1,477 @@
+//! `postgres`: database credentials rotated with alternating users.
+//!
+//! Two login roles, `BASE_a` and `BASE_b`, are members of one group role
+//! that owns the app's objects (and each session acts as that group), so
+//! grants and ownership never drift. A rotation gives the idle role a new
+//! password and LOGIN while the other keeps working; decommission clears the
+//! old role's password and sets NOLOGIN. Passwords are sent to Postgres as
+//! SCRAM-SHA-256 verifiers computed here, so the plaintext never reaches the
+//! server or its statement log, and rekey's own connections never log
+//! statements.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use rekey_keyring::{SecretString, SecretValue};
+use ring::{digest, hmac, pbkdf2};
+use serde::{Deserialize, Serialize};
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+use super::{Encoding, Kind, SecretCtx, ValueInput, generate};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PgOptions {
+    /// A file holding the admin connection URL (read at each step).
+    pub admin_url_file: String,
+    pub group_role: String,
+    pub role_base: String,
+    pub database: String,
+    pub host: String,
+    pub port: u16,
+    /// SQL run as the new role by the test step.
+    pub probe: String,
+    /// Terminate the old role's sessions at decommission.
+    pub terminate_sessions: bool,
+}
+
+fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
+    Error::Step {
+        secret: secret.into(),
+        step,
+        message: message.into(),
+    }
+}
+
+/// Role names rekey creates and quotes: lower-case, digits, underscore.
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 60
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// A SCRAM-SHA-256 verifier for `password`, as Postgres stores it.
+pub fn scram_verifier(password: &str) -> Result<String> {
+    const ITER: u32 = 4096;
+    let salt = rekey_keyring::random_bytes(16)?;
+    let mut salted = zeroize::Zeroizing::new([0u8; 32]);
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(ITER).unwrap_or(std::num::NonZeroU32::MIN),
+        salt.expose(),
+        password.as_bytes(),
+        salted.as_mut_slice(),
+    );
+    let key = hmac::Key::new(hmac::HMAC_SHA256, salted.as_slice());
+    let client_key = hmac::sign(&key, b"Client Key");
+    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
+    let server_key = hmac::sign(&key, b"Server Key");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(format!(
+        "SCRAM-SHA-256${ITER}:{}${}:{}",
+        b64.encode(salt.expose()),
+        b64.encode(stored_key.as_ref()),
+        b64.encode(server_key.as_ref())
+    ))
+}
+
+fn options(ctx: &SecretCtx<'_>) -> Result<PgOptions> {
+    serde_json::from_value(ctx.options.get("postgres").cloned().unwrap_or_default())
+        .map_err(|e| Error::Internal(format!("stored postgres options of {}: {e}", ctx.id)))
+}
+
+fn read_admin_url(
+    secret: &str,
+    step_name: &'static str,
+    file: &str,
+) -> Result<zeroize::Zeroizing<String>> {
+    std::fs::read_to_string(file)
+        .map(|s| zeroize::Zeroizing::new(s.trim().to_string()))
+        .map_err(|e| {
+            step(
+                secret,
+                step_name,
+                format!("cannot read the admin URL file {file}: {e}"),
+            )
+        })
+}
+
+/// Connects without statement logging; errors never include the URL.
+fn connect<'a>(
+    secret: &'a str,
+    step_name: &'static str,
+    url: &'a str,
+    who: &'a str,
+) -> BoxFut<'a, Result<PgConnection>> {
+    Box::pin(async move {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|_| {
+                step(
+                    secret,
+                    step_name,
+                    format!("the {who} URL is not a postgres:// URL"),
+                )
+            })?
+            .disable_statement_logging();
+        tokio::time::timeout(std::time::Duration::from_secs(10), opts.connect())
+            .await
+            .map_err(|_| {
+                step(
+                    secret,
+                    step_name,
+                    format!("Postgres did not answer within 10s ({who})"),
+                )
+            })?
+            .map_err(|e| {
+                step(
+                    secret,
+                    step_name,
+                    format!("cannot connect to Postgres as {who}: {}", pg_error(&e)),
+                )
+            })
+    })
+}
+
+fn pg_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
+    match v {
+        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Raw(_) => None,
+    }
+}
+
+type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Runs SQL without parameters. Boxed with explicit lifetimes: sqlx's
+/// executor impls are not general enough for `async_trait`'s Send check.
+fn exec<'a>(
+    secret: &'a str,
+    step_name: &'static str,
+    c: &'a mut PgConnection,
+    sql: String,
+) -> BoxFut<'a, Result<()>> {
+    Box::pin(async move {
+        sqlx::Executor::execute(&mut *c, sql.as_str())
+            .await
+            .map(drop)
+            .map_err(|e| step(secret, step_name, pg_error(&e)))
+    })
+}
+
+fn role_exists<'a>(
+    secret: &'a str,
+    step_name: &'static str,
+    c: &'a mut PgConnection,
+    name: String,
+) -> BoxFut<'a, Result<bool>> {
+    Box::pin(async move {
+        sqlx::query("SELECT 1 FROM pg_roles WHERE rolname = $1")
+            .bind(name)
+            .fetch_optional(&mut *c)
+            .await
+            .map(|r| r.is_some())
+            .map_err(|e| step(secret, step_name, pg_error(&e)))
+    })
+}
+
+/// Makes sure the group and both login roles exist (creating the login
+/// roles, never the group).
+async fn ensure_roles(
+    secret: &str,
+    step_name: &'static str,
+    c: &mut PgConnection,
+    o: &PgOptions,
+) -> Result<()> {
+    if !role_exists(secret, step_name, c, o.group_role.clone()).await? {
+        return Err(step(
+            secret,
+            step_name,
+            format!(
+                "group role {} does not exist; create it and give it the app's objects first",
+                o.group_role
+            ),
+        ));
+    }
+    for suffix in ["a", "b"] {
+        let role = format!("{}_{suffix}", o.role_base);
+        if !role_exists(secret, step_name, c, role.clone()).await? {
+            exec(
+                secret,
+                step_name,
+                c,
+                format!(
+                    "CREATE ROLE \"{role}\" NOLOGIN IN ROLE \"{}\"",
+                    o.group_role
+                ),
+            )
+            .await?;
+            // Objects the role creates belong to the group.
+            exec(
+                secret,
+                step_name,
+                c,
+                format!("ALTER ROLE \"{role}\" SET role = \"{}\"", o.group_role),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn enable(
+    secret: &str,
+    step_name: &'static str,
+    o: &PgOptions,
+    v: &SecretValue,
+) -> Result<()> {
+    let (Some(user), Some(pw)) = (field(v, "username"), field(v, "password")) else {
+        return Err(step(
+            secret,
+            step_name,
+            "the value lacks username or password",
+        ));
+    };
+    if !valid_ident(user) {
+        return Err(step(
+            secret,
+            step_name,
+            format!("{user:?} is not a role rekey manages"),
+        ));
+    }
+    let url = read_admin_url(secret, step_name, &o.admin_url_file)?;
+    let mut c = connect(secret, step_name, &url, "the admin").await?;
+    ensure_roles(secret, step_name, &mut c, o).await?;
+    let verifier = scram_verifier(pw)?;
+    exec(
+        secret,
+        step_name,
+        &mut c,
+        format!("ALTER ROLE \"{user}\" WITH LOGIN PASSWORD '{verifier}'"),
+    )
+    .await
+}
+
+pub struct Postgres;
+
+#[async_trait]
+impl Kind for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn check_options(&self, raw: &serde_json::Value) -> Result<serde_json::Value> {
+        let p = raw.get("postgres").cloned().unwrap_or_default();
+        let s = |k: &str| {
+            p.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let mut problems = Vec::new();
+        let admin_url_file = s("admin_url_file");
+        let mut host = s("host");
+        let mut port = p.get("port").and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+        if admin_url_file.is_empty() {
+            problems.push("--admin-url-file is required".to_string());
+        } else {
+            match std::fs::read_to_string(&admin_url_file) {
+                Ok(u) => match PgConnectOptions::from_str(u.trim()) {
+                    Ok(o) => {
+                        if host.is_empty() {
+                            host = o.get_host().to_string();
+                        }
+                        if port == 0 {
+                            port = o.get_port();
+                        }
+                    }
+                    Err(_) => {
+                        problems.push(format!("{admin_url_file} does not hold a postgres:// URL"))
+                    }
+                },
+                Err(e) => problems.push(format!(
+                    "cannot read --admin-url-file {admin_url_file}: {e}"
+                )),
+            }
+        }
+        let group_role = s("group_role");
+        if !valid_ident(&group_role) {
+            problems.push(format!(
+                "--group-role {group_role:?}: use lower-case letters, digits and _"
+            ));
+        }
+        let role_base = s("role_base");
+        if !valid_ident(&role_base) || role_base.len() > 58 {
+            problems.push(format!(
+                "--role-base {role_base:?}: use lower-case letters, digits and _ (at most 58)"
+            ));
+        }
+        let database = s("database");
+        if database.is_empty() || database.contains(['/', '?', '@', ' ']) {
+            problems.push(format!("--database {database:?} is not a database name"));
+        }
+        if !problems.is_empty() {
+            return Err(Error::InvalidArgument(problems.join("; ")));
+        }
+        let probe = match s("probe") {
+            p if p.is_empty() => "SELECT 1".to_string(),
+            p => p,
+        };
+        let o = PgOptions {
+            admin_url_file,
+            group_role,
+            role_base,
+            database,
+            host,
+            port,
+            probe,
+            terminate_sessions: p
+                .get("terminate_sessions")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        };
+        Ok(serde_json::json!({ "postgres": o }))
+    }
+
+    fn value_input(&self) -> ValueInput {
+        ValueInput::Never
+    }
+
+    async fn create(
+        &self,
+        ctx: &SecretCtx<'_>,
+        current: Option<&SecretValue>,
+        _: Option<SecretValue>,
+    ) -> Result<SecretValue> {
+        let o = options(ctx)?;
+        let (a, b) = (format!("{}_a", o.role_base), format!("{}_b", o.role_base));
+        // The idle role: the one current does not use.
+        let user = match current.and_then(|c| field(c, "username")) {
+            Some(u) if u == a => b,
+            _ => a,
+        };
+        let pw = generate(32, Encoding::Alnum)?;
+        let pw = String::from_utf8(pw.expose().to_vec()).unwrap_or_default();
+        let url = format!(
+            "postgres://{user}:{pw}@{}:{}/{}",
+            o.host, o.port, o.database
+        );
+        Ok(SecretValue::Fields(
+            [
+                ("username".to_string(), SecretString::new(user)),
+                ("password".to_string(), SecretString::new(pw)),
+                ("host".to_string(), SecretString::new(o.host.clone())),
+                ("port".to_string(), SecretString::new(o.port.to_string())),
+                (
+                    "database".to_string(),
+                    SecretString::new(o.database.clone()),
+                ),
+                ("url".to_string(), SecretString::new(url)),
+            ]
+            .into(),
+        ))
+    }
+
+    async fn set(
+        &self,
+        ctx: &SecretCtx<'_>,
+        new: &SecretValue,
+        _old: Option<&SecretValue>,
+    ) -> Result<()> {
+        enable(ctx.id, "set", &options(ctx)?, new).await
+    }
+
+    async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
+        let o = options(ctx)?;
+        let url = field(new, "url").ok_or_else(|| step(ctx.id, "test", "the value lacks url"))?;
+        let user = field(new, "username").unwrap_or_default().to_string();
+        let mut c = connect(ctx.id, "test", url, &user).await?;
+        exec(ctx.id, "test", &mut c, o.probe.clone())
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    Error::Step { message, .. } => message,
+                    other => other.to_string(),
+                };
+                step(ctx.id, "test", format!("the probe failed as {user}: {why}"))
+            })
+    }
+
+    async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
+        let o = options(ctx)?;
+        let user = field(old, "username").unwrap_or_default();
+        if !valid_ident(user) {
+            return Err(step(
+                ctx.id,
+                "revoke",
+                "the old value lacks a managed username",
+            ));
+        }
+        let url = read_admin_url(ctx.id, "revoke", &o.admin_url_file)?;
+        let mut c = connect(ctx.id, "revoke", &url, "the admin").await?;
+        exec(
+            ctx.id,
+            "revoke",
+            &mut c,
+            format!("ALTER ROLE \"{user}\" WITH NOLOGIN PASSWORD NULL"),
+        )
+        .await?;
+        if o.terminate_sessions {
+            // `user` passed valid_ident: safe inside a literal.
+            exec(
+                ctx.id,
+                "revoke",
+                &mut c,
+                format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{user}'"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
+        enable(ctx.id, "restore", &options(ctx)?, previous).await
+    }
+
+    fn one_rotation_at_a_time(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        assert!(valid_ident("app_rw"));
+        assert!(!valid_ident("App"));
+        assert!(!valid_ident("x\"; DROP"));
+        assert!(!valid_ident(""));
+    }
+
+    #[test]
+    fn scram_verifiers_have_postgres_shape_and_fresh_salt() {
+        let a = scram_verifier("secret-password").unwrap();
+        let b = scram_verifier("secret-password").unwrap();
+        assert!(a.starts_with("SCRAM-SHA-256$4096:"), "{a}");
+        assert_ne!(a, b, "a fresh salt each time");
+        assert!(!a.contains("secret-password"));
+        let (_, rest) = a.split_once('$').unwrap();
+        let (salt_part, keys) = rest.split_once('$').unwrap();
+        assert_eq!(salt_part.split(':').count(), 2);
+        assert_eq!(keys.split(':').count(), 2);
+    }
+}

@@ -1,0 +1,272 @@
+//! `redis`: an ACL user that holds two passwords during a rotation.
+//!
+//! set adds the new password (`ACL SETUSER u >new`) so both work; test
+//! authenticates with it; decommission removes the old one (`ACL SETUSER u
+//! <old`); rollback adds the previous one back. Never `resetpass`, never
+//! `ACL DELUSER`: a live user is only ever given or relieved of one
+//! password. The user must exist with its permissions; rekey manages only
+//! its passwords.
+
+use async_trait::async_trait;
+use rekey_keyring::{SecretString, SecretValue};
+use serde::{Deserialize, Serialize};
+
+use super::resp::{self, Conn, Reply};
+use super::{Encoding, Kind, SecretCtx, ValueInput, generate};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisOptions {
+    /// A file holding the admin URL, `redis://admin:password@host:port`.
+    pub admin_url_file: String,
+    pub username: String,
+    /// Where apps connect (default: the admin URL's address).
+    pub address: String,
+}
+
+fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
+    Error::Step {
+        secret: secret.into(),
+        step,
+        message: message.into(),
+    }
+}
+
+fn options(ctx: &SecretCtx<'_>) -> Result<RedisOptions> {
+    serde_json::from_value(ctx.options.get("redis").cloned().unwrap_or_default())
+        .map_err(|e| Error::Internal(format!("stored redis options of {}: {e}", ctx.id)))
+}
+
+fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
+    match v {
+        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Raw(_) => None,
+    }
+}
+
+fn valid_user(u: &str) -> bool {
+    !u.is_empty()
+        && u.len() <= 128
+        && u.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// An authenticated admin connection.
+async fn admin(secret: &str, step_name: &'static str, o: &RedisOptions) -> Result<Conn> {
+    let url = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&o.admin_url_file)
+            .map_err(|e| {
+                step(
+                    secret,
+                    step_name,
+                    format!("cannot read the admin URL file {}: {e}", o.admin_url_file),
+                )
+            })?
+            .trim()
+            .to_string(),
+    );
+    let (addr, user, pass) = resp::parse_url(&url)
+        .ok_or_else(|| step(secret, step_name, "the admin URL is not a redis:// URL"))?;
+    let mut c = Conn::connect(&addr).await.map_err(|e| {
+        step(
+            secret,
+            step_name,
+            format!("cannot connect to Redis at {addr}: {e}"),
+        )
+    })?;
+    if let Some(p) = pass {
+        c.auth(user.as_deref(), &p)
+            .await
+            .map_err(|e| step(secret, step_name, format!("Redis at {addr}: {e}")))?
+            .map_err(|e| {
+                step(
+                    secret,
+                    step_name,
+                    format!("the admin credential was refused: {e}"),
+                )
+            })?;
+    }
+    Ok(c)
+}
+
+/// `ACL SETUSER user <op><password>`, after checking the user exists.
+async fn setuser(
+    secret: &str,
+    step_name: &'static str,
+    o: &RedisOptions,
+    op: char,
+    password: &str,
+) -> Result<()> {
+    let mut c = admin(secret, step_name, o).await?;
+    let io = |e: std::io::Error| step(secret, step_name, format!("Redis: {e}"));
+    match c.call(&["ACL", "GETUSER", &o.username]).await.map_err(io)? {
+        Reply::Nil => {
+            return Err(step(
+                secret,
+                step_name,
+                format!(
+                    "Redis user {} does not exist; create it with its permissions first",
+                    o.username
+                ),
+            ));
+        }
+        Reply::Error(e) => return Err(step(secret, step_name, acl_error(&e))),
+        _ => {}
+    }
+    let arg = zeroize::Zeroizing::new(format!("{op}{password}"));
+    match c
+        .call(&["ACL", "SETUSER", &o.username, &arg])
+        .await
+        .map_err(io)?
+    {
+        Reply::Status(_) => Ok(()),
+        Reply::Error(e) => Err(step(secret, step_name, acl_error(&e))),
+        other => Err(step(
+            secret,
+            step_name,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
+}
+
+/// Server errors say what failed; they never repeat our arguments.
+fn acl_error(e: &str) -> String {
+    if e.starts_with("NOPERM") {
+        format!(
+            "the admin user lacks ACL permissions ({})",
+            e.split_whitespace().next().unwrap_or("NOPERM")
+        )
+    } else {
+        e.split(':').next().unwrap_or(e).to_string()
+    }
+}
+
+pub struct Redis;
+
+#[async_trait]
+impl Kind for Redis {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn check_options(&self, raw: &serde_json::Value) -> Result<serde_json::Value> {
+        let r = raw.get("redis").cloned().unwrap_or_default();
+        let s = |k: &str| {
+            r.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let mut problems = Vec::new();
+        let admin_url_file = s("admin_url_file");
+        let mut address = s("address");
+        if admin_url_file.is_empty() {
+            problems.push("--admin-url-file is required".to_string());
+        } else {
+            match std::fs::read_to_string(&admin_url_file) {
+                Ok(u) => match resp::parse_url(u.trim()) {
+                    Some((addr, _, _)) => {
+                        if address.is_empty() {
+                            address = addr;
+                        }
+                    }
+                    None => problems.push(format!("{admin_url_file} does not hold a redis:// URL")),
+                },
+                Err(e) => problems.push(format!(
+                    "cannot read --admin-url-file {admin_url_file}: {e}"
+                )),
+            }
+        }
+        let username = s("username");
+        if !valid_user(&username) {
+            problems.push(format!(
+                "--username {username:?}: use letters, digits, - _ ."
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::InvalidArgument(problems.join("; ")));
+        }
+        Ok(serde_json::json!({ "redis": RedisOptions { admin_url_file, username, address } }))
+    }
+
+    fn value_input(&self) -> ValueInput {
+        ValueInput::Never
+    }
+
+    async fn create(
+        &self,
+        ctx: &SecretCtx<'_>,
+        _: Option<&SecretValue>,
+        _: Option<SecretValue>,
+    ) -> Result<SecretValue> {
+        let o = options(ctx)?;
+        let pw =
+            String::from_utf8(generate(32, Encoding::Alnum)?.expose().to_vec()).unwrap_or_default();
+        let url = format!("redis://{}:{pw}@{}", o.username, o.address);
+        Ok(SecretValue::Fields(
+            [
+                ("username".to_string(), SecretString::new(o.username)),
+                ("password".to_string(), SecretString::new(pw)),
+                ("url".to_string(), SecretString::new(url)),
+            ]
+            .into(),
+        ))
+    }
+
+    async fn set(
+        &self,
+        ctx: &SecretCtx<'_>,
+        new: &SecretValue,
+        _old: Option<&SecretValue>,
+    ) -> Result<()> {
+        let pw = field(new, "password")
+            .ok_or_else(|| step(ctx.id, "set", "the value lacks password"))?;
+        setuser(ctx.id, "set", &options(ctx)?, '>', pw).await
+    }
+
+    async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
+        let o = options(ctx)?;
+        let pw = field(new, "password")
+            .ok_or_else(|| step(ctx.id, "test", "the value lacks password"))?;
+        let mut c = Conn::connect(&o.address).await.map_err(|e| {
+            step(
+                ctx.id,
+                "test",
+                format!("cannot connect to Redis at {}: {e}", o.address),
+            )
+        })?;
+        let io = |e: std::io::Error| step(ctx.id, "test", format!("Redis: {e}"));
+        c.auth(Some(&o.username), pw)
+            .await
+            .map_err(io)?
+            .map_err(|e| {
+                step(
+                    ctx.id,
+                    "test",
+                    format!("AUTH as {} was refused: {e}", o.username),
+                )
+            })?;
+        match c.call(&["PING"]).await.map_err(io)? {
+            Reply::Status(s) if s == "PONG" => Ok(()),
+            other => Err(step(ctx.id, "test", format!("PING answered {other:?}"))),
+        }
+    }
+
+    async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
+        let pw = field(old, "password")
+            .ok_or_else(|| step(ctx.id, "revoke", "the old value lacks password"))?;
+        setuser(ctx.id, "revoke", &options(ctx)?, '<', pw).await
+    }
+
+    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
+        let pw = field(previous, "password")
+            .ok_or_else(|| step(ctx.id, "restore", "the value lacks password"))?;
+        setuser(ctx.id, "restore", &options(ctx)?, '>', pw).await
+    }
+
+    fn one_rotation_at_a_time(&self) -> bool {
+        true
+    }
+}
