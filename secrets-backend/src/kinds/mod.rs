@@ -464,7 +464,8 @@ mod tests {
     fn unknown_kind_lists_known_ones() {
         let e = Kinds::default().get("ldap").err().unwrap();
         assert!(
-            e.to_string().contains("encryption-key, exec, postgres, random, redis, static"),
+            e.to_string()
+                .contains("encryption-key, exec, postgres, random, redis, static"),
             "{e}"
         );
     }

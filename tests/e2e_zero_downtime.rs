@@ -1,0 +1,361 @@
+//! Zero downtime, proven: an app under load (a Postgres pool and a Redis
+//! connection built from the credential files its sidecar writes, rebuilt
+//! when a file changes) while rekey rotates both credentials twenty times.
+//! No query may fail; every rotation must converge and be decommissioned;
+//! afterwards every old password must be refused.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::Mutex;
+
+const ROTATIONS: usize = 20;
+
+/// A Redis connection for the app: AUTH, then commands, one reply line.
+struct Redis(BufReader<tokio::net::TcpStream>);
+
+impl Redis {
+    async fn connect(addr: &str, user: &str, pass: &str) -> Result<Redis, String> {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut r = Redis(BufReader::new(s));
+        let reply = r.cmd(&["AUTH", user, pass]).await?;
+        if reply != "+OK" {
+            return Err(format!("AUTH: {reply}"));
+        }
+        Ok(r)
+    }
+
+    async fn cmd(&mut self, args: &[&str]) -> Result<String, String> {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.0
+            .get_mut()
+            .write_all(out.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.0
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim_end().to_string())
+    }
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+}
+
+fn stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.ino()))
+}
+
+/// What the app saw.
+#[derive(Default)]
+struct Seen {
+    pg: BTreeSet<(String, String)>,
+    redis: BTreeSet<String>,
+}
+
+struct App {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    stop: AtomicBool,
+    seen: Mutex<Seen>,
+}
+
+async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_addr: String) {
+    let mut db_stamp = None;
+    let mut redis_stamp = None;
+    let mut pool: Option<sqlx::PgPool> = None;
+    let mut redis: Option<Redis> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let mut n = 0u64;
+    while !app.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        // A real app: when the credential file changes, build new clients
+        // with it; the old ones keep serving until the new ones work.
+        let s = stamp(&db_file);
+        if s != db_stamp
+            && let Some(j) = read_json(&db_file)
+        {
+            let url = j["url"].as_str().unwrap_or_default().to_string();
+            match sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&url)
+                .await
+            {
+                Ok(p) => {
+                    if let Some(old) = pool.replace(p) {
+                        tokio::spawn(async move { old.close().await });
+                    }
+                    db_stamp = s;
+                    app.seen.lock().await.pg.insert((
+                        j["username"].as_str().unwrap_or_default().into(),
+                        j["password"].as_str().unwrap_or_default().into(),
+                    ));
+                }
+                Err(e) => app.errors.lock().await.push(format!("new pool: {e}")),
+            }
+        }
+        let s = stamp(&redis_file);
+        if s != redis_stamp
+            && let Some(j) = read_json(&redis_file)
+        {
+            let (u, p) = (
+                j["username"].as_str().unwrap_or_default(),
+                j["password"].as_str().unwrap_or_default(),
+            );
+            match Redis::connect(&redis_addr, u, p).await {
+                Ok(r) => {
+                    redis = Some(r);
+                    redis_stamp = s;
+                    app.seen.lock().await.redis.insert(p.to_string());
+                }
+                Err(e) => app
+                    .errors
+                    .lock()
+                    .await
+                    .push(format!("new redis connection: {e}")),
+            }
+        }
+        n += 1;
+        let result = if n % 2 == 0 {
+            match &pool {
+                Some(p) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+                    .fetch_one(p)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("postgres: {e}")),
+                None => continue,
+            }
+        } else {
+            match &mut redis {
+                Some(r) => match r.cmd(&["INCR", "rekey:zero-downtime"]).await {
+                    Ok(l) if l.starts_with(':') => Ok(()),
+                    Ok(l) => Err(format!("redis: {l}")),
+                    Err(e) => Err(format!("redis: {e}")),
+                },
+                None => continue,
+            }
+        };
+        match result {
+            Ok(()) => {
+                app.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                app.failed.fetch_add(1, Ordering::Relaxed);
+                app.errors.lock().await.push(e);
+            }
+        }
+    }
+}
+
+fn redis_cli(args: &[&str]) -> String {
+    let o = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379"])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_credential() {
+    let dir = TempDir::new("zero");
+    let pg = PgServer::start("zero");
+    pg.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
+    pg.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
+        .await;
+    pg.sql(
+        "appdb",
+        "SET ROLE app_owner; CREATE TABLE items (id int); INSERT INTO items VALUES (1), (2)",
+    )
+    .await;
+    let redis_user = format!("rk_zero_{}", std::process::id());
+    assert_eq!(
+        redis_cli(&["ACL", "SETUSER", &redis_user, "on", "~rekey:*", "+@all"]),
+        "OK"
+    );
+    let pg_admin = dir.path().join("pg-admin");
+    std::fs::write(&pg_admin, pg.admin_url("appdb")).unwrap();
+    let redis_admin = dir.path().join("redis-admin");
+    std::fs::write(&redis_admin, "redis://127.0.0.1:6379").unwrap();
+
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"10s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        "prod/app/database",
+        "--kind",
+        "postgres",
+        "--admin-url-file",
+        pg_admin.to_str().unwrap(),
+        "--group-role",
+        "app_owner",
+        "--role-base",
+        "app",
+        "--database",
+        "appdb",
+        "--window",
+        "1s",
+    ]);
+    b.cli_json(&[
+        "create",
+        "prod/app/redis",
+        "--kind",
+        "redis",
+        "--admin-url-file",
+        redis_admin.to_str().unwrap(),
+        "--username",
+        &redis_user,
+        "--window",
+        "1s",
+    ]);
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let db_file = out.join("db.json");
+    let redis_file = out.join("redis.json");
+    let _sc = Sidecar::start(
+        dir.path(),
+        &[
+            "--backend",
+            &b.grpc,
+            "--token-file",
+            b.token_path().to_str().unwrap(),
+            "--secret",
+            &format!("prod/app/database:{}:json", db_file.display()),
+            "--secret",
+            &format!("prod/app/redis:{}:json", redis_file.display()),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("REKEY_REPORT_INTERVAL", "2s")],
+    );
+
+    let app = Arc::new(App {
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        errors: Mutex::new(vec![]),
+        stop: AtomicBool::new(false),
+        seen: Mutex::new(Seen::default()),
+    });
+    let task = tokio::spawn(run_app(
+        app.clone(),
+        db_file.clone(),
+        redis_file.clone(),
+        "127.0.0.1:6379".into(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    for round in 0..ROTATIONS {
+        for id in ["prod/app/database", "prod/app/redis"] {
+            // --wait: the previous credential is decommissioned (window
+            // passed, the sidecar serves the new one) before the next
+            // rotation touches the idle role or password.
+            let o = b.cli(&["-o", "json", "rotate", id, "--wait"]);
+            assert!(o.status.success(), "round {round} {id}: {}", stderr(&o));
+        }
+    }
+    // Let the last decommissions happen under load too.
+    for id in ["prod/app/database", "prod/app/redis"] {
+        eventually(Duration::from_secs(20), "the last decommission", || {
+            let st = b.cli_json(&["status", id]);
+            async move { (st[0]["previous_version"] == Value::Null).then_some(()) }
+        })
+        .await;
+    }
+    let elapsed = started.elapsed();
+    app.stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+
+    let ok = app.ok.load(Ordering::Relaxed);
+    let failed = app.failed.load(Ordering::Relaxed);
+    let errors = app.errors.lock().await.clone();
+    assert_eq!(failed, 0, "failed queries: {errors:?}");
+    assert!(errors.is_empty(), "{errors:?}");
+    let rate = ok as f64 / elapsed.as_secs_f64();
+    assert!(rate >= 200.0, "only {rate:.0} queries per second");
+
+    // Every rotation converged and was decommissioned.
+    for id in ["prod/app/database", "prod/app/redis"] {
+        let versions = b.cli_json(&["versions", id]);
+        let arr = versions.as_array().unwrap();
+        assert_eq!(arr.len(), ROTATIONS + 1, "{id}: {versions}");
+        assert_eq!(arr[0]["state"], "active");
+        assert!(
+            arr[1..].iter().all(|v| v["state"] == "revoked"),
+            "{id}: {versions}"
+        );
+        let st = b.cli_json(&["status", id]);
+        assert_eq!(st[0]["converged_consumers"], 1, "{id}: {st}");
+        let audit = b.cli_json(&["audit", "--secret", id]);
+        let decommissions = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "revoke" && e["outcome"] == "ok")
+            .count();
+        assert_eq!(decommissions, ROTATIONS, "{id}");
+    }
+
+    // Afterwards every old password is refused.
+    let seen = app.seen.lock().await;
+    let current_db = b.cli_json(&["get", "prod/app/database", "--reveal"])["value"].clone();
+    let current_redis = b.cli_json(&["get", "prod/app/redis", "--reveal"])["value"].clone();
+    assert!(
+        seen.pg.len() > ROTATIONS / 2,
+        "the app followed the rotations: {}",
+        seen.pg.len()
+    );
+    for (user, pw) in seen.pg.iter() {
+        if pw == current_db["password"].as_str().unwrap() {
+            pg.login(user, pw, "appdb").await.unwrap();
+        } else {
+            assert!(
+                pg.login(user, pw, "appdb").await.is_err(),
+                "old password of {user} still works"
+            );
+        }
+    }
+    for pw in seen.redis.iter() {
+        let who = redis_cli(&[
+            "--user",
+            &redis_user,
+            "--pass",
+            pw,
+            "--no-auth-warning",
+            "ACL",
+            "WHOAMI",
+        ]);
+        if pw == current_redis["password"].as_str().unwrap() {
+            assert_eq!(who, redis_user);
+        } else {
+            assert_ne!(who, redis_user, "an old Redis password still works");
+        }
+    }
+    redis_cli(&["ACL", "DELUSER", &redis_user]);
+    redis_cli(&["DEL", "rekey:zero-downtime"]);
+    eprintln!("{ok} queries in {elapsed:?} ({rate:.0}/s), 0 failed");
+}
