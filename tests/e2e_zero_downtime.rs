@@ -135,7 +135,7 @@ async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_add
             }
         }
         n += 1;
-        let result = if n % 2 == 0 {
+        let result = if n.is_multiple_of(2) {
             match &pool {
                 Some(p) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
                     .fetch_one(p)
