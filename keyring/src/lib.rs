@@ -13,6 +13,7 @@
 //! 0x01 | key id (8 bytes) | nonce (12 bytes) | ciphertext || tag (16 bytes)
 //! ```
 
+pub mod hyvve;
 mod secret;
 
 pub use secret::{SecretBytes, SecretString, SecretValue, ct_eq};
