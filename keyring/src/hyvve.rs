@@ -106,7 +106,10 @@ mod tests {
         assert!(looks_like(&env));
         assert_eq!(open(&a, &env).unwrap().expose(), b"sk-test-123");
         assert_eq!(open(&b, &env).unwrap_err(), KeyError::Decrypt);
-        assert!(matches!(open(&a, "bm90IGFuIGVudmVsb3Bl"), Err(KeyError::Malformed(_))));
+        assert!(matches!(
+            open(&a, "bm90IGFuIGVudmVsb3Bl"),
+            Err(KeyError::Malformed(_))
+        ));
         assert!(matches!(open(&a, "%%%"), Err(KeyError::Malformed(_))));
     }
 }

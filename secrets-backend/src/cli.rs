@@ -73,6 +73,9 @@ pub enum Command {
     /// Start a backend, two sidecars and two apps, rotate under load and
     /// print a timeline. The first thing to run.
     Demo(crate::demo::DemoArgs),
+    /// Re-encrypt database columns from the old master key to the new one
+    /// (the runbook's script; resumable, safe beside a running app).
+    Reencrypt(crate::reencrypt_cmd::ReencryptArgs),
     /// Create a secret and store version 1 as current.
     Create(Box<CreateArgs>),
     /// Rotate a secret: create, set, test and finish a new version.
@@ -512,6 +515,22 @@ async fn connect(
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    if let Command::Reencrypt(args) = &cli.command {
+        return match crate::reencrypt_cmd::run(args).await {
+            Ok(summary) => {
+                if cli.output == Output::Json {
+                    println!("{summary}");
+                } else {
+                    crate::reencrypt_cmd::print_table(&summary);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: reencrypt: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Command::Demo(args) = &cli.command {
         return match crate::demo::run(args.clone()).await {
             Ok(true) => ExitCode::SUCCESS,
@@ -535,7 +554,7 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
     let json_out = cli.output == Output::Json;
     let mut client = connect(cli).await?;
     match &cli.command {
-        Command::Demo(_) => unreachable!("handled in run"),
+        Command::Demo(_) | Command::Reencrypt(_) => unreachable!("handled in run"),
         Command::Create(a) => {
             let next_override = match &a.next_rotation_at {
                 None => 0,

@@ -15,6 +15,7 @@ pub mod error;
 pub mod hub;
 pub mod kinds;
 pub mod metrics;
+pub mod reencrypt_cmd;
 pub mod schedule;
 pub mod server;
 pub mod service;

@@ -1,0 +1,498 @@
+//! Re-encryption of encrypted columns from an old master key to a new one.
+//!
+//! For each configured (table, id column, ciphertext column): keyset-paginated
+//! batches; the CPU-bound codec work runs on OS threads (`spawn_blocking`,
+//! one chunk per core) while the next batch is read; each batch is written
+//! back in one compare-and-swap statement (`... WHERE id = v.id AND col =
+//! v.old`) so that a row the app wrote meanwhile, under either key, is never
+//! overwritten. Rows already under the new key are counted and skipped, so
+//! a re-run after an interruption does only what is left. A row that opens
+//! under neither key stops the run and is named by its id, never its value.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rekey_keyring::{MasterKey, hyvve};
+use sqlx::{PgPool, Row};
+
+/// How a column's values are encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// The platform's envelope (PBKDF2 per row).
+    Hyvve,
+    /// rekey's own envelope, base64 in a text column (key id in the header).
+    Rekey,
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hyvve" => Ok(Codec::Hyvve),
+            "rekey" => Ok(Codec::Rekey),
+            other => Err(format!("unknown codec {other:?} (expected hyvve or rekey)")),
+        }
+    }
+}
+
+impl Codec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Hyvve => "hyvve",
+            Codec::Rekey => "rekey",
+        }
+    }
+
+    /// Seals `plaintext` under `key` as this codec stores it.
+    pub fn seal(
+        self,
+        key: &MasterKey,
+        plaintext: &[u8],
+    ) -> Result<String, rekey_keyring::KeyError> {
+        match self {
+            Codec::Hyvve => hyvve::seal(key, plaintext),
+            Codec::Rekey => {
+                Ok(base64::engine::general_purpose::STANDARD.encode(key.seal(plaintext, b"")?))
+            }
+        }
+    }
+
+    /// Opens a stored value with `key`.
+    pub fn open(
+        self,
+        key: &MasterKey,
+        text: &str,
+    ) -> Result<rekey_keyring::SecretBytes, rekey_keyring::KeyError> {
+        match self {
+            Codec::Hyvve => hyvve::open(key, text),
+            Codec::Rekey => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .map_err(|_| rekey_keyring::KeyError::Malformed("not base64"))?;
+                key.open(&raw, b"")
+            }
+        }
+    }
+
+    /// What to do with one stored value.
+    fn classify(self, old: &MasterKey, new: &MasterKey, text: &str) -> Verdict {
+        use rekey_keyring::KeyError;
+        match self {
+            Codec::Rekey => {
+                let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(text.trim()) else {
+                    return Verdict::Malformed;
+                };
+                match rekey_keyring::envelope_key_id(&raw) {
+                    Err(_) => Verdict::Malformed,
+                    Ok(id) if id == new.id_hex() => Verdict::AlreadyNew,
+                    Ok(id) if id == old.id_hex() => match old.open(&raw, b"") {
+                        Ok(p) => match self.seal(new, p.expose()) {
+                            Ok(s) => Verdict::Rotated(s),
+                            Err(_) => Verdict::Neither,
+                        },
+                        Err(_) => Verdict::Neither,
+                    },
+                    Ok(_) => Verdict::Neither,
+                }
+            }
+            // Old first: a row still under the old key costs two
+            // derivations (open old, seal new), one already moved costs two
+            // (fail old, open new).
+            Codec::Hyvve => match hyvve::open(old, text) {
+                Ok(p) => match hyvve::seal(new, p.expose()) {
+                    Ok(s) => Verdict::Rotated(s),
+                    Err(_) => Verdict::Neither,
+                },
+                Err(KeyError::Malformed(_)) => Verdict::Malformed,
+                Err(_) => match hyvve::open(new, text) {
+                    Ok(_) => Verdict::AlreadyNew,
+                    Err(_) => Verdict::Neither,
+                },
+            },
+        }
+    }
+}
+
+enum Verdict {
+    Rotated(String),
+    AlreadyNew,
+    Neither,
+    Malformed,
+}
+
+/// One encrypted column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub table: String,
+    pub column: String,
+    pub id_column: String,
+    pub codec: Codec,
+}
+
+/// The runbook platform's two columns.
+pub fn hyvve_preset() -> Vec<Column> {
+    ["ai_provider_configs", "mcp_server_configs"]
+        .into_iter()
+        .map(|t| Column {
+            table: t.into(),
+            column: "api_key_encrypted".into(),
+            id_column: "id".into(),
+            codec: Codec::Hyvve,
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub table: String,
+    pub column: String,
+    pub scanned: u64,
+    /// In a dry run: the rows that would be rotated.
+    pub rotated: u64,
+    pub already_new: u64,
+    pub null: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("row {id} of {table}.{column} decrypts under neither the old nor the new key")]
+    Neither {
+        table: String,
+        column: String,
+        id: String,
+    },
+    #[error("row {id} of {table}.{column} holds something other than a {codec} envelope")]
+    Malformed {
+        table: String,
+        column: String,
+        id: String,
+        codec: &'static str,
+    },
+    #[error("database: {0}")]
+    Db(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Db(match e {
+            sqlx::Error::Database(d) => d.message().to_string(),
+            other => other.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub batch_size: usize,
+    pub dry_run: bool,
+    /// OS threads for the codec (default: the cores).
+    pub workers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            batch_size: 200,
+            dry_run: false,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+fn ident(s: &str) -> Result<String, Error> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(format!("\"{s}\""))
+    } else {
+        Err(Error::Invalid(format!(
+            "{s:?} is not a plain SQL identifier"
+        )))
+    }
+}
+
+/// Checks that every column exists and returns the id columns' types.
+pub async fn check_columns(pool: &PgPool, cols: &[Column]) -> Result<Vec<String>, Error> {
+    let mut types = Vec::new();
+    let mut missing = Vec::new();
+    for c in cols {
+        ident(&c.table)?;
+        ident(&c.column)?;
+        ident(&c.id_column)?;
+        let q = "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1";
+        let rows = sqlx::query(q).bind(&c.table).fetch_all(pool).await?;
+        if rows.is_empty() {
+            missing.push(format!("table {} does not exist", c.table));
+            types.push(String::new());
+            continue;
+        }
+        let ty = |name: &str| {
+            rows.iter()
+                .find(|r| r.get::<String, _>(0) == name)
+                .map(|r| r.get::<String, _>(1))
+        };
+        match ty(&c.column) {
+            Some(t) if t == "text" || t == "character varying" => {}
+            Some(t) => missing.push(format!("{}.{} is {t}, not text", c.table, c.column)),
+            None => missing.push(format!("column {}.{} does not exist", c.table, c.column)),
+        }
+        match ty(&c.id_column) {
+            Some(t) => types.push(t),
+            None => {
+                missing.push(format!("column {}.{} does not exist", c.table, c.id_column));
+                types.push(String::new());
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(types)
+    } else {
+        Err(Error::Invalid(missing.join("; ")))
+    }
+}
+
+/// Postgres type name usable in a cast.
+fn cast(ty: &str) -> &str {
+    match ty {
+        "character varying" => "varchar",
+        "integer" => "int4",
+        "bigint" => "int8",
+        "uuid" => "uuid",
+        _ => "text",
+    }
+}
+
+/// Re-encrypts one column; `progress(scanned)` after each batch.
+pub async fn run_column(
+    pool: &PgPool,
+    col: &Column,
+    id_type: &str,
+    old: Arc<MasterKey>,
+    new: Arc<MasterKey>,
+    opts: Options,
+    mut progress: impl FnMut(&Report),
+) -> Result<Report, Error> {
+    let (t, c, id) = (
+        ident(&col.table)?,
+        ident(&col.column)?,
+        ident(&col.id_column)?,
+    );
+    let cast = cast(id_type);
+    let mut report = Report {
+        table: col.table.clone(),
+        column: col.column.clone(),
+        ..Default::default()
+    };
+    // The text copy of the id gets its own name: `ORDER BY {id}` would
+    // otherwise sort by that text output column, not by the id.
+    let select = format!(
+        "SELECT {id}::text AS rekey_row_id, {c} FROM {t} WHERE ($1::text IS NULL OR {t}.{id} > $1::{cast}) ORDER BY {t}.{id} LIMIT $2"
+    );
+    let fetch = |after: Option<String>| {
+        let pool = pool.clone();
+        let select = select.clone();
+        let limit = opts.batch_size as i64;
+        async move {
+            sqlx::query(&select)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&pool)
+                .await
+                .map(|rows| {
+                    rows.into_iter()
+                        .map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1)))
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    let mut batch = fetch(None).await?;
+    while !batch.is_empty() {
+        let last = batch.last().map(|(id, _)| id.clone());
+        // Read the next batch while this one is re-encrypted.
+        let next = tokio::spawn(fetch(last));
+        let mut rows = Vec::new();
+        for (rid, v) in batch {
+            report.scanned += 1;
+            match v {
+                None => report.null += 1,
+                Some(v) => rows.push((rid, v)),
+            }
+        }
+        let mut pending = rows;
+        for attempt in 0..5 {
+            if pending.is_empty() {
+                break;
+            }
+            let verdicts = classify_all(col.codec, &old, &new, pending.clone(), opts.workers).await;
+            let mut updates = Vec::new();
+            for ((rid, oldv), verdict) in pending.iter().zip(verdicts) {
+                match verdict {
+                    Verdict::AlreadyNew => report.already_new += 1,
+                    Verdict::Rotated(s) => updates.push((rid.clone(), oldv.clone(), s)),
+                    Verdict::Neither => {
+                        return Err(Error::Neither {
+                            table: col.table.clone(),
+                            column: col.column.clone(),
+                            id: rid.clone(),
+                        });
+                    }
+                    Verdict::Malformed => {
+                        return Err(Error::Malformed {
+                            table: col.table.clone(),
+                            column: col.column.clone(),
+                            id: rid.clone(),
+                            codec: col.codec.name(),
+                        });
+                    }
+                }
+            }
+            if opts.dry_run || updates.is_empty() {
+                report.rotated += updates.len() as u64;
+                pending.clear();
+                break;
+            }
+            let written = write_batch(pool, &t, &c, &id, cast, &updates).await?;
+            report.rotated += written.len() as u64;
+            // Rows the app changed meanwhile: read them again and retry.
+            let lost: Vec<String> = updates
+                .iter()
+                .map(|(rid, _, _)| rid.clone())
+                .filter(|rid| !written.contains(rid))
+                .collect();
+            pending = if lost.is_empty() {
+                Vec::new()
+            } else {
+                let q = format!("SELECT {id}::text, {c} FROM {t} WHERE {id}::text = ANY($1)");
+                sqlx::query(&q)
+                    .bind(&lost)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .filter_map(|r| Some((r.get::<String, _>(0), r.get::<Option<String>, _>(1)?)))
+                    .collect()
+            };
+            if attempt == 4 && !pending.is_empty() {
+                return Err(Error::Db(format!(
+                    "{} rows of {}.{} kept changing during re-encryption; run again",
+                    pending.len(),
+                    col.table,
+                    col.column
+                )));
+            }
+        }
+        progress(&report);
+        batch = next.await.map_err(|e| Error::Db(e.to_string()))??;
+    }
+    Ok(report)
+}
+
+/// Classifies rows on OS threads, one chunk per worker.
+async fn classify_all(
+    codec: Codec,
+    old: &Arc<MasterKey>,
+    new: &Arc<MasterKey>,
+    rows: Vec<(String, String)>,
+    workers: usize,
+) -> Vec<Verdict> {
+    let per = rows.len().div_ceil(workers.max(1)).max(1);
+    let mut handles = Vec::new();
+    for chunk in rows.chunks(per) {
+        let chunk: Vec<String> = chunk.iter().map(|(_, v)| v.clone()).collect();
+        let (old, new) = (old.clone(), new.clone());
+        handles.push(tokio::task::spawn_blocking(move || {
+            chunk
+                .iter()
+                .map(|v| codec.classify(&old, &new, v))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.extend(v),
+            Err(_) => out.extend((0..per).map(|_| Verdict::Neither)),
+        }
+    }
+    out.truncate(rows.len());
+    out
+}
+
+/// One compare-and-swap UPDATE for the batch; returns the ids written.
+async fn write_batch(
+    pool: &PgPool,
+    t: &str,
+    c: &str,
+    id: &str,
+    cast: &str,
+    updates: &[(String, String, String)],
+) -> Result<Vec<String>, Error> {
+    let mut sql = format!("UPDATE {t} AS t SET {c} = v.new FROM (VALUES ");
+    for i in 0..updates.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let b = i * 3;
+        sql.push_str(&format!(
+            "(${}::text, ${}::text, ${}::text)",
+            b + 1,
+            b + 2,
+            b + 3
+        ));
+    }
+    sql.push_str(&format!(
+        ") AS v(id, old, new) WHERE t.{id} = v.id::{cast} AND t.{c} = v.old RETURNING t.{id}::text"
+    ));
+    let mut q = sqlx::query(&sql);
+    for (rid, old, new) in updates {
+        q = q.bind(rid).bind(old).bind(new);
+    }
+    Ok(q.fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_both_codecs() {
+        let old = MasterKey::from_bytes(&[1; 32]).unwrap();
+        let new = MasterKey::from_bytes(&[2; 32]).unwrap();
+        let other = MasterKey::from_bytes(&[3; 32]).unwrap();
+        for codec in [Codec::Rekey, Codec::Hyvve] {
+            let under_old = codec.seal(&old, b"v").unwrap();
+            match codec.classify(&old, &new, &under_old) {
+                Verdict::Rotated(s) => assert_eq!(codec.open(&new, &s).unwrap().expose(), b"v"),
+                _ => panic!("{codec:?}: should rotate"),
+            }
+            let under_new = codec.seal(&new, b"v").unwrap();
+            assert!(matches!(
+                codec.classify(&old, &new, &under_new),
+                Verdict::AlreadyNew
+            ));
+            let under_other = codec.seal(&other, b"v").unwrap();
+            assert!(matches!(
+                codec.classify(&old, &new, &under_other),
+                Verdict::Neither
+            ));
+            assert!(matches!(
+                codec.classify(&old, &new, "plain text!"),
+                Verdict::Malformed
+            ));
+        }
+    }
+
+    #[test]
+    fn identifiers_are_checked() {
+        assert!(ident("ai_provider_configs").is_ok());
+        assert!(ident("x; drop").is_err());
+        assert!(ident("").is_err());
+    }
+}

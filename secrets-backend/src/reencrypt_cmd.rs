@@ -1,0 +1,183 @@
+//! `rekey reencrypt`: the runbook's re-encryption script as a safe,
+//! resumable command. Reads ENCRYPTION_MASTER_KEY_OLD,
+//! ENCRYPTION_MASTER_KEY_NEW and DATABASE_URL (or the matching flags),
+//! re-encrypts every configured column, and prints a summary per column.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rekey_keyring::MasterKey;
+use rekey_reencrypt::{Codec, Column, Options};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReencryptArgs {
+    /// File holding the old master key (base64 of 32 bytes); default: the
+    /// ENCRYPTION_MASTER_KEY_OLD environment variable.
+    #[arg(long)]
+    pub old_key_file: Option<PathBuf>,
+    /// File holding the new master key; default: ENCRYPTION_MASTER_KEY_NEW.
+    #[arg(long)]
+    pub new_key_file: Option<PathBuf>,
+    /// Postgres URL; default: DATABASE_URL.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Count what would change; write nothing (works with a read-only role).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows per batch (one UPDATE statement each).
+    #[arg(long, default_value_t = 200)]
+    pub batch_size: usize,
+    /// `hyvve`: ai_provider_configs.api_key_encrypted and
+    /// mcp_server_configs.api_key_encrypted (id column `id`, codec hyvve).
+    #[arg(long, value_parser = ["hyvve"], required_unless_present = "column")]
+    pub preset: Option<String>,
+    /// TABLE.COLUMN to re-encrypt (repeatable).
+    #[arg(long = "column", conflicts_with = "preset")]
+    pub column: Vec<String>,
+    /// The id column of --column tables.
+    #[arg(long, default_value = "id")]
+    pub id_column: String,
+    /// The codec of --column values: hyvve or rekey.
+    #[arg(long, default_value = "hyvve")]
+    pub codec: String,
+}
+
+fn key(flag: &str, env: &str, file: Option<&PathBuf>) -> Result<MasterKey, String> {
+    let (text, from) = match file {
+        Some(p) => (
+            zeroize::Zeroizing::new(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?,
+            ),
+            format!("{flag} {}", p.display()),
+        ),
+        None => (
+            zeroize::Zeroizing::new(
+                std::env::var(env).map_err(|_| format!("set {env} or {flag}"))?,
+            ),
+            env.to_string(),
+        ),
+    };
+    MasterKey::from_base64(&text).map_err(|e| format!("{from}: {e}"))
+}
+
+/// Runs the command; `Ok(json)` is the summary to print.
+pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
+    if args.batch_size == 0 || args.batch_size > 10_000 {
+        return Err("--batch-size must be between 1 and 10000".into());
+    }
+    let old = key(
+        "--old-key-file",
+        "ENCRYPTION_MASTER_KEY_OLD",
+        args.old_key_file.as_ref(),
+    )?;
+    let new = key(
+        "--new-key-file",
+        "ENCRYPTION_MASTER_KEY_NEW",
+        args.new_key_file.as_ref(),
+    )?;
+    if old.id_hex() == new.id_hex() {
+        return Err("the old and new keys are identical; nothing to re-encrypt".into());
+    }
+    let url = zeroize::Zeroizing::new(match &args.database_url {
+        Some(u) => u.clone(),
+        None => std::env::var("DATABASE_URL")
+            .map_err(|_| "set DATABASE_URL or --database-url".to_string())?,
+    });
+    let columns: Vec<Column> = if args.preset.is_some() {
+        rekey_reencrypt::hyvve_preset()
+    } else {
+        let codec: Codec = args.codec.parse()?;
+        args.column
+            .iter()
+            .map(|tc| {
+                let (t, c) = tc
+                    .split_once('.')
+                    .ok_or_else(|| format!("--column {tc:?}: expected TABLE.COLUMN"))?;
+                Ok(Column {
+                    table: t.into(),
+                    column: c.into(),
+                    id_column: args.id_column.clone(),
+                    codec,
+                })
+            })
+            .collect::<Result<_, String>>()?
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to the database: {}",
+                match e {
+                    sqlx::Error::Database(d) => d.message().to_string(),
+                    other => other.to_string(),
+                }
+            )
+        })?;
+    let types = rekey_reencrypt::check_columns(&pool, &columns)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (old, new) = (Arc::new(old), Arc::new(new));
+    let opts = Options {
+        batch_size: args.batch_size,
+        dry_run: args.dry_run,
+        ..Options::default()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut reports = Vec::new();
+    for (col, ty) in columns.iter().zip(types) {
+        let r = rekey_reencrypt::run_column(&pool, col, &ty, old.clone(), new.clone(), opts, |r| {
+            if tty {
+                eprint!(
+                    "\r{}.{}: {} scanned, {} {}, {} already new   ",
+                    r.table,
+                    r.column,
+                    r.scanned,
+                    r.rotated,
+                    if opts.dry_run { "to rotate" } else { "rotated" },
+                    r.already_new
+                );
+            }
+        })
+        .await
+        .map_err(|e| e.to_string());
+        if tty {
+            eprintln!();
+        }
+        reports.push(r?);
+    }
+    pool.close().await;
+    Ok(serde_json::json!({ "dry_run": args.dry_run, "columns": reports }))
+}
+
+/// Prints the summary as a table.
+pub fn print_table(summary: &serde_json::Value) {
+    let dry = summary["dry_run"].as_bool().unwrap_or(false);
+    println!(
+        "{:<24} {:<20} {:>8} {:>8} {:>11} {:>6}",
+        "TABLE",
+        "COLUMN",
+        "SCANNED",
+        if dry { "TO_ROTATE" } else { "ROTATED" },
+        "ALREADY_NEW",
+        "NULL"
+    );
+    for c in summary["columns"].as_array().into_iter().flatten() {
+        println!(
+            "{:<24} {:<20} {:>8} {:>8} {:>11} {:>6}",
+            c["table"].as_str().unwrap_or_default(),
+            c["column"].as_str().unwrap_or_default(),
+            c["scanned"],
+            c["rotated"],
+            c["already_new"],
+            c["null"]
+        );
+    }
+    if dry {
+        println!("dry run: nothing was written");
+    }
+}
