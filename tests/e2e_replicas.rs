@@ -135,7 +135,7 @@ async fn postgres_store_keeps_versions_across_restart_and_recovers_from_kill_9()
             ..Default::default()
         },
     );
-    b.cli_json(&["create", "prod/db/key", "--kind", "encryption-key"]);
+    b.cli_json(&["create", "prod/db/key", "--kind", "random"]);
     let v1 = b.cli_json(&["get", "prod/db/key", "--reveal"])["value"].clone();
     let mut rot = b.spawn_cli(&["rotate", "prod/db/key"]);
     std::thread::sleep(Duration::from_millis(600));

@@ -172,6 +172,9 @@ pub enum Error {
     },
     #[error("database: {0}")]
     Db(String),
+    /// A hook stopped the run (e.g. this process is no longer the leader).
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 impl From<sqlx::Error> for Error {
@@ -213,6 +216,13 @@ fn ident(s: &str) -> Result<String, Error> {
             "{s:?} is not a plain SQL identifier"
         )))
     }
+}
+
+/// Counts a column's rows (for progress and ETA).
+pub async fn count_rows(pool: &PgPool, col: &Column) -> Result<u64, Error> {
+    let q = format!("SELECT count(*) FROM {}", ident(&col.table)?);
+    let n: i64 = sqlx::query_scalar(&q).fetch_one(pool).await?;
+    Ok(n.max(0) as u64)
 }
 
 /// Checks that every column exists and returns the id columns' types.
@@ -266,7 +276,25 @@ fn cast(ty: &str) -> &str {
     }
 }
 
-/// Re-encrypts one column; `progress(scanned)` after each batch.
+/// Called around each batch: a leader re-checks its lease before a batch
+/// and saves a checkpoint after it; the one-shot command shows progress.
+pub trait Hook {
+    /// Before reading a batch; an error stops the run (e.g. leadership lost).
+    fn before_batch(&mut self) -> impl std::future::Future<Output = Result<(), Error>> + Send;
+    /// After a batch is written; `last_id` is where a resumed run starts.
+    fn after_batch(
+        &mut self,
+        report: &Report,
+        last_id: &str,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send;
+}
+
+/// Re-encrypts one column, starting after id `start_after` (a checkpoint)
+/// or from the first row.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per caller; a struct would only rename them"
+)]
 pub async fn run_column(
     pool: &PgPool,
     col: &Column,
@@ -274,7 +302,8 @@ pub async fn run_column(
     old: Arc<MasterKey>,
     new: Arc<MasterKey>,
     opts: Options,
-    mut progress: impl FnMut(&Report),
+    start_after: Option<String>,
+    hook: &mut impl Hook,
 ) -> Result<Report, Error> {
     let (t, c, id) = (
         ident(&col.table)?,
@@ -309,11 +338,12 @@ pub async fn run_column(
                 })
         }
     };
-    let mut batch = fetch(None).await?;
+    hook.before_batch().await?;
+    let mut batch = fetch(start_after).await?;
     while !batch.is_empty() {
         let last = batch.last().map(|(id, _)| id.clone());
         // Read the next batch while this one is re-encrypted.
-        let next = tokio::spawn(fetch(last));
+        let next = tokio::spawn(fetch(last.clone()));
         let mut rows = Vec::new();
         for (rid, v) in batch {
             report.scanned += 1;
@@ -384,7 +414,9 @@ pub async fn run_column(
                 )));
             }
         }
-        progress(&report);
+        hook.after_batch(&report, last.as_deref().unwrap_or_default())
+            .await?;
+        hook.before_batch().await?;
         batch = next.await.map_err(|e| Error::Db(e.to_string()))??;
     }
     Ok(report)

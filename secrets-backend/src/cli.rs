@@ -950,6 +950,21 @@ fn status_json(r: &pb::GetStatusResponse) -> Value {
                 o["live_consumers"] = json!(st.live_consumers);
                 o["converged_consumers"] = json!(st.converged);
                 o["decommission_blockers"] = json!(st.decommission_blockers);
+                o["reencryption"] = match &st.reencryption {
+                    Some(r) => json!({
+                        "version": r.version,
+                        "consumer_id": r.consumer_id,
+                        "rows_done": r.rows_done,
+                        "rows_total": r.rows_total,
+                        "rows_remaining": r.rows_total.saturating_sub(r.rows_done),
+                        "rate": r.rate,
+                        "eta_seconds": eta(r),
+                        "finished": r.finished,
+                        "phase": r.phase,
+                        "updated_at": format_time(r.updated_at_ms),
+                    }),
+                    None => Value::Null,
+                };
                 o["rotation"] = match &st.rotation {
                     Some(r) => json!({
                         "target_version": r.target_version,
@@ -964,6 +979,12 @@ fn status_json(r: &pb::GetStatusResponse) -> Value {
             })
             .collect(),
     )
+}
+
+/// Seconds left at the reported rate, while unfinished.
+fn eta(r: &pb::Reencryption) -> Option<f64> {
+    let left = r.rows_total.saturating_sub(r.rows_done) as f64;
+    (!r.finished && r.rate > 0.0).then(|| left / r.rate)
 }
 
 fn print_status(r: &pb::GetStatusResponse) {
@@ -1027,6 +1048,21 @@ fn print_status(r: &pb::GetStatusResponse) {
                 } else {
                     format!(" error: {}", k.error)
                 }
+            );
+        }
+        if let Some(r) = &st.reencryption {
+            println!(
+                "  re-encryption to v{}: {} of {} rows, {} remaining, {:.0} rows/s{}, {}{}",
+                r.version,
+                r.rows_done,
+                r.rows_total,
+                r.rows_total.saturating_sub(r.rows_done),
+                r.rate,
+                eta(r)
+                    .map(|e| format!(", ETA {e:.0} s"))
+                    .unwrap_or_default(),
+                r.phase,
+                if r.finished { " (finished)" } else { "" }
             );
         }
         if s.previous_version > 0 {

@@ -806,10 +806,21 @@ impl Engine {
         }
         let kind = self.kinds.get(&s.kind)?;
         if kind.needs_reencryption() {
-            out.push(format!(
-                "re-encryption to v{} has not been reported finished",
-                s.current_version
-            ));
+            let r = self
+                .store
+                .reencryption(&mut c, &s.id, s.current_version)
+                .await?;
+            match r {
+                Some(r) if r.finished => {}
+                Some(r) => out.push(format!(
+                    "re-encryption to v{} is at {} of {} rows ({})",
+                    s.current_version, r.rows_done, r.rows_total, r.phase
+                )),
+                None => out.push(format!(
+                    "re-encryption to v{} has not been reported finished",
+                    s.current_version
+                )),
+            }
         }
         Ok(out)
     }
@@ -1162,6 +1173,12 @@ impl Engine {
         let rotation = self.store.last_rotation(&mut c, id).await?;
         drop(c);
         let blockers = self.decommission_blockers(&s, now).await?;
+        let reencryption = {
+            let mut c = self.store.conn().await?;
+            self.store
+                .reencryption(&mut c, id, s.current_version)
+                .await?
+        };
         let consumers: Vec<pb::Consumer> = consumers
             .into_iter()
             .map(|k| pb::Consumer {
@@ -1198,6 +1215,16 @@ impl Engine {
             converged,
             live_consumers: live,
             decommission_blockers: blockers,
+            reencryption: reencryption.map(|r| pb::Reencryption {
+                version: r.version as u64,
+                consumer_id: r.consumer_id,
+                rows_done: r.rows_done as u64,
+                rows_total: r.rows_total as u64,
+                rate: r.rate_milli as f64 / 1000.0,
+                finished: r.finished,
+                phase: r.phase,
+                updated_at_ms: r.updated_at_ms,
+            }),
         })
     }
 }

@@ -127,31 +127,62 @@ pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
         dry_run: args.dry_run,
         ..Options::default()
     };
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        dry_run: opts.dry_run,
+    };
     let mut reports = Vec::new();
     for (col, ty) in columns.iter().zip(types) {
-        let r = rekey_reencrypt::run_column(&pool, col, &ty, old.clone(), new.clone(), opts, |r| {
-            if tty {
-                eprint!(
-                    "\r{}.{}: {} scanned, {} {}, {} already new   ",
-                    r.table,
-                    r.column,
-                    r.scanned,
-                    r.rotated,
-                    if opts.dry_run { "to rotate" } else { "rotated" },
-                    r.already_new
-                );
-            }
-        })
+        let r = rekey_reencrypt::run_column(
+            &pool,
+            col,
+            &ty,
+            old.clone(),
+            new.clone(),
+            opts,
+            None,
+            &mut progress,
+        )
         .await
         .map_err(|e| e.to_string());
-        if tty {
+        if progress.tty {
             eprintln!();
         }
         reports.push(r?);
     }
     pool.close().await;
     Ok(serde_json::json!({ "dry_run": args.dry_run, "columns": reports }))
+}
+
+/// A progress line on a terminal.
+struct Progress {
+    tty: bool,
+    dry_run: bool,
+}
+
+impl rekey_reencrypt::Hook for Progress {
+    async fn before_batch(&mut self) -> Result<(), rekey_reencrypt::Error> {
+        Ok(())
+    }
+
+    async fn after_batch(
+        &mut self,
+        r: &rekey_reencrypt::Report,
+        _last: &str,
+    ) -> Result<(), rekey_reencrypt::Error> {
+        if self.tty {
+            eprint!(
+                "\r{}.{}: {} scanned, {} {}, {} already new   ",
+                r.table,
+                r.column,
+                r.scanned,
+                r.rotated,
+                if self.dry_run { "to rotate" } else { "rotated" },
+                r.already_new
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Prints the summary as a table.

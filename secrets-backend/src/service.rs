@@ -515,6 +515,48 @@ impl Rekey for RekeyService {
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
 
+    async fn report_reencryption(
+        &self,
+        request: Request<pb::ReportReencryptionRequest>,
+    ) -> std::result::Result<Response<pb::ReportReencryptionResponse>, Status> {
+        let (who, actor) = self.caller(&request)?;
+        let r = request.into_inner();
+        self.auth.authorize(&who, Operation::Report, &r.secret_id)?;
+        let store = &self.engine.store;
+        let mut c = store.conn().await?;
+        let s = store.require_secret(&mut c, &r.secret_id).await?;
+        store
+            .require_version(&mut c, &r.secret_id, r.version as i64)
+            .await?;
+        let row = crate::store::ReencryptionRow {
+            secret_id: r.secret_id.clone(),
+            version: r.version as i64,
+            consumer_id: r.consumer_id.chars().take(256).collect(),
+            rows_done: r.rows_done as i64,
+            rows_total: r.rows_total as i64,
+            rate_milli: (r.rate.max(0.0) * 1000.0) as i64,
+            finished: r.finished,
+            phase: r.phase.chars().take(500).collect(),
+            updated_at_ms: now_ms(),
+        };
+        store.upsert_reencryption(&mut c, &row).await?;
+        drop(c);
+        if r.finished {
+            let ev = NewEvent {
+                actor: actor.identity,
+                action: "reencrypt".into(),
+                secret_id: r.secret_id.clone(),
+                version: r.version as i64,
+                outcome: "ok".into(),
+                request_id: actor.request_id,
+                detail: format!("{} rows checked by {}", r.rows_done, row.consumer_id),
+            };
+            audit::append(store, ev, now_ms()).await?;
+            tracing::info!(secret = %s.id, version = r.version, "re-encryption finished");
+        }
+        Ok(Response::new(pb::ReportReencryptionResponse {}))
+    }
+
     async fn get_status(
         &self,
         request: Request<pb::GetStatusRequest>,

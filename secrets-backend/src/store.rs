@@ -160,21 +160,34 @@ fn rotation_from_row(r: &AnyRow) -> Result<RotationRow> {
 
 /// The schema, written once: the only dialect difference is the binary
 /// type, `BLOB` in SQLite and `BYTEA` in Postgres.
-const INIT_SQL: &str = include_str!("../migrations/0001_init.sql");
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "reencryption",
+        include_str!("../migrations/0002_reencryption.sql"),
+    ),
+];
 
 fn migrator(dialect: Dialect) -> Migrator {
-    let sql = match dialect {
-        Dialect::Sqlite => INIT_SQL.to_string(),
-        Dialect::Postgres => INIT_SQL.replace(" BLOB ", " BYTEA "),
-    };
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|(v, name, sql)| {
+            let sql = match dialect {
+                Dialect::Sqlite => sql.to_string(),
+                Dialect::Postgres => sql.replace(" BLOB ", " BYTEA "),
+            };
+            Migration::new(
+                *v,
+                Cow::Borrowed(*name),
+                MigrationType::Simple,
+                Cow::Owned(sql),
+                false,
+            )
+        })
+        .collect();
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("init"),
-            MigrationType::Simple,
-            Cow::Owned(sql),
-            false,
-        )]),
+        migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
     }
 }
@@ -756,6 +769,80 @@ pub async fn meta_set(c: &mut AnyConnection, key: &str, value: &str) -> Result<(
     .execute(c)
     .await?;
     Ok(())
+}
+
+/// Re-encryption progress towards one version of an encryption key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReencryptionRow {
+    pub secret_id: String,
+    pub version: i64,
+    pub consumer_id: String,
+    pub rows_done: i64,
+    pub rows_total: i64,
+    /// Rows per second × 1000.
+    pub rate_milli: i64,
+    pub finished: bool,
+    pub phase: String,
+    pub updated_at_ms: i64,
+}
+
+impl Store {
+    pub async fn upsert_reencryption(
+        &self,
+        c: &mut AnyConnection,
+        r: &ReencryptionRow,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO reencryptions (secret_id, version, consumer_id, rows_done, rows_total, rate_milli, finished, phase, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (secret_id, version) DO UPDATE SET consumer_id = excluded.consumer_id, rows_done = excluded.rows_done, \
+             rows_total = excluded.rows_total, rate_milli = excluded.rate_milli, \
+             finished = CASE WHEN reencryptions.finished = 1 THEN 1 ELSE excluded.finished END, \
+             phase = excluded.phase, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(&r.secret_id)
+        .bind(r.version)
+        .bind(&r.consumer_id)
+        .bind(r.rows_done)
+        .bind(r.rows_total)
+        .bind(r.rate_milli)
+        .bind(i64::from(r.finished))
+        .bind(&r.phase)
+        .bind(r.updated_at_ms)
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn reencryption(
+        &self,
+        c: &mut AnyConnection,
+        secret_id: &str,
+        version: i64,
+    ) -> Result<Option<ReencryptionRow>> {
+        let row = sqlx::query(
+            "SELECT secret_id, version, consumer_id, rows_done, rows_total, rate_milli, finished, phase, updated_at_ms \
+             FROM reencryptions WHERE secret_id = $1 AND version = $2",
+        )
+        .bind(secret_id)
+        .bind(version)
+        .fetch_optional(c)
+        .await?;
+        row.map(|r| {
+            Ok(ReencryptionRow {
+                secret_id: r.try_get(0)?,
+                version: r.try_get(1)?,
+                consumer_id: r.try_get(2)?,
+                rows_done: r.try_get(3)?,
+                rows_total: r.try_get(4)?,
+                rate_milli: r.try_get(5)?,
+                finished: r.try_get::<i64, _>(6)? != 0,
+                phase: r.try_get(7)?,
+                updated_at_ms: r.try_get(8)?,
+            })
+        })
+        .transpose()
+    }
 }
 
 /// The file behind a `sqlite:` URL, if it names one.

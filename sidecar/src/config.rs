@@ -30,6 +30,43 @@ pub struct RawConfig {
     pub secrets: Vec<RawSecret>,
     pub file_sources: Vec<RawFileSource>,
     pub reload: Vec<RawReload>,
+    pub reencrypt: Vec<RawReencrypt>,
+}
+
+/// Re-encryption of database columns when an encryption key rotates.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReencrypt {
+    /// An `encryption-key` secret listed in `[[secrets]]`.
+    pub secret: String,
+    /// A file holding the Postgres URL of the data.
+    pub database_url_file: PathBuf,
+    /// `hyvve`: the platform's two credential columns.
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<RawColumn>,
+    pub batch_size: Option<usize>,
+    /// How often to look for a new key version (default 1s).
+    pub poll: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawColumn {
+    pub table: String,
+    pub column: String,
+    pub id_column: Option<String>,
+    /// hyvve or rekey (default hyvve).
+    pub codec: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReencryptConfig {
+    pub secret: String,
+    pub database_url_file: PathBuf,
+    pub columns: Vec<rekey_reencrypt::Column>,
+    pub batch_size: usize,
+    pub poll: Duration,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -175,6 +212,7 @@ pub struct Config {
     pub secrets: Vec<SecretConfig>,
     pub file_sources: Vec<FileSource>,
     pub reloads: Vec<Reload>,
+    pub reencrypt: Vec<ReencryptConfig>,
 }
 
 /// Every problem found, listed together.
@@ -624,6 +662,65 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
             source: f.source,
         });
     }
+    let mut reencrypt = Vec::new();
+    for (i, r) in raw.reencrypt.into_iter().enumerate() {
+        let setting = format!("reencrypt[{i}] ({})", r.secret);
+        if !secrets.iter().any(|s| s.id == r.secret) {
+            errors.push(format!(
+                "{setting}.secret: list it in [[secrets]] too (the sidecar needs the keys)"
+            ));
+        }
+        if let Err(e) = std::fs::read_to_string(&r.database_url_file) {
+            errors.push(format!(
+                "{setting}.database_url_file: cannot read {}: {e}",
+                r.database_url_file.display()
+            ));
+        }
+        let mut columns = match r.preset.as_deref() {
+            Some("hyvve") => rekey_reencrypt::hyvve_preset(),
+            Some(other) => {
+                errors.push(format!(
+                    "{setting}.preset: unknown preset {other:?} (expected hyvve)"
+                ));
+                vec![]
+            }
+            None => vec![],
+        };
+        for c in r.columns {
+            let codec = match c.codec.as_deref().unwrap_or("hyvve").parse() {
+                Ok(k) => k,
+                Err(e) => {
+                    errors.push(format!("{setting}.columns: {e}"));
+                    rekey_reencrypt::Codec::Hyvve
+                }
+            };
+            columns.push(rekey_reencrypt::Column {
+                table: c.table,
+                column: c.column,
+                id_column: c.id_column.unwrap_or_else(|| "id".into()),
+                codec,
+            });
+        }
+        if columns.is_empty() {
+            errors.push(format!("{setting}: give preset = \"hyvve\" or columns"));
+        }
+        let batch_size = r.batch_size.unwrap_or(200);
+        if batch_size == 0 || batch_size > 10_000 {
+            errors.push(format!("{setting}.batch_size: between 1 and 10000"));
+        }
+        reencrypt.push(ReencryptConfig {
+            poll: parse_duration(
+                &format!("{setting}.poll"),
+                r.poll.as_deref(),
+                Duration::from_secs(1),
+                errors,
+            ),
+            secret: r.secret,
+            database_url_file: r.database_url_file,
+            columns,
+            batch_size,
+        });
+    }
     if secrets.is_empty() && file_sources.is_empty() {
         errors
             .push("no secrets: give --secret ID:PATH[:FORMAT] or [[secrets]] in the config".into());
@@ -666,6 +763,7 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
         secrets,
         file_sources,
         reloads,
+        reencrypt,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod files;
 pub mod http;
 pub mod http_client;
 pub mod metrics;
+pub mod reencrypt_task;
 pub mod reload;
 pub mod render;
 pub mod state;
@@ -96,6 +97,14 @@ pub async fn run(
         reloader.clone(),
         stop_rx.clone(),
     ));
+    for rc in cfg.reencrypt.clone() {
+        tasks.spawn(reencrypt_task::run(
+            cfg.clone(),
+            rc,
+            state.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let app = http::router(http::Http {
         state: state.clone(),
         api_token_file: cfg.api_token_file.clone(),

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub backend_connected: Gauge,
     pub reconnects: Counter,
+    pub reencrypt_rows: Gauge,
+    pub reencrypt_leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,7 +72,21 @@ impl Default for Metrics {
             "Attempts to reconnect to the backend",
             reconnects.clone(),
         );
+        let reencrypt_rows = Gauge::default();
+        registry.register(
+            "reencrypt_rows",
+            "Rows this sidecar has re-encrypted or checked in the current pass while leading",
+            reencrypt_rows.clone(),
+        );
+        let reencrypt_leader = Gauge::default();
+        registry.register(
+            "reencrypt_leader",
+            "1 while this sidecar leads re-encryption",
+            reencrypt_leader.clone(),
+        );
         Self {
+            reencrypt_rows,
+            reencrypt_leader,
             registry,
             version,
             deliveries,

@@ -321,6 +321,12 @@ impl Kind for EncryptionKey {
         true
     }
 
+    /// Until data is re-encrypted to current, previous must keep
+    /// decrypting: no row may end up under a key older than previous.
+    fn one_rotation_at_a_time(&self) -> bool {
+        true
+    }
+
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
         self.check_value(ctx, new).map_err(|e| Error::Step {
             secret: ctx.id.to_string(),

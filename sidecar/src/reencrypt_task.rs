@@ -1,0 +1,439 @@
+//! The leader-elected re-encryption task.
+//!
+//! When an `encryption-key` secret this sidecar serves gets a new current
+//! version (with the old one still previous), every sidecar configured for
+//! it tries to become leader through a Postgres session advisory lock; the
+//! lock dies with its connection, so when the leader dies another sidecar
+//! takes over. The leader moves each configured column from previous to
+//! current, saving a checkpoint (the last id done) after every batch so a
+//! new leader resumes there, and re-checks that it still holds the lock
+//! before every batch. Once the fleet serves the new key it runs a final
+//! sweep for rows that pods still on the old key wrote meanwhile, then
+//! reports the re-encryption finished: that is what lets the backend
+//! decommission the old key. Every write is a compare-and-swap, so a batch
+//! repeated by a second leader changes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rekey_keyring::{MasterKey, SecretValue};
+use rekey_proto::v1 as pb;
+use rekey_reencrypt::{Column, Error, Hook, Options, Report};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::config::{Config, ReencryptConfig};
+use crate::state::State;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
+    secret_id text NOT NULL,
+    version bigint NOT NULL,
+    table_name text NOT NULL,
+    column_name text NOT NULL,
+    pass text NOT NULL,
+    last_id text,
+    done boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (secret_id, version, table_name, column_name, pass)
+)";
+
+/// The advisory lock key for one secret.
+fn lock_key(secret: &str) -> i64 {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("rekey-reencrypt:{secret}").as_bytes(),
+    );
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    i64::from_be_bytes(b)
+}
+
+fn key_of(v: &SecretValue) -> Result<MasterKey, String> {
+    match v {
+        SecretValue::Raw(b) => {
+            MasterKey::from_base64(std::str::from_utf8(b.expose()).unwrap_or_default())
+                .map_err(|e| format!("the secret is not an encryption key: {e}"))
+        }
+        SecretValue::Fields(_) => Err("the secret is not an encryption key".into()),
+    }
+}
+
+fn db(e: sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs until shutdown: whenever the served key changes, try to lead.
+pub async fn run(
+    cfg: Arc<Config>,
+    rc: ReencryptConfig,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut done: BTreeSet<u64> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(rc.poll) => {}
+            _ = crate::stopped(&mut shutdown) => return,
+        }
+        let Some(served) = state.served(&rc.secret) else {
+            continue;
+        };
+        let Some(prev) = served.previous.clone() else {
+            continue;
+        };
+        let v = served.current.version;
+        if done.contains(&v) {
+            continue;
+        }
+        match attempt(
+            &cfg,
+            &rc,
+            &state,
+            &served.current.value,
+            &prev.value,
+            v,
+            &mut shutdown,
+        )
+        .await
+        {
+            Ok(true) => {
+                done.insert(v);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                state.metrics.reencrypt_leader.set(0);
+                tracing::warn!(secret = %rc.secret, version = v, error = %e, "re-encryption stopped; another attempt follows");
+                report(
+                    &cfg,
+                    &rc.secret,
+                    v,
+                    0,
+                    0,
+                    0.0,
+                    false,
+                    &format!("error: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "mirrors the message's fields")]
+async fn report(
+    cfg: &Config,
+    secret: &str,
+    version: u64,
+    done: u64,
+    total: u64,
+    rate: f64,
+    finished: bool,
+    phase: &str,
+) {
+    let Ok(mut client) = crate::backend::connect(cfg).await else {
+        return;
+    };
+    let r = client
+        .report_reencryption(pb::ReportReencryptionRequest {
+            secret_id: secret.into(),
+            version,
+            consumer_id: cfg.consumer_id.clone(),
+            rows_done: done,
+            rows_total: total,
+            rate,
+            finished,
+            phase: phase.into(),
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(code = ?e.code(), message = e.message(), "cannot report re-encryption progress");
+    }
+}
+
+/// The leader's hook: re-check the lock before each batch, checkpoint and
+/// report after it.
+struct Leader<'a> {
+    cfg: &'a Config,
+    state: &'a State,
+    pool: PgPool,
+    lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    key: i64,
+    secret: &'a str,
+    version: u64,
+    pass: &'static str,
+    col: Column,
+    done_before: u64,
+    total: u64,
+    started: Instant,
+    last_report: Instant,
+}
+
+impl Hook for Leader<'_> {
+    async fn before_batch(&mut self) -> Result<(), Error> {
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+             AND granted AND objsubid = 1 AND classid::bigint = (($1 >> 32) & 4294967295) AND objid::bigint = ($1 & 4294967295))",
+        )
+        .bind(self.key)
+        .fetch_one(&mut *self.lock)
+        .await
+        .map_err(|e| Error::Stopped(format!("lost the lock connection: {}", db(e))))?;
+        if held {
+            Ok(())
+        } else {
+            Err(Error::Stopped("no longer the leader".into()))
+        }
+    }
+
+    async fn after_batch(&mut self, r: &Report, last_id: &str) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, last_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, version, table_name, column_name, pass) \
+             DO UPDATE SET last_id = excluded.last_id, updated_at = now()",
+        )
+        .bind(self.secret)
+        .bind(self.version as i64)
+        .bind(&self.col.table)
+        .bind(&self.col.column)
+        .bind(self.pass)
+        .bind(last_id)
+        .execute(&self.pool)
+        .await?;
+        let done = self.done_before + r.scanned;
+        self.state.metrics.reencrypt_rows.set(done as i64);
+        if self.last_report.elapsed() >= Duration::from_millis(500) {
+            self.last_report = Instant::now();
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+            report(
+                self.cfg,
+                self.secret,
+                self.version,
+                done,
+                self.total,
+                rate,
+                false,
+                self.pass,
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+/// One attempt at leading re-encryption to `version`. `Ok(true)` when it is
+/// finished (by us or an earlier leader), `Ok(false)` when another sidecar
+/// leads.
+async fn attempt(
+    cfg: &Config,
+    rc: &ReencryptConfig,
+    state: &State,
+    current: &SecretValue,
+    previous: &SecretValue,
+    version: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, String> {
+    let url = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&rc.database_url_file)
+            .map_err(|e| format!("cannot read {}: {e}", rc.database_url_file.display()))?
+            .trim()
+            .to_string(),
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .map_err(|e| format!("cannot connect to the database: {}", db(e)))?;
+    sqlx::query(SCHEMA).execute(&pool).await.map_err(db)?;
+    let finished = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM rekey_reencrypt_checkpoints WHERE secret_id = $1 AND version = $2 AND pass = 'finished' AND done)",
+        )
+        .bind(&rc.secret)
+        .bind(version as i64)
+        .fetch_one(&pool)
+        .await
+        .map_err(db)
+    };
+    if finished(pool.clone()).await? {
+        return Ok(true);
+    }
+    let key = lock_key(&rc.secret);
+    let mut lock = pool.acquire().await.map_err(db)?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *lock)
+        .await
+        .map_err(db)?;
+    if !got {
+        return Ok(false);
+    }
+    // Leader. A previous leader may have finished just before we got here.
+    if finished(pool.clone()).await? {
+        return Ok(true);
+    }
+    state.metrics.reencrypt_leader.set(1);
+    tracing::info!(secret = %rc.secret, version, "leading re-encryption");
+    let new = Arc::new(key_of(current)?);
+    let old = Arc::new(key_of(previous)?);
+    let types = rekey_reencrypt::check_columns(&pool, &rc.columns)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut total = 0;
+    for c in &rc.columns {
+        total += rekey_reencrypt::count_rows(&pool, c)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let opts = Options {
+        batch_size: rc.batch_size,
+        ..Options::default()
+    };
+    let started = Instant::now();
+    let mut lock = Some(lock);
+    let mut done_rows = 0u64;
+    for pass in ["pass", "sweep"] {
+        if pass == "sweep" {
+            // Wait until every live consumer serves the new key: from then
+            // on nobody writes under the old one.
+            report(
+                cfg,
+                &rc.secret,
+                version,
+                done_rows,
+                total,
+                0.0,
+                false,
+                "waiting-for-fleet",
+            )
+            .await;
+            wait_for_fleet(cfg, &rc.secret, version, shutdown).await?;
+            done_rows = 0;
+        }
+        for (col, ty) in rc.columns.iter().zip(&types) {
+            let start: Option<(Option<String>, bool)> = sqlx::query_as(
+                "SELECT last_id, done FROM rekey_reencrypt_checkpoints WHERE secret_id = $1 AND version = $2 AND table_name = $3 AND column_name = $4 AND pass = $5",
+            )
+            .bind(&rc.secret)
+            .bind(version as i64)
+            .bind(&col.table)
+            .bind(&col.column)
+            .bind(pass)
+            .fetch_optional(&pool)
+            .await
+            .map_err(db)?;
+            if start.as_ref().is_some_and(|(_, d)| *d) {
+                continue;
+            }
+            let mut hook = Leader {
+                cfg,
+                state,
+                pool: pool.clone(),
+                lock: lock.take().ok_or("lock connection lost")?,
+                key,
+                secret: &rc.secret,
+                version,
+                pass,
+                col: col.clone(),
+                done_before: done_rows,
+                total,
+                started,
+                last_report: Instant::now(),
+            };
+            let r = rekey_reencrypt::run_column(
+                &pool,
+                col,
+                ty,
+                old.clone(),
+                new.clone(),
+                opts,
+                start.and_then(|(l, _)| l),
+                &mut hook,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            lock = Some(hook.lock);
+            done_rows += r.scanned;
+            sqlx::query(
+                "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
+                 ON CONFLICT (secret_id, version, table_name, column_name, pass) DO UPDATE SET done = true, updated_at = now()",
+            )
+            .bind(&rc.secret)
+            .bind(version as i64)
+            .bind(&col.table)
+            .bind(&col.column)
+            .bind(pass)
+            .execute(&pool)
+            .await
+            .map_err(db)?;
+            tracing::info!(secret = %rc.secret, version, pass, table = %col.table, column = %col.column, rotated = r.rotated, already_new = r.already_new, "column re-encrypted");
+        }
+    }
+    sqlx::query(
+        "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, '*', '*', 'finished', true) \
+         ON CONFLICT (secret_id, version, table_name, column_name, pass) DO UPDATE SET done = true",
+    )
+    .bind(&rc.secret)
+    .bind(version as i64)
+    .execute(&pool)
+    .await
+    .map_err(db)?;
+    let rate = done_rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+    report(
+        cfg, &rc.secret, version, done_rows, total, rate, true, "finished",
+    )
+    .await;
+    if let Some(mut l) = lock {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut *l)
+            .await;
+    }
+    state.metrics.reencrypt_leader.set(0);
+    tracing::info!(secret = %rc.secret, version, "re-encryption finished");
+    pool.close().await;
+    Ok(true)
+}
+
+async fn wait_for_fleet(
+    cfg: &Config,
+    secret: &str,
+    version: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    loop {
+        let mut client = crate::backend::connect(cfg).await?;
+        let st = client
+            .get_status(pb::GetStatusRequest {
+                secret_id: secret.into(),
+            })
+            .await
+            .map_err(|e| format!("cannot read the fleet's status: {}", e.message()))?
+            .into_inner();
+        let s = st.secrets.first().cloned().unwrap_or_default();
+        let current = s.secret.as_ref().map_or(0, |x| x.current_version);
+        if current != version {
+            return Err(format!("the key moved on to v{current}"));
+        }
+        if s.converged == s.live_consumers {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = crate::stopped(shutdown) => return Err("shutting down".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lock_keys_differ_per_secret() {
+        assert_ne!(super::lock_key("a"), super::lock_key("b"));
+        assert_eq!(super::lock_key("a"), super::lock_key("a"));
+    }
+}

@@ -1,0 +1,357 @@
+//! End to end: the sidecars' leader-elected re-encryption after an
+//! `encryption-key` rotation, with the real backend, real sidecars and the
+//! machine's Postgres. The chaos test kills the leader with SIGKILL again
+//! and again while an app keeps writing.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rekey_keyring::MasterKey;
+use rekey_reencrypt::Codec;
+use serde_json::Value;
+use sqlx::Row;
+use support::*;
+
+const SECRET: &str = "prod/enc/master";
+
+fn key(b: &Backend, stage: &str) -> MasterKey {
+    let v = b.cli_json(&["get", SECRET, "--stage", stage, "--reveal"]);
+    MasterKey::from_base64(v["value"].as_str().unwrap()).unwrap()
+}
+
+async fn schema(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE ai_provider_configs (id text PRIMARY KEY, api_key_encrypted text NOT NULL);
+         CREATE TABLE tokens (id bigint PRIMARY KEY, secret text);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn seed(pool: &sqlx::PgPool, k: &MasterKey, hyvve_rows: usize, rekey_rows: i64) {
+    for i in 0..hyvve_rows {
+        sqlx::query("INSERT INTO ai_provider_configs VALUES ($1, $2)")
+            .bind(format!("00000000-0000-0000-0000-{i:012}"))
+            .bind(Codec::Hyvve.seal(k, format!("h{i}").as_bytes()).unwrap())
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let mut q = String::from("INSERT INTO tokens VALUES ");
+    for i in 0..rekey_rows {
+        if i > 0 {
+            q.push(',');
+        }
+        let v = Codec::Rekey.seal(k, format!("t{i}").as_bytes()).unwrap();
+        q.push_str(&format!("({i}, '{v}')"));
+    }
+    sqlx::raw_sql(&q).execute(pool).await.unwrap();
+}
+
+fn sidecar_config(dir: &Path, n: usize, b: &Backend, db_url_file: &Path) -> std::path::PathBuf {
+    let p = dir.join(format!("sidecar-{n}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+backend = "{backend}"
+token_file = "{token}"
+listen = "127.0.0.1:0"
+consumer_id = "worker-{n}"
+report_interval = "1s"
+backoff_max = "500ms"
+[[secrets]]
+id = "{SECRET}"
+path = "{out}"
+[[reencrypt]]
+secret = "{SECRET}"
+database_url_file = "{db}"
+batch_size = 100
+poll = "100ms"
+columns = [
+  {{ table = "ai_provider_configs", column = "api_key_encrypted" }},
+  {{ table = "tokens", column = "secret", codec = "rekey" }},
+]
+"#,
+            backend = b.grpc,
+            token = b.token_path().display(),
+            out = dir.join(format!("key-{n}")).display(),
+            db = db_url_file.display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn start_sidecar(dir: &Path, n: usize, b: &Backend, db_url_file: &Path) -> Sidecar {
+    let cfg = sidecar_config(dir, n, b, db_url_file);
+    Sidecar::start(dir, &["--config", cfg.to_str().unwrap()], &[])
+}
+
+/// Every row opens with `new` to its expected plaintext, `old` opens none.
+async fn check_all(
+    pool: &sqlx::PgPool,
+    old: &MasterKey,
+    new: &MasterKey,
+    extra_ok: impl Fn(&str, &str) -> bool,
+) {
+    for (table, col, codec) in [
+        ("ai_provider_configs", "api_key_encrypted", Codec::Hyvve),
+        ("tokens", "secret", Codec::Rekey),
+    ] {
+        let rows = sqlx::query(&format!("SELECT id::text, {col} FROM {table}"))
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        for r in rows {
+            let (id, v): (String, Option<String>) = (r.get(0), r.get(1));
+            let Some(v) = v else { continue };
+            let p = codec
+                .open(new, &v)
+                .unwrap_or_else(|_| panic!("{table} row {id} does not open with the new key"));
+            let text = String::from_utf8(p.expose().to_vec()).unwrap();
+            let want = if table == "tokens" {
+                format!("t{id}")
+            } else {
+                format!(
+                    "h{}",
+                    id.rsplit('-')
+                        .next()
+                        .unwrap()
+                        .trim_start_matches('0')
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                )
+            };
+            assert!(
+                text == want || extra_ok(&id, &text),
+                "{table} row {id}: {text}"
+            );
+            assert!(
+                codec.open(old, &v).is_err(),
+                "{table} row {id} still opens with the old key"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_moves_every_row_then_the_old_key_is_decommissioned() {
+    let dir = TempDir::new("retask");
+    let db = PgDb::create("retask").await;
+    let db_url_file = dir.path().join("db-url");
+    std::fs::write(&db_url_file, &db.url).unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    schema(&pool).await;
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        SECRET,
+        "--kind",
+        "encryption-key",
+        "--window",
+        "0s",
+    ]);
+    let old = key(&b, "current");
+    seed(&pool, &old, 30, 500).await;
+    let sidecars: Vec<Sidecar> = (0..2)
+        .map(|n| start_sidecar(dir.path(), n, &b, &db_url_file))
+        .collect();
+
+    b.cli_json(&["rotate", SECRET]);
+    let new = key(&b, "current");
+    // The old key must keep decrypting until the data has moved: no second
+    // rotation until then.
+    let o = b.cli(&["rotate", SECRET]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not decommissioned yet"),
+        "{}",
+        stderr(&o)
+    );
+
+    let st = eventually(
+        Duration::from_secs(120),
+        "re-encryption and decommission",
+        || {
+            let st = b.cli_json(&["status", SECRET]);
+            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
+        },
+    )
+    .await;
+    let r = &st[0]["reencryption"];
+    assert_eq!(r["finished"], true, "{st}");
+    assert_eq!(r["version"], 2);
+    assert_eq!(r["rows_total"], 530);
+    check_all(&pool, &old, &new, |_, _| false).await;
+    let audit = b.cli_json(&["audit", "--secret", SECRET]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"reencrypt"), "{actions:?}");
+    assert!(actions.contains(&"revoke"), "{actions:?}");
+    // Exactly one sidecar did the work.
+    let workers = sidecars
+        .iter()
+        .filter(|s| {
+            s.get("/metrics")
+                .1
+                .lines()
+                .any(|l| l.starts_with("rekey_sidecar_reencrypt_rows ") && !l.ends_with(" 0"))
+        })
+        .count();
+    assert_eq!(workers, 1, "one leader");
+    let o = b.cli(&["status", SECRET]);
+    assert!(
+        stdout(&o).contains("re-encryption to v2: 530 of 530 rows"),
+        "{}",
+        stdout(&o)
+    );
+    // Now the key may rotate again.
+    b.cli_json(&["rotate", SECRET]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
+    let dir = TempDir::new("chaos");
+    let db = PgDb::create("chaos").await;
+    let db_url_file = dir.path().join("db-url");
+    std::fs::write(&db_url_file, &db.url).unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    schema(&pool).await;
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"3s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        SECRET,
+        "--kind",
+        "encryption-key",
+        "--window",
+        "0s",
+    ]);
+    let old = key(&b, "current");
+    seed(&pool, &old, 200, 2000).await;
+    let mut sidecars: Vec<Option<Sidecar>> = (0..3)
+        .map(|n| Some(start_sidecar(dir.path(), n, &b, &db_url_file)))
+        .collect();
+    let mut next_n = 3;
+
+    b.cli_json(&["rotate", SECRET]);
+    let new = key(&b, "current");
+
+    // The app: inserts and updates rows all along, under the key its pod
+    // serves (the old one until its sidecar delivers the new one).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        let key_file = dir.path().join("key-0");
+        let (old_b64, new_b64) = (
+            old.to_base64().expose().to_string(),
+            new.to_base64().expose().to_string(),
+        );
+        tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let served = std::fs::read_to_string(&key_file).unwrap_or_default();
+                let k = MasterKey::from_base64(if served.trim() == new_b64 {
+                    &new_b64
+                } else {
+                    &old_b64
+                })
+                .unwrap();
+                // Insert a new row, and rewrite an existing one with the
+                // same plaintext it had.
+                let id = 100_000 + i;
+                sqlx::query("INSERT INTO tokens VALUES ($1, $2)")
+                    .bind(id)
+                    .bind(Codec::Rekey.seal(&k, format!("t{id}").as_bytes()).unwrap())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                let j = (i * 7919) % 2000;
+                sqlx::query("UPDATE tokens SET secret = $1 WHERE id = $2")
+                    .bind(Codec::Rekey.seal(&k, format!("t{j}").as_bytes()).unwrap())
+                    .bind(j)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            i
+        })
+    };
+
+    // Kill whoever leads, five times, at varying points.
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while kills < 5 && Instant::now() < deadline {
+        let leader = sidecars.iter().position(|s| {
+            s.as_ref().is_some_and(|s| {
+                s.get("/metrics")
+                    .1
+                    .contains("rekey_sidecar_reencrypt_leader 1")
+            })
+        });
+        match leader {
+            Some(i) => {
+                // Let it work a little (a different amount each time).
+                tokio::time::sleep(Duration::from_millis(150 + 170 * kills as u64)).await;
+                let s = sidecars[i].take().unwrap();
+                drop(s); // SIGKILL
+                kills += 1;
+                sidecars[i] = Some(start_sidecar(dir.path(), next_n, &b, &db_url_file));
+                next_n += 1;
+            }
+            None => {
+                let st = b.cli_json(&["status", SECRET]);
+                if st[0]["reencryption"]["finished"] == true {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert!(
+        kills >= 5,
+        "the leader was killed {kills} times before re-encryption finished; make the data larger"
+    );
+
+    let st = eventually(
+        Duration::from_secs(180),
+        "re-encryption and decommission",
+        || {
+            let st = b.cli_json(&["status", SECRET]);
+            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 10, "the app kept writing: {written}");
+    assert_eq!(st[0]["reencryption"]["finished"], true);
+    // No row lost: the seeded ones and every insert are there.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tokens")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 2000 + written);
+    check_all(&pool, &old, &new, |_, _| false).await;
+}
