@@ -547,7 +547,10 @@ impl Engine {
 
     /// finish: pending becomes current, current becomes previous. A version
     /// displaced from previous (back-to-back rotations of kinds that allow
-    /// them) is revoked in the same transaction.
+    /// them) is revoked in the same transaction. Only kinds without a
+    /// target to clean up allow back-to-back rotations (`random`, `static`),
+    /// so `Kind::revoke` is not called for it; a kind with a real revoke
+    /// must rotate one at a time.
     async fn finish(&self, rot: &RotationRow) -> Result<()> {
         let id = rot.secret_id.as_str();
         let target = rot.target_version;

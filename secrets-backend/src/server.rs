@@ -275,10 +275,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RekeyServer::new(service).max_decoding_message_size(4 << 20))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            shutdown,
-        );
+        .serve_with_incoming_shutdown(nodelay(grpc_listener), shutdown);
     let served = tokio::select! {
         r = serve => r,
         _ = grace_over => {
@@ -335,6 +332,21 @@ async fn listen_changes(url: &str, hub: &Hub) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: small gRPC frames
+/// (a Rotate answer, a Watch event) must not wait for a delayed ACK.
+fn nodelay(
+    l: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(l).map(|r| {
+        r.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    })
 }
 
 /// Resolves once the stop flag is set.
