@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{Kind, SecretCtx, ValueInput};
+use super::{Kind, SecretCtx, ValueInput, step, stored_options};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -31,19 +31,6 @@ pub struct ExecOptions {
 }
 
 const MAX_OUTPUT: usize = 1 << 20;
-
-fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
-    Error::Step {
-        secret: secret.into(),
-        step,
-        message: message.into(),
-    }
-}
-
-fn options(ctx: &SecretCtx<'_>) -> Result<ExecOptions> {
-    serde_json::from_value(ctx.options.get("exec").cloned().unwrap_or_default())
-        .map_err(|e| Error::Internal(format!("stored exec options of {}: {e}", ctx.id)))
-}
 
 fn to_json(v: &SecretValue) -> serde_json::Value {
     match v {
@@ -192,7 +179,7 @@ impl Kind for Exec {
         current: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = options(ctx)?;
+        let o = stored_options::<ExecOptions>(ctx, "exec")?;
         let out = run_hook(
             ctx.id,
             "create",
@@ -219,7 +206,7 @@ impl Kind for Exec {
         new: &SecretValue,
         old: Option<&SecretValue>,
     ) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<ExecOptions>(ctx, "exec")?;
         run_hook(
             ctx.id,
             "set",
@@ -232,7 +219,7 @@ impl Kind for Exec {
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<ExecOptions>(ctx, "exec")?;
         run_hook(
             ctx.id,
             "test",
@@ -245,7 +232,7 @@ impl Kind for Exec {
     }
 
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<ExecOptions>(ctx, "exec")?;
         run_hook(
             ctx.id,
             "revoke",
@@ -259,7 +246,7 @@ impl Kind for Exec {
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
         // The set hook makes a value valid again; `step` tells it why.
-        let o = options(ctx)?;
+        let o = stored_options::<ExecOptions>(ctx, "exec")?;
         run_hook(
             ctx.id,
             "restore",

@@ -29,6 +29,32 @@ pub struct SecretCtx<'a> {
     pub options: &'a serde_json::Value,
 }
 
+/// A step's failure at its target.
+pub(crate) fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
+    Error::Step {
+        secret: secret.into(),
+        step,
+        message: message.into(),
+    }
+}
+
+/// One field of a structured value.
+pub(crate) fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
+    match v {
+        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Raw(_) => None,
+    }
+}
+
+/// A kind's options as stored at create time (`{"<key>": {...}}`).
+pub(crate) fn stored_options<T: serde::de::DeserializeOwned>(
+    ctx: &SecretCtx<'_>,
+    key: &str,
+) -> Result<T> {
+    serde_json::from_value(ctx.options.get(key).cloned().unwrap_or_default())
+        .map_err(|e| Error::Internal(format!("stored {key} options of {}: {e}", ctx.id)))
+}
+
 /// Whether a kind takes a value from the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueInput {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
-use super::{Encoding, Kind, SecretCtx, ValueInput, generate};
+use super::{Encoding, Kind, SecretCtx, ValueInput, field, generate, step, stored_options};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,14 +36,6 @@ pub struct PgOptions {
     pub probe: String,
     /// Terminate the old role's sessions at decommission.
     pub terminate_sessions: bool,
-}
-
-fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
-    Error::Step {
-        secret: secret.into(),
-        step,
-        message: message.into(),
-    }
 }
 
 /// Role names rekey creates and quotes: lower-case, digits, underscore.
@@ -78,11 +70,6 @@ pub fn scram_verifier(password: &str) -> Result<String> {
         b64.encode(stored_key.as_ref()),
         b64.encode(server_key.as_ref())
     ))
-}
-
-fn options(ctx: &SecretCtx<'_>) -> Result<PgOptions> {
-    serde_json::from_value(ctx.options.get("postgres").cloned().unwrap_or_default())
-        .map_err(|e| Error::Internal(format!("stored postgres options of {}: {e}", ctx.id)))
 }
 
 fn read_admin_url(
@@ -142,13 +129,6 @@ fn pg_error(e: &sqlx::Error) -> String {
         sqlx::Error::Database(d) => d.message().to_string(),
         sqlx::Error::Io(io) => io.to_string(),
         other => other.to_string(),
-    }
-}
-
-fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
-    match v {
-        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
-        SecretValue::Raw(_) => None,
     }
 }
 
@@ -355,7 +335,7 @@ impl Kind for Postgres {
         current: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = options(ctx)?;
+        let o = stored_options::<PgOptions>(ctx, "postgres")?;
         let (a, b) = (format!("{}_a", o.role_base), format!("{}_b", o.role_base));
         // The idle role: the one current does not use.
         let user = match current.and_then(|c| field(c, "username")) {
@@ -390,11 +370,17 @@ impl Kind for Postgres {
         new: &SecretValue,
         _old: Option<&SecretValue>,
     ) -> Result<()> {
-        enable(ctx.id, "set", &options(ctx)?, new).await
+        enable(
+            ctx.id,
+            "set",
+            &stored_options::<PgOptions>(ctx, "postgres")?,
+            new,
+        )
+        .await
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<PgOptions>(ctx, "postgres")?;
         let url = field(new, "url").ok_or_else(|| step(ctx.id, "test", "the value lacks url"))?;
         let user = field(new, "username").unwrap_or_default().to_string();
         let mut c = connect(ctx.id, "test", url, &user).await?;
@@ -410,7 +396,7 @@ impl Kind for Postgres {
     }
 
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<PgOptions>(ctx, "postgres")?;
         let user = field(old, "username").unwrap_or_default();
         if !valid_ident(user) {
             return Err(step(
@@ -442,7 +428,13 @@ impl Kind for Postgres {
     }
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
-        enable(ctx.id, "restore", &options(ctx)?, previous).await
+        enable(
+            ctx.id,
+            "restore",
+            &stored_options::<PgOptions>(ctx, "postgres")?,
+            previous,
+        )
+        .await
     }
 
     fn one_rotation_at_a_time(&self) -> bool {

@@ -12,7 +12,7 @@ use rekey_keyring::{SecretString, SecretValue};
 use serde::{Deserialize, Serialize};
 
 use super::resp::{self, Conn, Reply};
-use super::{Encoding, Kind, SecretCtx, ValueInput, generate};
+use super::{Encoding, Kind, SecretCtx, ValueInput, field, generate, step, stored_options};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,26 +23,6 @@ pub struct RedisOptions {
     pub username: String,
     /// Where apps connect (default: the admin URL's address).
     pub address: String,
-}
-
-fn step(secret: &str, step: &'static str, message: impl Into<String>) -> Error {
-    Error::Step {
-        secret: secret.into(),
-        step,
-        message: message.into(),
-    }
-}
-
-fn options(ctx: &SecretCtx<'_>) -> Result<RedisOptions> {
-    serde_json::from_value(ctx.options.get("redis").cloned().unwrap_or_default())
-        .map_err(|e| Error::Internal(format!("stored redis options of {}: {e}", ctx.id)))
-}
-
-fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
-    match v {
-        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
-        SecretValue::Raw(_) => None,
-    }
 }
 
 fn valid_user(u: &str) -> bool {
@@ -201,7 +181,7 @@ impl Kind for Redis {
         _: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = options(ctx)?;
+        let o = stored_options::<RedisOptions>(ctx, "redis")?;
         let pw =
             String::from_utf8(generate(32, Encoding::Alnum)?.expose().to_vec()).unwrap_or_default();
         let url = format!("redis://{}:{pw}@{}", o.username, o.address);
@@ -223,11 +203,18 @@ impl Kind for Redis {
     ) -> Result<()> {
         let pw = field(new, "password")
             .ok_or_else(|| step(ctx.id, "set", "the value lacks password"))?;
-        setuser(ctx.id, "set", &options(ctx)?, '>', pw).await
+        setuser(
+            ctx.id,
+            "set",
+            &stored_options::<RedisOptions>(ctx, "redis")?,
+            '>',
+            pw,
+        )
+        .await
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = options(ctx)?;
+        let o = stored_options::<RedisOptions>(ctx, "redis")?;
         let pw = field(new, "password")
             .ok_or_else(|| step(ctx.id, "test", "the value lacks password"))?;
         let mut c = Conn::connect(&o.address).await.map_err(|e| {
@@ -257,13 +244,27 @@ impl Kind for Redis {
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
         let pw = field(old, "password")
             .ok_or_else(|| step(ctx.id, "revoke", "the old value lacks password"))?;
-        setuser(ctx.id, "revoke", &options(ctx)?, '<', pw).await
+        setuser(
+            ctx.id,
+            "revoke",
+            &stored_options::<RedisOptions>(ctx, "redis")?,
+            '<',
+            pw,
+        )
+        .await
     }
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
         let pw = field(previous, "password")
             .ok_or_else(|| step(ctx.id, "restore", "the value lacks password"))?;
-        setuser(ctx.id, "restore", &options(ctx)?, '>', pw).await
+        setuser(
+            ctx.id,
+            "restore",
+            &stored_options::<RedisOptions>(ctx, "redis")?,
+            '>',
+            pw,
+        )
+        .await
     }
 
     fn one_rotation_at_a_time(&self) -> bool {
