@@ -269,8 +269,10 @@ pub async fn check_columns(pool: &PgPool, cols: &[Column]) -> Result<Vec<String>
 fn cast(ty: &str) -> &str {
     match ty {
         "character varying" => "varchar",
+        "smallint" => "int2",
         "integer" => "int4",
         "bigint" => "int8",
+        "numeric" => "numeric",
         "uuid" => "uuid",
         _ => "text",
     }
@@ -388,6 +390,7 @@ pub async fn run_column(
             let written = write_batch(pool, &t, &c, &id, cast, &updates).await?;
             report.rotated += written.len() as u64;
             // Rows the app changed meanwhile: read them again and retry.
+            let written: std::collections::HashSet<String> = written.into_iter().collect();
             let lost: Vec<String> = updates
                 .iter()
                 .map(|(rid, _, _)| rid.clone())
@@ -396,7 +399,10 @@ pub async fn run_column(
             pending = if lost.is_empty() {
                 Vec::new()
             } else {
-                let q = format!("SELECT {id}::text, {c} FROM {t} WHERE {id}::text = ANY($1)");
+                // Typed, so the id's index serves the lookup.
+                let q = format!(
+                    "SELECT {id}::text, {c} FROM {t} WHERE {id} = ANY($1::text[]::{cast}[])"
+                );
                 sqlx::query(&q)
                     .bind(&lost)
                     .fetch_all(pool)
