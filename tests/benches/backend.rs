@@ -31,6 +31,10 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[path = "bench_stats/mod.rs"]
+mod bench_stats;
+use bench_stats::{Stats, ms, stats};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -133,40 +137,6 @@ fn main() {
 }
 
 // ---------------------------------------------------------------- statistics
-
-struct Stats {
-    n: usize,
-    mean: Duration,
-    p50: Duration,
-    p99: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let n = sorted.len();
-    let rank = ((p / 100.0) * n as f64).ceil() as usize;
-    sorted[rank.clamp(1, n) - 1]
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    assert!(!v.is_empty(), "no samples");
-    v.sort_unstable();
-    let sum: Duration = v.iter().sum();
-    Stats {
-        n: v.len(),
-        mean: sum / v.len() as u32,
-        p50: percentile(&v, 50.0),
-        p99: percentile(&v, 99.0),
-        min: v[0],
-        max: v[v.len() - 1],
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
 
 fn stats_row(label: &str, s: &Stats) -> String {
     format!(
