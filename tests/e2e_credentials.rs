@@ -291,6 +291,8 @@ fn redis_auth(user: &str, pass: &str) -> bool {
 async fn redis_acl_user_holds_two_passwords_during_the_window() {
     let dir = TempDir::new("redis");
     let user = format!("rk_test_{}", std::process::id());
+    let weak = format!("rk_weak_{}", std::process::id());
+    let _cleanup = RedisUsers(vec![user.clone(), weak.clone()]);
     assert_eq!(
         redis(&[
             "ACL",
@@ -361,7 +363,6 @@ async fn redis_acl_user_holds_two_passwords_during_the_window() {
     assert!(redis_auth(&user, &p2) && redis_auth(&user, &p3));
 
     // An admin without ACL permissions: the rotation stops before finish.
-    let weak = format!("rk_weak_{}", std::process::id());
     assert_eq!(
         redis(&[
             "ACL",
@@ -534,6 +535,7 @@ echo '{{"ok": true}}'"#,
 async fn rotate_wait_waits_for_decommission() {
     let dir = TempDir::new("wait");
     let user = format!("rk_wait_{}", std::process::id());
+    let _cleanup = RedisUsers(vec![user.clone()]);
     assert_eq!(redis(&["ACL", "SETUSER", &user, "on", "~*", "+@all"]), "OK");
     let admin = dir.path().join("admin-url");
     std::fs::write(&admin, "redis://127.0.0.1:6379").unwrap();

@@ -188,6 +188,7 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
     )
     .await;
     let redis_user = format!("rk_zero_{}", std::process::id());
+    let _cleanup = RedisUsers(vec![redis_user.clone()]);
     assert_eq!(
         redis_cli(&["ACL", "SETUSER", &redis_user, "on", "~rekey:*", "+@all"]),
         "OK"

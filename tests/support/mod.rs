@@ -707,3 +707,19 @@ impl Drop for PgServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Deletes Redis ACL users when dropped, so a failing test leaves none
+/// behind on the machine's Redis.
+pub struct RedisUsers(pub Vec<String>);
+
+impl Drop for RedisUsers {
+    fn drop(&mut self) {
+        for u in &self.0 {
+            let _ = Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", "6379", "ACL", "DELUSER", u])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
