@@ -459,7 +459,10 @@ async fn classify_all(
     out
 }
 
-/// One compare-and-swap UPDATE for the batch; returns the ids written.
+/// One compare-and-swap UPDATE for the batch; returns the ids written. The
+/// batch travels as three typed arrays: the planner then looks each row up
+/// through the id's index at any batch size (a VALUES list turns into a
+/// hash join over the whole table from about a thousand rows).
 async fn write_batch(
     pool: &PgPool,
     t: &str,
@@ -468,27 +471,19 @@ async fn write_batch(
     cast: &str,
     updates: &[(String, String, String)],
 ) -> Result<Vec<String>, Error> {
-    let mut sql = format!("UPDATE {t} AS t SET {c} = v.new FROM (VALUES ");
-    for i in 0..updates.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        let b = i * 3;
-        sql.push_str(&format!(
-            "(${}::text, ${}::text, ${}::text)",
-            b + 1,
-            b + 2,
-            b + 3
-        ));
-    }
-    sql.push_str(&format!(
-        ") AS v(id, old, new) WHERE t.{id} = v.id::{cast} AND t.{c} = v.old RETURNING t.{id}::text"
-    ));
-    let mut q = sqlx::query(&sql);
-    for (rid, old, new) in updates {
-        q = q.bind(rid).bind(old).bind(new);
-    }
-    Ok(q.fetch_all(pool)
+    let sql = format!(
+        "UPDATE {t} AS t SET {c} = v.new \
+         FROM unnest($1::text[]::{cast}[], $2::text[], $3::text[]) AS v(id, old, new) \
+         WHERE t.{id} = v.id AND t.{c} = v.old RETURNING t.{id}::text"
+    );
+    let ids: Vec<&str> = updates.iter().map(|(i, _, _)| i.as_str()).collect();
+    let olds: Vec<&str> = updates.iter().map(|(_, o, _)| o.as_str()).collect();
+    let news: Vec<&str> = updates.iter().map(|(_, _, n)| n.as_str()).collect();
+    Ok(sqlx::query(&sql)
+        .bind(ids)
+        .bind(olds)
+        .bind(news)
+        .fetch_all(pool)
         .await?
         .into_iter()
         .map(|r| r.get::<String, _>(0))
