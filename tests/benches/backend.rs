@@ -31,9 +31,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "bench_stats/mod.rs"]
-mod bench_stats;
-use bench_stats::{Stats, ms, stats};
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{Stats, ms, stats};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,35 +105,9 @@ impl Settings {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing else to parse.
-    let settings = match Settings::from_env() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("benchmark failed: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        match timeout(OVERALL_TIMEOUT, run(&settings)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow!(
-                "the benchmark did not finish within {OVERALL_TIMEOUT:?}"
-            )),
-        }
+    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+        run(&s).await
     });
-    // Every backend process was killed when `run` returned (or was dropped).
-    rt.shutdown_timeout(Duration::from_secs(5));
-    match result {
-        Ok(report) => print!("{report}"),
-        Err(e) => {
-            eprintln!("benchmark failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
 }
 
 // ---------------------------------------------------------------- statistics

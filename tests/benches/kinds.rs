@@ -57,9 +57,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-#[path = "bench_stats/mod.rs"]
-mod bench_stats;
-use bench_stats::{Stats, ms, stats};
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{Stats, ms, stats};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -157,36 +157,9 @@ impl Settings {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing else to parse.
-    let settings = match Settings::from_env() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("benchmark failed: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        match timeout(OVERALL_TIMEOUT, run(&settings)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow!(
-                "the benchmark did not finish within {OVERALL_TIMEOUT:?}"
-            )),
-        }
+    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+        run(&s).await
     });
-    // The backends, the Postgres server and the Redis users were removed
-    // when `run` returned (or was dropped).
-    rt.shutdown_timeout(Duration::from_secs(5));
-    match result {
-        Ok(report) => print!("{report}"),
-        Err(e) => {
-            eprintln!("benchmark failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
 }
 
 // ---------------------------------------------------------------- statistics
