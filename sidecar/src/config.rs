@@ -48,6 +48,29 @@ pub struct RawReencrypt {
     pub batch_size: Option<usize>,
     /// How often to look for a new key version (default 1s).
     pub poll: Option<String>,
+    /// `advisory-lock` (default: a Postgres session lock in the data's own
+    /// database) or `kubernetes-lease`.
+    pub leader_election: Option<String>,
+    /// The Lease for `leader_election = "kubernetes-lease"`.
+    pub lease: Option<RawLease>,
+}
+
+/// A `coordination.k8s.io/v1` Lease; in a pod every field has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLease {
+    /// Default: `rekey-reencrypt-<secret>-<hash>`.
+    pub name: Option<String>,
+    /// Default: the service account's namespace, then `namespace`.
+    pub namespace: Option<String>,
+    /// Default 15s.
+    pub duration: Option<String>,
+    /// Default: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    pub api_server: Option<String>,
+    /// Default: the service account token, when mounted.
+    pub token_file: Option<PathBuf>,
+    /// Default: the service account's `ca.crt`.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +90,14 @@ pub struct ReencryptConfig {
     pub columns: Vec<rekey_reencrypt::Column>,
     pub batch_size: usize,
     pub poll: Duration,
+    pub election: Election,
+}
+
+/// How the sidecars configured for one key pick the one that re-encrypts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election {
+    AdvisoryLock,
+    KubernetesLease(crate::kube_lease::LeaseConfig),
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -291,6 +322,86 @@ fn parse_duration(
     }
 }
 
+/// The Lease settings with their in-pod defaults filled in: the API server
+/// from `KUBERNETES_SERVICE_HOST`/`_PORT`, the namespace, token and CA from
+/// the mounted service account (`sa_dir`).
+fn lease_config(
+    setting: &str,
+    raw: RawLease,
+    secret: &str,
+    namespace: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    sa_dir: &Path,
+    errors: &mut Vec<String>,
+) -> crate::kube_lease::LeaseConfig {
+    let in_pod = |f: &str| Some(sa_dir.join(f)).filter(|p| p.exists());
+    let api_server = raw.api_server.or_else(|| {
+        let host = env("KUBERNETES_SERVICE_HOST")?;
+        let port = env("KUBERNETES_SERVICE_PORT").unwrap_or_else(|| "443".into());
+        Some(if host.contains(':') {
+            format!("https://[{host}]:{port}")
+        } else {
+            format!("https://{host}:{port}")
+        })
+    });
+    let api_server = api_server.unwrap_or_else(|| {
+        errors.push(format!(
+            "{setting}.lease.api_server: not in a pod (KUBERNETES_SERVICE_HOST is unset); give the API server's address"
+        ));
+        String::new()
+    });
+    let namespace = raw
+        .namespace
+        .or_else(|| {
+            std::fs::read_to_string(in_pod("namespace")?)
+                .ok()
+                .map(|n| n.trim().to_string())
+        })
+        .or_else(|| namespace.map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            errors.push(format!(
+                "{setting}.lease.namespace: no service account namespace is mounted; give one"
+            ));
+            String::new()
+        });
+    let name = raw
+        .name
+        .unwrap_or_else(|| crate::kube_lease::default_name(secret));
+    let duration = parse_duration(
+        &format!("{setting}.lease.duration"),
+        raw.duration.as_deref(),
+        Duration::from_secs(15),
+        errors,
+    );
+    if duration < Duration::from_secs(1) {
+        errors.push(format!("{setting}.lease.duration: at least 1s"));
+    }
+    let token_file = raw.token_file.or_else(|| in_pod("token"));
+    if let Some(t) = &token_file
+        && let Err(e) = std::fs::metadata(t)
+    {
+        errors.push(format!(
+            "{setting}.lease.token_file: cannot read {}: {e}",
+            t.display()
+        ));
+    }
+    let lease = crate::kube_lease::LeaseConfig {
+        api_server,
+        namespace,
+        name,
+        duration,
+        token_file,
+        ca_file: raw.ca_file.or_else(|| in_pod("ca.crt")),
+    };
+    if !lease.api_server.is_empty()
+        && let Err(e) = crate::kube_lease::check(&lease)
+    {
+        errors.push(format!("{setting}.lease: {e}"));
+    }
+    lease
+}
+
 /// Placeholders named in a template (`{{ name }}`), or an error.
 pub fn template_fields(t: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
@@ -493,9 +604,13 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config file: {e}")]))?;
         let mut host = None;
+        let mut kube = std::collections::BTreeMap::new();
         for (k, v) in env {
             if k == "HOSTNAME" {
                 host = Some(v.clone());
+            }
+            if k.starts_with("KUBERNETES_SERVICE_") {
+                kube.insert(k.clone(), v.clone());
             }
             if let Some((_, key)) = ENV.iter().find(|(n, _)| *n == k) {
                 table.insert(key.to_string(), toml::Value::String(v));
@@ -530,7 +645,7 @@ impl Config {
                 Err(e) => errors.push(e),
             }
         }
-        let cfg = validate(raw, host, &mut errors);
+        let cfg = validate(raw, host, &|k| kube.get(k).cloned(), &mut errors);
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -547,7 +662,13 @@ fn read_token_file(setting: &str, p: &Path, errors: &mut Vec<String>) {
     }
 }
 
-fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> Config {
+/// `kube_env` looks up `KUBERNETES_SERVICE_*` variables.
+fn validate(
+    raw: RawConfig,
+    host: Option<String>,
+    kube_env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<String>,
+) -> Config {
     let backend = raw.backend.unwrap_or_else(|| DEFAULT_BACKEND.into());
     if !(backend.starts_with("http://") || backend.starts_with("https://")) {
         errors.push(format!(
@@ -708,7 +829,33 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
         if batch_size == 0 || batch_size > 10_000 {
             errors.push(format!("{setting}.batch_size: between 1 and 10000"));
         }
+        let election = match r.leader_election.as_deref() {
+            None | Some("advisory-lock") => {
+                if r.lease.is_some() {
+                    errors.push(format!(
+                        "{setting}.lease: set leader_election = \"kubernetes-lease\" to use it"
+                    ));
+                }
+                Election::AdvisoryLock
+            }
+            Some("kubernetes-lease") => Election::KubernetesLease(lease_config(
+                &setting,
+                r.lease.unwrap_or_default(),
+                &r.secret,
+                raw.namespace.as_deref(),
+                kube_env,
+                Path::new(crate::kube_lease::SERVICE_ACCOUNT_DIR),
+                errors,
+            )),
+            Some(other) => {
+                errors.push(format!(
+                    "{setting}.leader_election: unknown {other:?} (expected advisory-lock or kubernetes-lease)"
+                ));
+                Election::AdvisoryLock
+            }
+        };
         reencrypt.push(ReencryptConfig {
+            election,
             poll: parse_duration(
                 &format!("{setting}.poll"),
                 r.poll.as_deref(),
@@ -769,6 +916,8 @@ fn validate(raw: RawConfig, host: Option<String>, errors: &mut Vec<String>) -> C
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn tmp() -> PathBuf {
@@ -861,5 +1010,133 @@ pid_file = "/run/app.pid"
         assert!(parse_signal("SIGHUP").is_some());
         assert!(parse_signal("usr1").is_some());
         assert!(parse_signal("SIGFOO").is_none());
+    }
+
+    fn lease(
+        raw: RawLease,
+        env: &[(&str, &str)],
+        sa_dir: &Path,
+    ) -> (crate::kube_lease::LeaseConfig, Vec<String>) {
+        let mut errors = vec![];
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = lease_config(
+            "reencrypt[0] (k)",
+            raw,
+            "prod/enc/master",
+            Some("from-config"),
+            &|k| env.get(k).cloned(),
+            sa_dir,
+            &mut errors,
+        );
+        (c, errors)
+    }
+
+    #[test]
+    fn a_lease_takes_its_defaults_from_the_pod() {
+        let sa = tmp();
+        std::fs::write(sa.join("namespace"), "payments\n").unwrap();
+        std::fs::write(sa.join("token"), "t").unwrap();
+        let (c, errors) = lease(
+            RawLease::default(),
+            &[
+                ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+                ("KUBERNETES_SERVICE_PORT", "443"),
+            ],
+            &sa,
+        );
+        assert_eq!(c.api_server, "https://10.96.0.1:443");
+        assert_eq!(c.namespace, "payments");
+        assert_eq!(c.token_file, Some(sa.join("token")));
+        assert_eq!(c.duration, Duration::from_secs(15));
+        assert_eq!(c.name, crate::kube_lease::default_name("prod/enc/master"));
+        // No ca.crt mounted: an https API server cannot be trusted.
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("ca_file"), "{errors:?}");
+
+        let (c, _) = lease(
+            RawLease::default(),
+            &[("KUBERNETES_SERVICE_HOST", "fd00::1")],
+            &sa,
+        );
+        assert_eq!(c.api_server, "https://[fd00::1]:443");
+    }
+
+    #[test]
+    fn a_lease_outside_a_pod_names_what_is_missing() {
+        let empty = tmp();
+        let (c, errors) = lease(
+            RawLease {
+                api_server: Some("http://127.0.0.1:8001".into()),
+                duration: Some("500ms".into()),
+                token_file: Some(empty.join("missing")),
+                ..Default::default()
+            },
+            &[],
+            &empty,
+        );
+        assert_eq!(c.namespace, "from-config");
+        let all = errors.join("\n");
+        assert!(all.contains("lease.duration: at least 1s"), "{all}");
+        assert!(all.contains("lease.token_file: cannot read"), "{all}");
+        let (_, errors) = lease(RawLease::default(), &[], &empty);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("lease.api_server: not in a pod")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn leader_election_is_checked() {
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let url = d.join("db");
+        std::fs::write(&url, "postgres://x/y").unwrap();
+        let base = format!(
+            r#"
+token_file = "{}"
+[[secrets]]
+id = "k"
+path = "{}"
+[[reencrypt]]
+secret = "k"
+database_url_file = "{}"
+preset = "hyvve"
+"#,
+            tok.display(),
+            d.join("k").display(),
+            url.display()
+        );
+        let load = |extra: &str| {
+            let p = d.join("c.toml");
+            std::fs::write(&p, format!("{base}{extra}")).unwrap();
+            Config::load(Some(&p), Flags::default(), vec![])
+        };
+        assert_eq!(
+            load("").unwrap().reencrypt[0].election,
+            Election::AdvisoryLock
+        );
+        let e = load("leader_election = \"zookeeper\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown \"zookeeper\""), "{e}");
+        let e = load("[reencrypt.lease]\nname = \"x\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("set leader_election = \"kubernetes-lease\""),
+            "{e}"
+        );
+        let c = load(
+            "leader_election = \"kubernetes-lease\"\n[reencrypt.lease]\napi_server = \"http://127.0.0.1:8001\"\nnamespace = \"ns\"\n",
+        )
+        .unwrap();
+        let Election::KubernetesLease(l) = &c.reencrypt[0].election else {
+            panic!("not a lease: {:?}", c.reencrypt[0].election);
+        };
+        assert_eq!(l.namespace, "ns");
+        assert_eq!(l.api_server, "http://127.0.0.1:8001");
     }
 }

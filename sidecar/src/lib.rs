@@ -10,6 +10,7 @@ pub mod config;
 pub mod files;
 pub mod http;
 pub mod http_client;
+pub mod kube_lease;
 pub mod metrics;
 pub mod reencrypt_task;
 pub mod reload;

@@ -2,12 +2,13 @@
 //!
 //! When an `encryption-key` secret this sidecar serves gets a new current
 //! version (with the old one still previous), every sidecar configured for
-//! it tries to become leader through a Postgres session advisory lock; the
-//! lock dies with its connection, so when the leader dies another sidecar
-//! takes over. The leader moves each configured column from previous to
-//! current, saving a checkpoint (the last id done) after every batch so a
-//! new leader resumes there, and re-checks that it still holds the lock
-//! before every batch. Once the fleet serves the new key it runs a final
+//! it tries to become leader: by default through a Postgres session
+//! advisory lock, which dies with its connection, so when the leader dies
+//! another sidecar takes over at once; or through a Kubernetes Lease
+//! (`kube_lease`), which a successor takes once it expires. The leader
+//! moves each configured column from previous to current, saving a
+//! checkpoint (the last id done) after every batch so a new leader resumes
+//! there, and re-checks that it still leads before every batch. Once the fleet serves the new key it runs a final
 //! sweep for rows that pods still on the old key wrote meanwhile, then
 //! reports the re-encryption finished: that is what lets the backend
 //! decommission the old key. Every write is a compare-and-swap, so a batch
@@ -23,7 +24,8 @@ use rekey_reencrypt::{Column, Error, Hook, Options, Report};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::config::{Config, ReencryptConfig};
+use crate::config::{Config, Election, ReencryptConfig};
+use crate::kube_lease::{Elector, Held};
 use crate::state::State;
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
@@ -74,6 +76,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut done: BTreeSet<u64> = BTreeSet::new();
+    let mut elector = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(rc.poll) => {}
@@ -89,10 +92,22 @@ pub async fn run(
         if done.contains(&v) {
             continue;
         }
+        if let Election::KubernetesLease(lease) = &rc.election
+            && elector.is_none()
+        {
+            match Elector::new(lease.clone(), &cfg.consumer_id) {
+                Ok(e) => elector = Some(e),
+                Err(e) => {
+                    tracing::warn!(secret = %rc.secret, error = %e, "cannot use the Kubernetes Lease");
+                    continue;
+                }
+            }
+        }
         match attempt(
             &cfg,
             &rc,
             &state,
+            elector.as_mut(),
             &served.current.value,
             &prev.value,
             v,
@@ -104,6 +119,7 @@ pub async fn run(
                 done.insert(v);
             }
             Ok(false) => {}
+            Err(_) if *shutdown.borrow() => return,
             Err(e) => {
                 state.metrics.reencrypt_leader.set(0);
                 tracing::warn!(secret = %rc.secret, version = v, error = %e, "re-encryption stopped; another attempt follows");
@@ -154,14 +170,59 @@ async fn report(
     }
 }
 
-/// The leader's hook: re-check the lock before each batch, checkpoint and
-/// report after it.
+/// What makes this sidecar the leader, re-checked before every batch.
+enum Leadership {
+    /// A session advisory lock, held by this connection.
+    Advisory {
+        conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        key: i64,
+    },
+    Lease(Held),
+}
+
+impl Leadership {
+    async fn check(&mut self) -> Result<(), String> {
+        match self {
+            Leadership::Advisory { conn, key } => {
+                let held: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+                     AND granted AND objsubid = 1 AND classid::bigint = (($1 >> 32) & 4294967295) AND objid::bigint = ($1 & 4294967295))",
+                )
+                .bind(*key)
+                .fetch_one(&mut **conn)
+                .await
+                .map_err(|e| format!("lost the lock connection: {}", db(e)))?;
+                if held {
+                    Ok(())
+                } else {
+                    Err("no longer the leader".into())
+                }
+            }
+            Leadership::Lease(h) => h.check().map_err(|e| format!("no longer the leader: {e}")),
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Leadership::Advisory { mut conn, key } => {
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await;
+            }
+            Leadership::Lease(h) => h.release().await,
+        }
+    }
+}
+
+/// The leader's hook: re-check leadership before each batch, checkpoint
+/// and report after it.
 struct Leader<'a> {
     cfg: &'a Config,
     state: &'a State,
     pool: PgPool,
-    lock: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    key: i64,
+    leadership: &'a mut Leadership,
+    shutdown: watch::Receiver<bool>,
     secret: &'a str,
     version: u64,
     pass: &'static str,
@@ -174,19 +235,10 @@ struct Leader<'a> {
 
 impl Hook for Leader<'_> {
     async fn before_batch(&mut self) -> Result<(), Error> {
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
-             AND granted AND objsubid = 1 AND classid::bigint = (($1 >> 32) & 4294967295) AND objid::bigint = ($1 & 4294967295))",
-        )
-        .bind(self.key)
-        .fetch_one(&mut *self.lock)
-        .await
-        .map_err(|e| Error::Stopped(format!("lost the lock connection: {}", db(e))))?;
-        if held {
-            Ok(())
-        } else {
-            Err(Error::Stopped("no longer the leader".into()))
+        if *self.shutdown.borrow() {
+            return Err(Error::Stopped("shutting down".into()));
         }
+        self.leadership.check().await.map_err(Error::Stopped)
     }
 
     async fn after_batch(&mut self, r: &Report, last_id: &str) -> Result<(), Error> {
@@ -226,11 +278,13 @@ impl Hook for Leader<'_> {
 
 /// One attempt at leading re-encryption to `version`. `Ok(true)` when it is
 /// finished (by us or an earlier leader), `Ok(false)` when another sidecar
-/// leads.
+/// leads. `elector` is the Lease candidate, or none for the advisory lock.
+#[allow(clippy::too_many_arguments, reason = "one attempt's whole context")]
 async fn attempt(
     cfg: &Config,
     rc: &ReencryptConfig,
     state: &State,
+    elector: Option<&mut Elector>,
     current: &SecretValue,
     previous: &SecretValue,
     version: u64,
@@ -262,21 +316,66 @@ async fn attempt(
     if finished(pool.clone()).await? {
         return Ok(true);
     }
-    let key = lock_key(&rc.secret);
-    let mut lock = pool.acquire().await.map_err(db)?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *lock)
-        .await
-        .map_err(db)?;
-    if !got {
-        return Ok(false);
-    }
+    let mut leadership = match elector {
+        None => {
+            let key = lock_key(&rc.secret);
+            let mut conn = pool.acquire().await.map_err(db)?;
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+            if !got {
+                return Ok(false);
+            }
+            Leadership::Advisory { conn, key }
+        }
+        Some(e) => match e.try_acquire().await? {
+            Some(held) => Leadership::Lease(held),
+            None => return Ok(false),
+        },
+    };
     // Leader. A previous leader may have finished just before we got here.
-    if finished(pool.clone()).await? {
-        return Ok(true);
-    }
-    state.metrics.reencrypt_leader.set(1);
+    let r = match finished(pool.clone()).await {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            state.metrics.reencrypt_leader.set(1);
+            lead(
+                cfg,
+                rc,
+                state,
+                &pool,
+                &mut leadership,
+                current,
+                previous,
+                version,
+                shutdown,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    leadership.release().await;
+    state.metrics.reencrypt_leader.set(0);
+    pool.close().await;
+    r
+}
+
+/// The leader's work: both passes over every column, then the report that
+/// lets the backend decommission the old key.
+#[allow(clippy::too_many_arguments, reason = "one attempt's whole context")]
+async fn lead(
+    cfg: &Config,
+    rc: &ReencryptConfig,
+    state: &State,
+    pool: &PgPool,
+    leadership: &mut Leadership,
+    current: &SecretValue,
+    previous: &SecretValue,
+    version: u64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool, String> {
+    let pool = pool.clone();
     tracing::info!(secret = %rc.secret, version, "leading re-encryption");
     let new = Arc::new(key_of(current)?);
     let old = Arc::new(key_of(previous)?);
@@ -294,7 +393,6 @@ async fn attempt(
         ..Options::default()
     };
     let started = Instant::now();
-    let mut lock = Some(lock);
     let mut done_rows = 0u64;
     for pass in ["pass", "sweep"] {
         if pass == "sweep" {
@@ -333,8 +431,8 @@ async fn attempt(
                 cfg,
                 state,
                 pool: pool.clone(),
-                lock: lock.take().ok_or("lock connection lost")?,
-                key,
+                leadership: &mut *leadership,
+                shutdown: shutdown.clone(),
                 secret: &rc.secret,
                 version,
                 pass,
@@ -356,7 +454,6 @@ async fn attempt(
             )
             .await
             .map_err(|e| e.to_string())?;
-            lock = Some(hook.lock);
             done_rows += r.scanned;
             sqlx::query(
                 "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
@@ -387,15 +484,7 @@ async fn attempt(
         cfg, &rc.secret, version, done_rows, total, rate, true, "finished",
     )
     .await;
-    if let Some(mut l) = lock {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(key)
-            .execute(&mut *l)
-            .await;
-    }
-    state.metrics.reencrypt_leader.set(0);
     tracing::info!(secret = %rc.secret, version, "re-encryption finished");
-    pool.close().await;
     Ok(true)
 }
 
