@@ -51,7 +51,15 @@ async fn seed(pool: &sqlx::PgPool, k: &MasterKey, hyvve_rows: usize, rekey_rows:
     sqlx::raw_sql(&q).execute(pool).await.unwrap();
 }
 
-fn sidecar_config(dir: &Path, n: usize, b: &Backend, db_url_file: &Path) -> std::path::PathBuf {
+/// `election` is appended to the `[[reencrypt]]` table (empty: the
+/// advisory lock).
+fn sidecar_config(
+    dir: &Path,
+    n: usize,
+    b: &Backend,
+    db_url_file: &Path,
+    election: &str,
+) -> std::path::PathBuf {
     let p = dir.join(format!("sidecar-{n}.toml"));
     std::fs::write(
         &p,
@@ -75,6 +83,7 @@ columns = [
   {{ table = "ai_provider_configs", column = "api_key_encrypted" }},
   {{ table = "tokens", column = "secret", codec = "rekey" }},
 ]
+{election}
 "#,
             backend = b.grpc,
             token = b.token_path().display(),
@@ -87,7 +96,17 @@ columns = [
 }
 
 fn start_sidecar(dir: &Path, n: usize, b: &Backend, db_url_file: &Path) -> Sidecar {
-    let cfg = sidecar_config(dir, n, b, db_url_file);
+    start_sidecar_with(dir, n, b, db_url_file, "")
+}
+
+fn start_sidecar_with(
+    dir: &Path,
+    n: usize,
+    b: &Backend,
+    db_url_file: &Path,
+    election: &str,
+) -> Sidecar {
+    let cfg = sidecar_config(dir, n, b, db_url_file, election);
     Sidecar::start(dir, &["--config", cfg.to_str().unwrap()], &[])
 }
 
@@ -303,14 +322,7 @@ async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
     while kills < 5 && Instant::now() < deadline {
-        let leader = sidecars.iter().position(|s| {
-            s.as_ref().is_some_and(|s| {
-                s.get("/metrics")
-                    .1
-                    .contains("rekey_sidecar_reencrypt_leader 1")
-            })
-        });
-        match leader {
+        match leader_of(&sidecars) {
             Some(i) => {
                 // Let it work a little (a different amount each time).
                 tokio::time::sleep(Duration::from_millis(150 + 170 * kills as u64)).await;
@@ -354,4 +366,150 @@ async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
         .unwrap();
     assert_eq!(n, 2000 + written);
     check_all(&pool, &old, &new, |_, _| false).await;
+}
+
+/// Which of `sidecars` reports itself leader, if one does.
+fn leader_of(sidecars: &[Option<Sidecar>]) -> Option<usize> {
+    sidecars.iter().position(|s| {
+        s.as_ref().is_some_and(|s| {
+            s.get("/metrics")
+                .1
+                .lines()
+                .any(|l| l == "rekey_sidecar_reencrypt_leader 1")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_lease_elects_one_leader_and_hands_over() {
+    let dir = TempDir::new("lease");
+    let db = PgDb::create("lease").await;
+    let db_url_file = dir.path().join("db-url");
+    std::fs::write(&db_url_file, &db.url).unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    schema(&pool).await;
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"3s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        SECRET,
+        "--kind",
+        "encryption-key",
+        "--window",
+        "0s",
+    ]);
+    let old = key(&b, "current");
+    seed(&pool, &old, 200, 3000).await;
+    let api = LeaseApiServer::start(dir.path());
+    let election = format!(
+        r#"leader_election = "kubernetes-lease"
+[reencrypt.lease]
+api_server = "{}"
+ca_file = "{}"
+token_file = "{}"
+namespace = "rekey-test"
+name = "reencrypt-master"
+duration = "2s"
+"#,
+        api.url,
+        api.ca.display(),
+        api.token_file.display()
+    );
+    let first_token = std::fs::read_to_string(&api.token_file).unwrap();
+    let mut sidecars: Vec<Option<Sidecar>> = (0..3)
+        .map(|n| {
+            Some(start_sidecar_with(
+                dir.path(),
+                n,
+                &b,
+                &db_url_file,
+                &election,
+            ))
+        })
+        .collect();
+
+    b.cli_json(&["rotate", SECRET]);
+    let new = key(&b, "current");
+
+    let wait_leader = |sidecars: &[Option<Sidecar>]| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(i) = leader_of(sidecars) {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader within 60s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = wait_leader(&sidecars);
+    // kubelet rotates the projected token; from now on only the new one is
+    // accepted, and the leader must keep renewing with it.
+    let tmp = dir.path().join("sa-token.new");
+    std::fs::write(&tmp, "sa-token-rotated").unwrap();
+    std::fs::rename(&tmp, &api.token_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(leader_of(&sidecars), Some(first), "kept the lease");
+
+    // A clean stop hands the Lease over at once.
+    let code = sidecars[first].take().unwrap().stop();
+    assert_eq!(code, Some(0));
+    let second = wait_leader(&sidecars);
+    assert_ne!(second, first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGKILL: the successor must wait until the Lease expires.
+    drop(sidecars[second].take());
+    let third = wait_leader(&sidecars);
+    assert!(third != first && third != second);
+
+    let st = eventually(
+        Duration::from_secs(180),
+        "re-encryption and decommission",
+        || {
+            let st = b.cli_json(&["status", SECRET]);
+            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
+        },
+    )
+    .await;
+    assert_eq!(st[0]["reencryption"]["finished"], true, "{st}");
+    check_all(&pool, &old, &new, |_, _| false).await;
+
+    // The API server saw the candidates take turns by the Lease's rules.
+    let h = api.history();
+    let holder = |e: &Value| e["holder"].as_str().unwrap_or("").to_string();
+    let ids = [first, second, third].map(|i| format!("worker-{i}"));
+    assert_eq!(holder(&h[0]), ids[0], "{h:?}");
+    let released = h
+        .iter()
+        .position(|e| holder(e).is_empty())
+        .expect("the stopped leader released the Lease");
+    assert_eq!(holder(&h[released - 1]), ids[0]);
+    assert_eq!(h[released]["duration"], 1);
+    assert_eq!(holder(&h[released + 1]), ids[1]);
+    let last_second = h.iter().rposition(|e| holder(e) == ids[1]).unwrap();
+    let took_over = h.iter().position(|e| holder(e) == ids[2]).unwrap();
+    assert_eq!(took_over, last_second + 1, "{h:?}");
+    let waited = h[took_over]["t"].as_f64().unwrap() - h[last_second]["t"].as_f64().unwrap();
+    assert!(
+        waited >= 2.0 - 0.05,
+        "took a live Lease after {waited:.2}s of its 2s"
+    );
+    assert!(h[took_over]["transitions"].as_u64().unwrap() >= 2);
+    assert_eq!(holder(h.last().unwrap()), "", "released when finished");
+    // Neither token reached a log.
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                !log.contains(first_token.trim()) && !log.contains("sa-token-rotated"),
+                "a token in {}",
+                p.display()
+            );
+        }
+    }
 }

@@ -40,6 +40,27 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
     PRIMARY KEY (secret_id, version, table_name, column_name, pass)
 )";
 
+/// Creates the checkpoint table unless it exists. Sidecars starting
+/// together race to create it; the loser's error is no error.
+async fn ensure_schema(pool: &PgPool) -> Result<(), String> {
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT to_regclass('rekey_reencrypt_checkpoints') IS NOT NULL",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(db)
+    };
+    if exists().await? {
+        return Ok(());
+    }
+    match sqlx::query(SCHEMA).execute(pool).await {
+        Ok(_) => Ok(()),
+        Err(_) if exists().await? => Ok(()),
+        Err(e) => Err(format!("cannot create the checkpoint table: {}", db(e))),
+    }
+}
+
 /// The advisory lock key for one secret.
 fn lock_key(secret: &str) -> i64 {
     let d = ring::digest::digest(
@@ -302,7 +323,7 @@ async fn attempt(
         .connect(&url)
         .await
         .map_err(|e| format!("cannot connect to the database: {}", db(e)))?;
-    sqlx::query(SCHEMA).execute(&pool).await.map_err(db)?;
+    ensure_schema(&pool).await?;
     let finished = |pool: PgPool| async move {
         sqlx::query_scalar::<_, bool>(
             "SELECT EXISTS (SELECT 1 FROM rekey_reencrypt_checkpoints WHERE secret_id = $1 AND version = $2 AND pass = 'finished' AND done)",

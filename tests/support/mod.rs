@@ -60,6 +60,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // REKEY_TEST_KEEP=1 keeps the logs and data of a failed test.
+        if std::thread::panicking() && std::env::var_os("REKEY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -721,5 +726,145 @@ impl Drop for RedisUsers {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// Runs `openssl` in `dir`; panics with its stderr when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A test CA (`ca.pem`, `ca.key`) and a server certificate it signed for
+/// localhost and 127.0.0.1 (`server.pem`, `server.key`), in `dir`.
+pub fn server_pki(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rekey-test-ca",
+    ]);
+    openssl(dir, &ca);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &csr);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+/// The stand-in for the Kubernetes API server's Lease endpoints
+/// (`lease_apiserver.py`), over HTTPS with a test CA, with a service
+/// account token file and a history of every write.
+pub struct LeaseApiServer {
+    child: Child,
+    pub url: String,
+    pub ca: PathBuf,
+    pub token_file: PathBuf,
+    pub history: PathBuf,
+}
+
+impl LeaseApiServer {
+    pub fn start(dir: &Path) -> LeaseApiServer {
+        let pki = dir.join("kube-pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        server_pki(&pki);
+        let token_file = dir.join("sa-token");
+        std::fs::write(&token_file, format!("sa-token-{}", std::process::id())).unwrap();
+        let history = dir.join("lease-history.jsonl");
+        let log = dir.join("lease-apiserver.log");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/support/lease_apiserver.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script)
+            .arg("--cert")
+            .arg(pki.join("server.pem"))
+            .arg("--key")
+            .arg(pki.join("server.key"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--history")
+            .arg(&history)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let (child, line) = spawn_until_first_line(cmd, &log, "lease_apiserver.py", 30);
+        let port = line
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        LeaseApiServer {
+            child,
+            url: format!("https://localhost:{port}"),
+            ca: pki.join("ca.pem"),
+            token_file,
+            history,
+        }
+    }
+
+    /// Every successful write, oldest first.
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.history)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for LeaseApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
