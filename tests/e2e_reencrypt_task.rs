@@ -51,6 +51,52 @@ async fn seed(pool: &sqlx::PgPool, k: &MasterKey, hyvve_rows: usize, rekey_rows:
     sqlx::raw_sql(&q).execute(pool).await.unwrap();
 }
 
+/// A backend with an `encryption-key` secret at v1 and a database whose
+/// two tables hold `hyvve_rows` and `rekey_rows` rows under that key.
+/// Fields drop in order: the backend stops before the database goes.
+struct Setup {
+    b: Backend,
+    pool: sqlx::PgPool,
+    old: MasterKey,
+    db_url_file: std::path::PathBuf,
+    _db: PgDb,
+    dir: TempDir,
+}
+
+async fn setup(tag: &str, hyvve_rows: usize, rekey_rows: i64) -> Setup {
+    let dir = TempDir::new(tag);
+    let db = PgDb::create(tag).await;
+    let db_url_file = dir.path().join("db-url");
+    std::fs::write(&db_url_file, &db.url).unwrap();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    schema(&pool).await;
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"3s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        SECRET,
+        "--kind",
+        "encryption-key",
+        "--window",
+        "0s",
+    ]);
+    let old = key(&b, "current");
+    seed(&pool, &old, hyvve_rows, rekey_rows).await;
+    Setup {
+        b,
+        pool,
+        old,
+        db_url_file,
+        _db: db,
+        dir,
+    }
+}
+
 /// `election` is appended to the `[[reencrypt]]` table (empty: the
 /// advisory lock).
 fn sidecar_config(
@@ -159,29 +205,15 @@ async fn check_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_moves_every_row_then_the_old_key_is_decommissioned() {
-    let dir = TempDir::new("retask");
-    let db = PgDb::create("retask").await;
-    let db_url_file = dir.path().join("db-url");
-    std::fs::write(&db_url_file, &db.url).unwrap();
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    schema(&pool).await;
-    let b = Backend::start(
-        dir.path(),
-        BackendOpts {
-            extra_toml: "[scheduler]\ntick = \"100ms\"\n".into(),
-            ..Default::default()
-        },
-    );
-    b.cli_json(&[
-        "create",
-        SECRET,
-        "--kind",
-        "encryption-key",
-        "--window",
-        "0s",
-    ]);
-    let old = key(&b, "current");
-    seed(&pool, &old, 30, 500).await;
+    // Bound in this order so that they drop in the reverse one.
+    let Setup {
+        dir,
+        _db,
+        db_url_file,
+        old,
+        pool,
+        b,
+    } = setup("retask", 30, 500).await;
     let sidecars: Vec<Sidecar> = (0..2)
         .map(|n| start_sidecar(dir.path(), n, &b, &db_url_file))
         .collect();
@@ -198,15 +230,7 @@ async fn one_leader_moves_every_row_then_the_old_key_is_decommissioned() {
         stderr(&o)
     );
 
-    let st = eventually(
-        Duration::from_secs(120),
-        "re-encryption and decommission",
-        || {
-            let st = b.cli_json(&["status", SECRET]);
-            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
-        },
-    )
-    .await;
+    let st = decommissioned(&b, 120).await;
     let r = &st[0]["reencryption"];
     assert_eq!(r["finished"], true, "{st}");
     assert_eq!(r["version"], 2);
@@ -244,29 +268,15 @@ async fn one_leader_moves_every_row_then_the_old_key_is_decommissioned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
-    let dir = TempDir::new("chaos");
-    let db = PgDb::create("chaos").await;
-    let db_url_file = dir.path().join("db-url");
-    std::fs::write(&db_url_file, &db.url).unwrap();
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    schema(&pool).await;
-    let b = Backend::start(
-        dir.path(),
-        BackendOpts {
-            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"3s\"\n".into(),
-            ..Default::default()
-        },
-    );
-    b.cli_json(&[
-        "create",
-        SECRET,
-        "--kind",
-        "encryption-key",
-        "--window",
-        "0s",
-    ]);
-    let old = key(&b, "current");
-    seed(&pool, &old, 200, 2000).await;
+    // Bound in this order so that they drop in the reverse one.
+    let Setup {
+        dir,
+        _db,
+        db_url_file,
+        old,
+        pool,
+        b,
+    } = setup("chaos", 200, 2000).await;
     let mut sidecars: Vec<Option<Sidecar>> = (0..3)
         .map(|n| Some(start_sidecar(dir.path(), n, &b, &db_url_file)))
         .collect();
@@ -346,15 +356,7 @@ async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
         "the leader was killed {kills} times before re-encryption finished; make the data larger"
     );
 
-    let st = eventually(
-        Duration::from_secs(180),
-        "re-encryption and decommission",
-        || {
-            let st = b.cli_json(&["status", SECRET]);
-            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
-        },
-    )
-    .await;
+    let st = decommissioned(&b, 180).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writer.await.unwrap();
     assert!(written > 10, "the app kept writing: {written}");
@@ -366,6 +368,19 @@ async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
         .unwrap();
     assert_eq!(n, 2000 + written);
     check_all(&pool, &old, &new, |_, _| false).await;
+}
+
+/// Waits until the old key is decommissioned; the secret's status.
+async fn decommissioned(b: &Backend, secs: u64) -> Value {
+    eventually(
+        Duration::from_secs(secs),
+        "re-encryption and decommission",
+        || {
+            let st = b.cli_json(&["status", SECRET]);
+            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
+        },
+    )
+    .await
 }
 
 /// Which of `sidecars` reports itself leader, if one does.
@@ -382,29 +397,15 @@ fn leader_of(sidecars: &[Option<Sidecar>]) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kubernetes_lease_elects_one_leader_and_hands_over() {
-    let dir = TempDir::new("lease");
-    let db = PgDb::create("lease").await;
-    let db_url_file = dir.path().join("db-url");
-    std::fs::write(&db_url_file, &db.url).unwrap();
-    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    schema(&pool).await;
-    let b = Backend::start(
-        dir.path(),
-        BackendOpts {
-            extra_toml: "[scheduler]\ntick = \"100ms\"\n[consumers]\nttl = \"3s\"\n".into(),
-            ..Default::default()
-        },
-    );
-    b.cli_json(&[
-        "create",
-        SECRET,
-        "--kind",
-        "encryption-key",
-        "--window",
-        "0s",
-    ]);
-    let old = key(&b, "current");
-    seed(&pool, &old, 200, 3000).await;
+    // Bound in this order so that they drop in the reverse one.
+    let Setup {
+        dir,
+        _db,
+        db_url_file,
+        old,
+        pool,
+        b,
+    } = setup("lease", 200, 3000).await;
     let api = LeaseApiServer::start(dir.path());
     let election = format!(
         r#"leader_election = "kubernetes-lease"
@@ -466,15 +467,7 @@ duration = "2s"
     let third = wait_leader(&sidecars);
     assert!(third != first && third != second);
 
-    let st = eventually(
-        Duration::from_secs(180),
-        "re-encryption and decommission",
-        || {
-            let st = b.cli_json(&["status", SECRET]);
-            async move { (st[0]["previous_version"] == Value::Null).then_some(st) }
-        },
-    )
-    .await;
+    let st = decommissioned(&b, 180).await;
     assert_eq!(st[0]["reencryption"]["finished"], true, "{st}");
     check_all(&pool, &old, &new, |_, _| false).await;
 

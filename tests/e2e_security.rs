@@ -251,44 +251,12 @@ operations = ["read"]
 /// CA, server certificate for 127.0.0.1, and client certificates.
 fn make_pki(dir: &std::path::Path) {
     server_pki(dir);
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for cn in ["ci-bot", "intruder"] {
-        openssl(
+        issue_cert(
             dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{cn}.key"),
-                "-out",
-                &format!("{cn}.csr"),
-                "-subj",
-                &format!("/O=rekey tests/CN={cn}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{cn}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{cn}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                "client.ext",
-            ],
+            cn,
+            &format!("/O=rekey tests/CN={cn}"),
+            "extendedKeyUsage=clientAuth\n",
         );
     }
 }

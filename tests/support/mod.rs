@@ -611,16 +611,10 @@ impl PgServer {
         let admin_password = format!("admin-{}", rand_u32());
         std::fs::write(dir.join("pw"), &admin_password).unwrap();
         let run = |args: &[&str]| {
-            let o = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .output()
-                .expect("runuser");
-            assert!(
-                o.status.success(),
-                "{args:?}: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
+            succeed(
+                Command::new("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .args(args),
             );
         };
         let status = Command::new("chown")
@@ -729,77 +723,87 @@ impl Drop for RedisUsers {
     }
 }
 
-/// Runs `openssl` in `dir`; panics with its stderr when it fails.
-pub fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
+/// Runs a command to its end; panics with its output when it fails.
+pub fn succeed(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         o.status.success(),
-        "openssl {args:?}: {}",
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    o
+}
+
+/// Runs `openssl` in `dir`; panics with its output when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    succeed(Command::new("openssl").args(args).current_dir(dir));
 }
 
 /// A test CA (`ca.pem`, `ca.key`) and a server certificate it signed for
 /// localhost and 127.0.0.1 (`server.pem`, `server.key`), in `dir`.
 pub fn server_pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=rekey-test-ca",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
+    let ca = [
+        &["req", "-x509"],
+        NEW_EC_KEY,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+    ]
+    .concat();
+    openssl(
+        dir,
+        &[&ca[..], &["-days", "2", "-subj", "/CN=rekey-test-ca"]].concat(),
+    );
+    issue_cert(
+        dir,
+        "server",
         "/CN=localhost",
-    ]);
-    openssl(dir, &csr);
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+}
+
+/// `openssl req` arguments for a new P-256 key without a passphrase.
+const NEW_EC_KEY: &[&str] = &[
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
+/// A P-256 key `NAME.key` and a certificate `NAME.pem` for `subject`,
+/// signed by the CA that `server_pki` made in `dir`, with the X.509
+/// extensions `ext` (openssl's extfile syntax).
+pub fn issue_cert(dir: &Path, name: &str, subject: &str, ext: &str) {
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(dir.join(&extfile), ext).unwrap();
+    let req = [&["req"], NEW_EC_KEY].concat();
+    openssl(
+        dir,
+        &[&req[..], &["-keyout", &key, "-out", &csr, "-subj", subject]].concat(),
+    );
     openssl(
         dir,
         &[
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &csr,
             "-CA",
             "ca.pem",
             "-CAkey",
             "ca.key",
             "-CAcreateserial",
             "-out",
-            "server.pem",
+            &pem,
             "-days",
             "2",
             "-extfile",
-            "server.ext",
+            &extfile,
         ],
     );
 }
