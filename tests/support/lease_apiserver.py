@@ -28,6 +28,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PREFIX = "/apis/coordination.k8s.io/v1/namespaces/"
+LEASE_SPEC_FIELDS = {
+    "acquireTime", "holderIdentity", "leaseDurationSeconds", "leaseTransitions",
+    "renewTime", "preferredHolder", "strategy",
+}
 MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 lock = threading.Lock()
@@ -57,6 +61,9 @@ def invalid(obj, ns, name):
     if meta.get("namespace", ns) != ns:
         return "metadata.namespace: does not match the namespace of the request"
     spec = obj.get("spec") or {}
+    unknown = set(spec) - LEASE_SPEC_FIELDS
+    if unknown:
+        return f"spec: unknown fields {sorted(unknown)}"
     for f in ("acquireTime", "renewTime"):
         if f in spec and spec[f] is not None and not MICRO_TIME.match(str(spec[f])):
             return f"spec.{f}: not a MicroTime: {spec[f]!r}"
