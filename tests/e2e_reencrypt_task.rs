@@ -506,3 +506,48 @@ duration = "2s"
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_the_sidecar_may_not_take_is_a_clear_error_and_changes_nothing() {
+    // Bound in this order so that they drop in the reverse one.
+    let Setup {
+        dir,
+        _db,
+        db_url_file,
+        old,
+        pool,
+        b,
+    } = setup("leasedenied", 5, 20).await;
+    let api = LeaseApiServer::start(dir.path());
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-service-account-token").unwrap();
+    let election = format!(
+        r#"leader_election = "kubernetes-lease"
+[reencrypt.lease]
+api_server = "{}"
+ca_file = "{}"
+token_file = "{}"
+namespace = "rekey-test"
+"#,
+        api.url,
+        api.ca.display(),
+        wrong.display()
+    );
+    let s = start_sidecar_with(dir.path(), 0, &b, &db_url_file, &election);
+    b.cli_json(&["rotate", SECRET]);
+    let phase = eventually(Duration::from_secs(30), "the error in status", || {
+        let st = b.cli_json(&["status", SECRET]);
+        async move {
+            let p = st[0]["reencryption"]["phase"].as_str()?.to_string();
+            p.starts_with("error:").then_some(p)
+        }
+    })
+    .await;
+    assert!(phase.contains("HTTP 401"), "{phase}");
+    assert!(phase.contains("service account token"), "{phase}");
+    assert!(!s.log().contains("not-the-service-account-token"));
+    // Nothing moved, and the old key stays until something does.
+    check_all(&pool, &key(&b, "current"), &old, |_, _| false).await;
+    assert_eq!(b.cli_json(&["status", SECRET])[0]["previous_version"], 1);
+    assert!(api.history().is_empty());
+}
