@@ -33,13 +33,13 @@ mod support;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{Stats, ms, stats};
+use bench_common::{Stats, env_usize, ms, stats};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use rekey_proto::v1 as pb;
 use support::{Backend, BackendOpts, Client, PgDb, TempDir};
 use tokio::sync::mpsc;
@@ -69,20 +69,6 @@ struct Settings {
     connections: usize,
     rotations: usize,
     postgres: bool,
-}
-
-fn env_usize(name: &str, default: usize, min: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(s) => {
-            let v: usize = s
-                .trim()
-                .parse()
-                .map_err(|_| anyhow!("{name}={s:?}: expected a whole number"))?;
-            ensure!(v >= min, "{name}={v}: must be at least {min}");
-            Ok(v)
-        }
-    }
 }
 
 impl Settings {

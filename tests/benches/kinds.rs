@@ -59,7 +59,7 @@ mod support;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{Stats, ms, stats};
+use bench_common::{Stats, env_usize, ms, stats};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -110,20 +110,6 @@ struct Settings {
     cycles: usize,
     kinds: Vec<&'static str>,
     tick_ms: usize,
-}
-
-fn env_usize(name: &str, default: usize, min: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(s) => {
-            let v: usize = s
-                .trim()
-                .parse()
-                .map_err(|_| anyhow!("{name}={s:?}: expected a whole number"))?;
-            ensure!(v >= min, "{name}={v}: must be at least {min}");
-            Ok(v)
-        }
-    }
 }
 
 impl Settings {

@@ -62,6 +62,7 @@ mod support;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
+use bench_common::env_usize;
 
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
@@ -93,20 +94,6 @@ struct Settings {
     rekey_rows: usize,
     pbkdf2_samples: usize,
     baseline: bool,
-}
-
-fn env_usize(name: &str, default: usize, min: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(s) => {
-            let v: usize = s
-                .trim()
-                .parse()
-                .map_err(|_| anyhow!("{name}={s:?}: expected a whole number"))?;
-            ensure!(v >= min, "{name}={v}: must be at least {min}");
-            Ok(v)
-        }
-    }
 }
 
 impl Settings {

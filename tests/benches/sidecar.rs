@@ -60,7 +60,7 @@ mod support;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{Stats, ms, stats};
+use bench_common::{Stats, env_usize, ms, stats};
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -98,20 +98,6 @@ struct Settings {
     rotations: usize,
     idle: Duration,
     gap: Duration,
-}
-
-fn env_usize(name: &str, default: usize, min: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(s) => {
-            let v: usize = s
-                .trim()
-                .parse()
-                .map_err(|_| anyhow!("{name}={s:?}: expected a whole number"))?;
-            ensure!(v >= min, "{name}={v}: must be at least {min}");
-            Ok(v)
-        }
-    }
 }
 
 impl Settings {

@@ -77,3 +77,18 @@ where
         }
     }
 }
+
+/// A whole number from the environment, `default` when unset.
+pub fn env_usize(name: &str, default: usize, min: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(s) => {
+            let v: usize = s
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{name}={s:?}: expected a whole number"))?;
+            anyhow::ensure!(v >= min, "{name}={v}: must be at least {min}");
+            Ok(v)
+        }
+    }
+}
