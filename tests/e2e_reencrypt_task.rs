@@ -97,50 +97,6 @@ async fn setup(tag: &str, hyvve_rows: usize, rekey_rows: i64) -> Setup {
     }
 }
 
-/// `election` is appended to the `[[reencrypt]]` table (empty: the
-/// advisory lock).
-fn sidecar_config(
-    dir: &Path,
-    n: usize,
-    b: &Backend,
-    db_url_file: &Path,
-    election: &str,
-) -> std::path::PathBuf {
-    let p = dir.join(format!("sidecar-{n}.toml"));
-    std::fs::write(
-        &p,
-        format!(
-            r#"
-backend = "{backend}"
-token_file = "{token}"
-listen = "127.0.0.1:0"
-consumer_id = "worker-{n}"
-report_interval = "1s"
-backoff_max = "500ms"
-[[secrets]]
-id = "{SECRET}"
-path = "{out}"
-[[reencrypt]]
-secret = "{SECRET}"
-database_url_file = "{db}"
-batch_size = 100
-poll = "100ms"
-columns = [
-  {{ table = "ai_provider_configs", column = "api_key_encrypted" }},
-  {{ table = "tokens", column = "secret", codec = "rekey" }},
-]
-{election}
-"#,
-            backend = b.grpc,
-            token = b.token_path().display(),
-            out = dir.join(format!("key-{n}")).display(),
-            db = db_url_file.display(),
-        ),
-    )
-    .unwrap();
-    p
-}
-
 fn start_sidecar(dir: &Path, n: usize, b: &Backend, db_url_file: &Path) -> Sidecar {
     start_sidecar_with(dir, n, b, db_url_file, "")
 }
@@ -152,7 +108,22 @@ fn start_sidecar_with(
     db_url_file: &Path,
     election: &str,
 ) -> Sidecar {
-    let cfg = sidecar_config(dir, n, b, db_url_file, election);
+    let cfg = reencrypt_sidecar_config(
+        dir,
+        &format!("worker-{n}"),
+        b,
+        SECRET,
+        db_url_file,
+        &format!(
+            r#"batch_size = 100
+poll = "100ms"
+columns = [
+  {{ table = "ai_provider_configs", column = "api_key_encrypted" }},
+  {{ table = "tokens", column = "secret", codec = "rekey" }},
+]
+{election}"#
+        ),
+    );
     Sidecar::start(dir, &["--config", cfg.to_str().unwrap()], &[])
 }
 
@@ -290,7 +261,7 @@ async fn chaos_the_leader_is_killed_again_and_again_while_an_app_writes() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (pool, stop) = (pool.clone(), stop.clone());
-        let key_file = dir.path().join("key-0");
+        let key_file = dir.path().join("worker-0.key");
         let (old_b64, new_b64) = (
             old.to_base64().expose().to_string(),
             new.to_base64().expose().to_string(),
@@ -407,20 +378,7 @@ async fn a_kubernetes_lease_elects_one_leader_and_hands_over() {
         b,
     } = setup("lease", 200, 3000).await;
     let api = LeaseApiServer::start(dir.path());
-    let election = format!(
-        r#"leader_election = "kubernetes-lease"
-[reencrypt.lease]
-api_server = "{}"
-ca_file = "{}"
-token_file = "{}"
-namespace = "rekey-test"
-name = "reencrypt-master"
-duration = "2s"
-"#,
-        api.url,
-        api.ca.display(),
-        api.token_file.display()
-    );
+    let election = api.election("name = \"reencrypt-master\"\nduration = \"2s\"\n");
     let first_token = std::fs::read_to_string(&api.token_file).unwrap();
     let mut sidecars: Vec<Option<Sidecar>> = (0..3)
         .map(|n| {
@@ -521,17 +479,9 @@ async fn a_lease_the_sidecar_may_not_take_is_a_clear_error_and_changes_nothing()
     let api = LeaseApiServer::start(dir.path());
     let wrong = dir.path().join("wrong-token");
     std::fs::write(&wrong, "not-the-service-account-token").unwrap();
-    let election = format!(
-        r#"leader_election = "kubernetes-lease"
-[reencrypt.lease]
-api_server = "{}"
-ca_file = "{}"
-token_file = "{}"
-namespace = "rekey-test"
-"#,
-        api.url,
-        api.ca.display(),
-        wrong.display()
+    let election = api.election("").replace(
+        &api.token_file.display().to_string(),
+        &wrong.display().to_string(),
     );
     let s = start_sidecar_with(dir.path(), 0, &b, &db_url_file, &election);
     b.cli_json(&["rotate", SECRET]);

@@ -856,6 +856,17 @@ impl LeaseApiServer {
         }
     }
 
+    /// The `[[reencrypt]]` lines that elect through this server, with
+    /// `lease` added to `[reencrypt.lease]` (name, duration).
+    pub fn election(&self, lease: &str) -> String {
+        format!(
+            "leader_election = \"kubernetes-lease\"\n[reencrypt.lease]\napi_server = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\nnamespace = \"rekey-test\"\n{lease}",
+            self.url,
+            self.ca.display(),
+            self.token_file.display()
+        )
+    }
+
     /// Every successful write, oldest first.
     pub fn history(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.history)
@@ -871,4 +882,45 @@ impl Drop for LeaseApiServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A sidecar config (`CONSUMER.toml` in `dir`) that serves `secret` from
+/// `b` and re-encrypts the database named in `db_url_file`; `reencrypt`
+/// holds the rest of the `[[reencrypt]]` table (columns, batch size, poll,
+/// election).
+pub fn reencrypt_sidecar_config(
+    dir: &Path,
+    consumer: &str,
+    b: &Backend,
+    secret: &str,
+    db_url_file: &Path,
+    reencrypt: &str,
+) -> PathBuf {
+    let p = dir.join(format!("{consumer}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+backend = "{backend}"
+token_file = "{token}"
+listen = "127.0.0.1:0"
+consumer_id = "{consumer}"
+report_interval = "1s"
+backoff_max = "500ms"
+[[secrets]]
+id = "{secret}"
+path = "{out}"
+[[reencrypt]]
+secret = "{secret}"
+database_url_file = "{db}"
+{reencrypt}
+"#,
+            backend = b.grpc,
+            token = b.token_path().display(),
+            out = dir.join(format!("{consumer}.key")).display(),
+            db = db_url_file.display(),
+        ),
+    )
+    .unwrap();
+    p
 }
