@@ -74,8 +74,18 @@ impl Codec {
         }
     }
 
-    /// What to do with one stored value.
-    fn classify(self, old: &MasterKey, new: &MasterKey, text: &str) -> Verdict {
+    /// What to do with one stored value. `new_first` says which key a
+    /// hyvve value is tried with first; it follows the last value's key,
+    /// since rows come in runs: a first pass finds mostly old rows, a
+    /// sweep or a re-run mostly new ones, and each wrong guess costs a
+    /// PBKDF2 derivation.
+    fn classify(
+        self,
+        old: &MasterKey,
+        new: &MasterKey,
+        text: &str,
+        new_first: &mut bool,
+    ) -> Verdict {
         use rekey_keyring::KeyError;
         match self {
             Codec::Rekey => {
@@ -95,20 +105,35 @@ impl Codec {
                     Ok(_) => Verdict::Neither,
                 }
             }
-            // Old first: a row still under the old key costs two
-            // derivations (open old, seal new), one already moved costs two
-            // (fail old, open new).
-            Codec::Hyvve => match hyvve::open(old, text) {
-                Ok(p) => match hyvve::seal(new, p.expose()) {
+            // A row under the old key costs two derivations (open, seal
+            // with the new key) and one already moved costs one, plus one
+            // when the guess was wrong.
+            Codec::Hyvve => {
+                let rotate = |p: rekey_keyring::SecretBytes| match hyvve::seal(new, p.expose()) {
                     Ok(s) => Verdict::Rotated(s),
                     Err(_) => Verdict::Neither,
-                },
-                Err(KeyError::Malformed(_)) => Verdict::Malformed,
-                Err(_) => match hyvve::open(new, text) {
-                    Ok(_) => Verdict::AlreadyNew,
-                    Err(_) => Verdict::Neither,
-                },
-            },
+                };
+                let (first, second) = if *new_first { (new, old) } else { (old, new) };
+                match hyvve::open(first, text) {
+                    Ok(p) if *new_first => {
+                        drop(p);
+                        Verdict::AlreadyNew
+                    }
+                    Ok(p) => rotate(p),
+                    Err(KeyError::Malformed(_)) => Verdict::Malformed,
+                    Err(_) => match hyvve::open(second, text) {
+                        Ok(p) => {
+                            *new_first = !*new_first;
+                            if *new_first {
+                                Verdict::AlreadyNew
+                            } else {
+                                rotate(p)
+                            }
+                        }
+                        Err(_) => Verdict::Neither,
+                    },
+                }
+            }
         }
     }
 }
@@ -442,9 +467,10 @@ async fn classify_all(
         let chunk: Vec<String> = chunk.iter().map(|(_, v)| v.clone()).collect();
         let (old, new) = (old.clone(), new.clone());
         handles.push(tokio::task::spawn_blocking(move || {
+            let mut new_first = false;
             chunk
                 .iter()
-                .map(|v| codec.classify(&old, &new, v))
+                .map(|v| codec.classify(&old, &new, v, &mut new_first))
                 .collect::<Vec<_>>()
         }));
     }
@@ -495,31 +521,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classify_both_codecs() {
+    fn classify_both_codecs_whichever_key_is_tried_first() {
         let old = MasterKey::from_bytes(&[1; 32]).unwrap();
         let new = MasterKey::from_bytes(&[2; 32]).unwrap();
         let other = MasterKey::from_bytes(&[3; 32]).unwrap();
         for codec in [Codec::Rekey, Codec::Hyvve] {
-            let under_old = codec.seal(&old, b"v").unwrap();
-            match codec.classify(&old, &new, &under_old) {
-                Verdict::Rotated(s) => assert_eq!(codec.open(&new, &s).unwrap().expose(), b"v"),
-                _ => panic!("{codec:?}: should rotate"),
+            for start in [false, true] {
+                let c = |text: &str| {
+                    let mut new_first = start;
+                    codec.classify(&old, &new, text, &mut new_first)
+                };
+                let under_old = codec.seal(&old, b"v").unwrap();
+                match c(&under_old) {
+                    Verdict::Rotated(s) => {
+                        assert_eq!(codec.open(&new, &s).unwrap().expose(), b"v")
+                    }
+                    _ => panic!("{codec:?}: should rotate"),
+                }
+                let under_new = codec.seal(&new, b"v").unwrap();
+                assert!(matches!(c(&under_new), Verdict::AlreadyNew));
+                let under_other = codec.seal(&other, b"v").unwrap();
+                assert!(matches!(c(&under_other), Verdict::Neither));
+                assert!(matches!(c("plain text!"), Verdict::Malformed));
             }
-            let under_new = codec.seal(&new, b"v").unwrap();
-            assert!(matches!(
-                codec.classify(&old, &new, &under_new),
-                Verdict::AlreadyNew
-            ));
-            let under_other = codec.seal(&other, b"v").unwrap();
-            assert!(matches!(
-                codec.classify(&old, &new, &under_other),
-                Verdict::Neither
-            ));
-            assert!(matches!(
-                codec.classify(&old, &new, "plain text!"),
-                Verdict::Malformed
-            ));
         }
+    }
+
+    #[test]
+    fn the_hyvve_guess_follows_the_last_row() {
+        let old = MasterKey::from_bytes(&[1; 32]).unwrap();
+        let new = MasterKey::from_bytes(&[2; 32]).unwrap();
+        let mut new_first = false;
+        let under_new = Codec::Hyvve.seal(&new, b"v").unwrap();
+        let under_old = Codec::Hyvve.seal(&old, b"v").unwrap();
+        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first);
+        assert!(
+            new_first,
+            "a row under the new key makes it the first guess"
+        );
+        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first);
+        assert!(new_first);
+        let _ = Codec::Hyvve.classify(&old, &new, &under_old, &mut new_first);
+        assert!(!new_first, "and a row under the old key turns it back");
+        let _ = Codec::Hyvve.classify(&old, &new, "garbage", &mut new_first);
+        assert!(!new_first, "an unreadable row leaves it alone");
     }
 
     #[test]
