@@ -431,7 +431,20 @@ async fn a_kubernetes_lease_elects_one_leader_and_hands_over() {
 
     // The API server saw the candidates take turns by the Lease's rules.
     let h = api.history();
-    let holder = |e: &Value| e["holder"].as_str().unwrap_or("").to_string();
+    // Each candidate is its consumer id plus a suffix of its own.
+    let holder = |e: &Value| {
+        let h = e["holder"].as_str().unwrap_or("");
+        match h.rsplit_once('_') {
+            Some((consumer, suffix)) => {
+                assert!(
+                    suffix.len() == 8 && suffix.chars().all(|c| c.is_ascii_hexdigit()),
+                    "{h}"
+                );
+                consumer.to_string()
+            }
+            None => h.to_string(),
+        }
+    };
     let ids = [first, second, third].map(|i| format!("worker-{i}"));
     assert_eq!(holder(&h[0]), ids[0], "{h:?}");
     let released = h

@@ -14,7 +14,12 @@
 //! so a successor need not wait.
 //!
 //! The service account token is read from its file for every request
-//! (kubelet rotates projected tokens) and is never logged.
+//! (kubelet rotates projected tokens) and is never logged. It travels only
+//! over https, or over plain http to a loopback address (`kubectl proxy`).
+//!
+//! Each candidate's identity is its consumer id with a random suffix, so
+//! two processes never mistake each other's Lease for their own, even when
+//! they share a consumer id.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,6 +40,9 @@ use tokio_rustls::rustls;
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean stop waits to hand the Lease back before leaving it to
+/// expire by itself.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BODY: usize = 1 << 20;
 
 /// How to reach the API server and which Lease to use.
@@ -45,7 +53,8 @@ pub struct LeaseConfig {
     pub api_server: String,
     pub namespace: String,
     pub name: String,
-    /// How long a Lease nobody renews stays held (default 15s).
+    /// How long a Lease nobody renews stays held (default 15s; whole
+    /// seconds, as `leaseDurationSeconds` is).
     pub duration: Duration,
     /// The bearer token's file; none for `kubectl proxy`.
     pub token_file: Option<PathBuf>,
@@ -78,6 +87,14 @@ pub fn default_name(secret: &str) -> String {
     } else {
         format!("rekey-reencrypt-{}-{h}", slug.trim_end_matches('-'))
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A Kubernetes `MicroTime`: RFC 3339 in UTC with microseconds.
@@ -153,12 +170,24 @@ impl Client {
             ));
         };
         let authority = rest.trim_end_matches('/');
+        if authority.matches(':').count() > 1 && !authority.starts_with('[') {
+            return Err(format!(
+                "{}: put an IPv6 address in brackets (https://[fd00::1]:443)",
+                cfg.api_server
+            ));
+        }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && !p.contains(']') => {
                 (h.to_string(), p.parse().unwrap_or(443))
             }
             _ => (authority.to_string(), if tls { 443 } else { 80 }),
         };
+        if !tls && cfg.token_file.is_some() && !is_loopback(&host) {
+            return Err(format!(
+                "{}: a token is sent only over https, or over http to a loopback address (kubectl proxy)",
+                cfg.api_server
+            ));
+        }
         let tls = if tls {
             let ca = cfg
                 .ca_file
@@ -198,6 +227,11 @@ impl Client {
             port,
             tls,
         })
+    }
+
+    /// The duration as written into the Lease, and used for every timing.
+    fn duration_secs(&self) -> u64 {
+        self.cfg.duration.as_secs().max(1)
     }
 
     fn collection(&self) -> String {
@@ -349,16 +383,28 @@ pub struct Elector {
 }
 
 impl Elector {
-    pub fn new(cfg: LeaseConfig, identity: &str) -> Result<Self, String> {
+    /// `consumer_id` names the candidate; a random suffix makes the
+    /// identity this process's own.
+    pub fn new(cfg: LeaseConfig, consumer_id: &str) -> Result<Self, String> {
+        use ring::rand::SecureRandom;
+        let mut suffix = [0u8; 4];
+        ring::rand::SystemRandom::new()
+            .fill(&mut suffix)
+            .map_err(|_| "no randomness for the lease identity".to_string())?;
         Ok(Elector {
             client: Arc::new(Client::new(cfg)?),
-            identity: identity.to_string(),
+            identity: format!("{consumer_id}_{}", hex::encode(suffix)),
             seen: None,
         })
     }
 
+    /// This candidate's `holderIdentity`.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
     fn duration_secs(&self) -> u64 {
-        self.client.cfg.duration.as_secs().max(1)
+        self.client.duration_secs()
     }
 
     /// One try: `Some` when this candidate now leads.
@@ -386,12 +432,16 @@ impl Elector {
                 self.client.write(&lease, true).await?
             }
             Some(mut lease) => {
+                // A version first seen now has existed since at most now:
+                // counting from the answer, not the request, never lets the
+                // wait come out shorter than the holder's renewals.
                 let rv = resource_version(&lease);
                 let since = match &self.seen {
                     Some((seen, at)) if *seen == rv => *at,
                     _ => {
-                        self.seen = Some((rv, sent));
-                        sent
+                        let at = Instant::now();
+                        self.seen = Some((rv, at));
+                        at
                     }
                 };
                 let their = lease["spec"]["leaseDurationSeconds"]
@@ -439,11 +489,13 @@ pub struct Held {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     client: Arc<Client>,
+    identity: String,
 }
 
 impl Held {
     fn start(client: Arc<Client>, identity: String, lease: Value, sent: Instant) -> Held {
-        let deadline = client.cfg.duration * 2 / 3;
+        let duration = Duration::from_secs(client.duration_secs());
+        let deadline = duration * 2 / 3;
         let status = Arc::new(Mutex::new(Status {
             lease,
             valid_until: sent + deadline,
@@ -451,8 +503,8 @@ impl Held {
         }));
         let (stop, mut stopped) = oneshot::channel();
         let task = {
-            let (status, client) = (status.clone(), client.clone());
-            let every = (client.cfg.duration / 5).max(Duration::from_millis(100));
+            let (status, client, identity) = (status.clone(), client.clone(), identity.clone());
+            let every = duration / 5;
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -472,6 +524,7 @@ impl Held {
             stop: Some(stop),
             task: Some(task),
             client,
+            identity,
         }
     }
 
@@ -488,12 +541,14 @@ impl Held {
     }
 
     /// Stops renewing and clears `holderIdentity` so that another candidate
-    /// may lead at once.
+    /// may lead at once. Gives up after a short while (the Lease then
+    /// expires by itself), so a stopping pod is never held up.
     pub async fn release(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.stop.take();
         if let Some(t) = self.task.take() {
+            // A renewal in flight may still land; the 409 it causes below
+            // is handled by reading the Lease again.
+            t.abort();
             let _ = t.await;
         }
         let lease = {
@@ -503,15 +558,41 @@ impl Held {
             }
             s.lease.clone()
         };
-        let mut lease = lease;
-        let now = micro_time(SystemTime::now());
-        lease["spec"]["holderIdentity"] = json!("");
-        lease["spec"]["leaseDurationSeconds"] = json!(1);
-        lease["spec"]["renewTime"] = json!(now);
-        if let Err(e) = self.client.write(&lease, false).await {
-            tracing::warn!(lease = %self.client.cfg.name, error = %e, "cannot release the re-encryption lease; it expires by itself");
+        let name = self.client.cfg.name.clone();
+        match tokio::time::timeout(
+            RELEASE_TIMEOUT,
+            give_back(&self.client, &self.identity, lease),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %name, error = %e, "cannot release the re-encryption lease; it expires by itself");
+            }
+            Err(_) => {
+                tracing::warn!(lease = %name, "no answer releasing the re-encryption lease; it expires by itself");
+            }
         }
     }
+}
+
+/// Writes the Lease back with nobody holding it. On a conflict (a renewal
+/// that landed meanwhile) reads it again and, if it is still ours, tries
+/// once more.
+async fn give_back(client: &Client, identity: &str, mut lease: Value) -> Result<(), String> {
+    for _ in 0..2 {
+        lease["spec"]["holderIdentity"] = json!("");
+        lease["spec"]["leaseDurationSeconds"] = json!(1);
+        lease["spec"]["renewTime"] = json!(micro_time(SystemTime::now()));
+        if client.write(&lease, false).await?.is_some() {
+            return Ok(());
+        }
+        match client.get().await? {
+            Some(l) if holder(&l) == Some(identity) => lease = l,
+            _ => return Ok(()),
+        }
+    }
+    Err("the Lease kept changing".into())
 }
 
 impl Drop for Held {
@@ -650,5 +731,44 @@ mod tests {
             proxy.item(),
             "/apis/coordination.k8s.io/v1/namespaces/ns/leases/l"
         );
+    }
+
+    #[test]
+    fn two_candidates_with_one_consumer_id_are_two_identities() {
+        let cfg = LeaseConfig {
+            api_server: "http://127.0.0.1:8001".into(),
+            namespace: "ns".into(),
+            name: "l".into(),
+            duration: Duration::from_secs(15),
+            token_file: None,
+            ca_file: None,
+        };
+        let a = Elector::new(cfg.clone(), "api-7f9c").unwrap();
+        let b = Elector::new(cfg, "api-7f9c").unwrap();
+        assert!(a.identity().starts_with("api-7f9c_"), "{}", a.identity());
+        assert_ne!(a.identity(), b.identity());
+    }
+
+    #[test]
+    fn a_token_goes_only_over_https_or_to_loopback() {
+        let cfg = |api: &str| LeaseConfig {
+            api_server: api.into(),
+            namespace: "ns".into(),
+            name: "l".into(),
+            duration: Duration::from_secs(15),
+            token_file: Some("/dev/null".into()),
+            ca_file: None,
+        };
+        for ok in [
+            "http://127.0.0.1:8001",
+            "http://localhost:8001",
+            "http://[::1]:8001",
+        ] {
+            assert!(Client::new(cfg(ok)).is_ok(), "{ok}");
+        }
+        let e = Client::new(cfg("http://10.0.0.5:8001")).err().unwrap();
+        assert!(e.contains("only over https"), "{e}");
+        let e = Client::new(cfg("http://fd00::1:8001")).err().unwrap();
+        assert!(e.contains("brackets"), "{e}");
     }
 }

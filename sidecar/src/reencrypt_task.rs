@@ -117,7 +117,10 @@ pub async fn run(
             && elector.is_none()
         {
             match Elector::new(lease.clone(), &cfg.consumer_id) {
-                Ok(e) => elector = Some(e),
+                Ok(e) => {
+                    tracing::info!(secret = %rc.secret, lease = %lease.name, identity = e.identity(), "candidate for the re-encryption lease");
+                    elector = Some(e);
+                }
                 Err(e) => {
                     tracing::warn!(secret = %rc.secret, error = %e, "cannot use the Kubernetes Lease");
                     continue;
@@ -141,6 +144,12 @@ pub async fn run(
             }
             Ok(false) => {}
             Err(_) if *shutdown.borrow() => return,
+            // Whoever leads now reports; an error here would overwrite
+            // its progress.
+            Err(e) if e.starts_with(NOT_LEADER) => {
+                state.metrics.reencrypt_leader.set(0);
+                tracing::info!(secret = %rc.secret, version = v, reason = %e, "stopped leading re-encryption");
+            }
             Err(e) => {
                 state.metrics.reencrypt_leader.set(0);
                 tracing::warn!(secret = %rc.secret, version = v, error = %e, "re-encryption stopped; another attempt follows");
@@ -191,6 +200,10 @@ async fn report(
     }
 }
 
+/// How every loss of leadership begins, so that it is not reported as a
+/// failure.
+const NOT_LEADER: &str = "no longer the leader";
+
 /// What makes this sidecar the leader, re-checked before every batch.
 enum Leadership {
     /// A session advisory lock, held by this connection.
@@ -212,14 +225,10 @@ impl Leadership {
                 .bind(*key)
                 .fetch_one(&mut **conn)
                 .await
-                .map_err(|e| format!("lost the lock connection: {}", db(e)))?;
-                if held {
-                    Ok(())
-                } else {
-                    Err("no longer the leader".into())
-                }
+                .map_err(|e| format!("{NOT_LEADER}: lost the lock connection: {}", db(e)))?;
+                if held { Ok(()) } else { Err(NOT_LEADER.into()) }
             }
-            Leadership::Lease(h) => h.check().map_err(|e| format!("no longer the leader: {e}")),
+            Leadership::Lease(h) => h.check().map_err(|e| format!("{NOT_LEADER}: {e}")),
         }
     }
 
@@ -278,7 +287,9 @@ impl Hook for Leader<'_> {
         .await?;
         let done = self.done_before + r.scanned;
         self.state.metrics.reencrypt_rows.set(done as i64);
-        if self.last_report.elapsed() >= Duration::from_millis(500) {
+        // Once stopping, the pod's last seconds go to handing over, not to
+        // a report the next leader will replace.
+        if !*self.shutdown.borrow() && self.last_report.elapsed() >= Duration::from_millis(500) {
             self.last_report = Instant::now();
             let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
             report(
@@ -474,7 +485,10 @@ async fn lead(
                 &mut hook,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                rekey_reencrypt::Error::Stopped(why) => why,
+                e => e.to_string(),
+            })?;
             done_rows += r.scanned;
             sqlx::query(
                 "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
