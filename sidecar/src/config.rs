@@ -4,7 +4,7 @@
 //! The config names files (tokens, outputs, pid files); it never holds a
 //! secret itself.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -376,8 +376,19 @@ fn lease_config(
     );
     if duration < Duration::from_secs(1) {
         errors.push(format!("{setting}.lease.duration: at least 1s"));
+    } else if duration.subsec_nanos() != 0 {
+        errors.push(format!(
+            "{setting}.lease.duration: whole seconds (a Lease counts in seconds)"
+        ));
     }
-    let token_file = raw.token_file.or_else(|| in_pod("token"));
+    // The pod's token goes only to an https API server; over http (kubectl
+    // proxy) the proxy authenticates.
+    let token_file = raw.token_file.or_else(|| {
+        api_server
+            .starts_with("https://")
+            .then(|| in_pod("token"))
+            .flatten()
+    });
     if let Some(t) = &token_file
         && let Err(e) = std::fs::metadata(t)
     {
@@ -604,7 +615,7 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config file: {e}")]))?;
         let mut host = None;
-        let mut kube = std::collections::BTreeMap::new();
+        let mut kube = BTreeMap::new();
         for (k, v) in env {
             if k == "HOSTNAME" {
                 host = Some(v.clone());
@@ -784,6 +795,7 @@ fn validate(
         });
     }
     let mut reencrypt = Vec::new();
+    let mut lease_names = BTreeMap::new();
     for (i, r) in raw.reencrypt.into_iter().enumerate() {
         let setting = format!("reencrypt[{i}] ({})", r.secret);
         if !secrets.iter().any(|s| s.id == r.secret) {
@@ -854,6 +866,15 @@ fn validate(
                 Election::AdvisoryLock
             }
         };
+        if let Election::KubernetesLease(l) = &election
+            && let Some(first) =
+                lease_names.insert((l.namespace.clone(), l.name.clone()), setting.clone())
+        {
+            errors.push(format!(
+                "{setting}.lease.name: {}/{} is already the Lease of {first}; one Lease elects one task",
+                l.namespace, l.name
+            ));
+        }
         reencrypt.push(ReencryptConfig {
             election,
             poll: parse_duration(
@@ -1062,6 +1083,34 @@ pid_file = "/run/app.pid"
             &sa,
         );
         assert_eq!(c.api_server, "https://[fd00::1]:443");
+
+        // Over http (kubectl proxy) the pod's token is not sent, and a
+        // token given for a remote http address is refused.
+        let (c, errors) = lease(
+            RawLease {
+                api_server: Some("http://127.0.0.1:8001".into()),
+                ..Default::default()
+            },
+            &[],
+            &sa,
+        );
+        assert_eq!(c.token_file, None);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (_, errors) = lease(
+            RawLease {
+                api_server: Some("http://10.0.0.5:8001".into()),
+                token_file: Some(sa.join("token")),
+                ..Default::default()
+            },
+            &[],
+            &sa,
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("a token is sent only over https")),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -1080,6 +1129,35 @@ pid_file = "/run/app.pid"
         assert_eq!(c.namespace, "from-config");
         let all = errors.join("\n");
         assert!(all.contains("lease.duration: at least 1s"), "{all}");
+        let (_, errors) = lease(
+            RawLease {
+                api_server: Some("http://127.0.0.1:8001".into()),
+                duration: Some("1500ms".into()),
+                ..Default::default()
+            },
+            &[],
+            &empty,
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("lease.duration: whole seconds")),
+            "{errors:?}"
+        );
+        let (_, errors) = lease(
+            RawLease {
+                api_server: Some("https://fd00::1:443".into()),
+                ..Default::default()
+            },
+            &[],
+            &empty,
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("IPv6 address in brackets")),
+            "{errors:?}"
+        );
         assert!(all.contains("lease.token_file: cannot read"), "{all}");
         let (_, errors) = lease(RawLease::default(), &[], &empty);
         assert!(
@@ -1138,5 +1216,20 @@ preset = "hyvve"
         };
         assert_eq!(l.namespace, "ns");
         assert_eq!(l.api_server, "http://127.0.0.1:8001");
+
+        // Two tasks on one Lease would elect one leader for both.
+        let twice = format!(
+            "leader_election = \"kubernetes-lease\"\n[reencrypt.lease]\napi_server = \"http://127.0.0.1:8001\"\nnamespace = \"ns\"\nname = \"one\"\n\
+             [[reencrypt]]\nsecret = \"k\"\ndatabase_url_file = \"{}\"\npreset = \"hyvve\"\nleader_election = \"kubernetes-lease\"\n\
+             [reencrypt.lease]\napi_server = \"http://127.0.0.1:8001\"\nnamespace = \"ns\"\nname = \"one\"\n",
+            url.display()
+        );
+        let e = load(&twice).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "reencrypt[1] (k).lease.name: ns/one is already the Lease of reencrypt[0] (k)"
+            ),
+            "{e}"
+        );
     }
 }
