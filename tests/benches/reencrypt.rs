@@ -25,6 +25,10 @@
 //!    with sqlx over one connection: read a batch of 200 rows (keyset), then
 //!    for each row `hyvve::open` with the old key, `hyvve::seal` with the new
 //!    key and `UPDATE t SET c = $1 WHERE id = $2`, one statement per row.
+//!    Between the two, the same `rekey reencrypt` again on the first
+//!    database, where every row is now under the new key (an interrupted
+//!    run's re-run, or the sidecar's final sweep): it must report N already
+//!    new.
 //! 3. rekey codec, M rows: `rekey reencrypt --codec rekey` with the default
 //!    batch size, `--batch-size 1000` and `--batch-size 5000`, each on a
 //!    fresh database. Before each run, `EXPLAIN` (not executed) of the
@@ -451,6 +455,14 @@ impl Timed {
     }
 }
 
+/// What `rekey reencrypt` must report: all `rows` rotated, or (`moved`)
+/// all already under the new key.
+#[derive(Clone, Copy)]
+struct Expect {
+    rows: usize,
+    moved: bool,
+}
+
 /// Runs `rekey -o json reencrypt --column t.c --codec CODEC` on `db` and
 /// checks its summary.
 async fn run_rekey(
@@ -458,10 +470,11 @@ async fn run_rekey(
     keys: &Keys,
     codec: Codec,
     batch: Option<usize>,
-    rows: usize,
+    expect: Expect,
     limit: Duration,
     tick: f64,
 ) -> Result<Timed> {
+    let Expect { rows, moved } = expect;
     let mut cmd = tokio::process::Command::new(CLI);
     cmd.args(["-o", "json", "reencrypt", "--column", "t.c", "--codec"])
         .arg(codec.name());
@@ -498,7 +511,8 @@ async fn run_rekey(
         )
     })?;
     let expected = serde_json::json!({"dry_run": false, "columns": [
-        {"table": "t", "column": "c", "scanned": rows, "rotated": rows, "already_new": 0, "null": 0}
+        {"table": "t", "column": "c", "scanned": rows, "rotated": if moved { 0 } else { rows },
+         "already_new": if moved { rows } else { 0 }, "null": 0}
     ]});
     ensure!(
         j == expected,
@@ -586,26 +600,15 @@ async fn explain_write(db: &PgDb, size: usize) -> Result<WritePlan> {
             .fetch_all(&mut c),
     )
     .await?;
-    let mut sql = String::from("EXPLAIN UPDATE \"t\" AS t SET \"c\" = v.new FROM (VALUES ");
-    for i in 0..rows.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        let b = i * 3;
-        sql.push_str(&format!(
-            "(${}::text, ${}::text, ${}::text)",
-            b + 1,
-            b + 2,
-            b + 3
-        ));
-    }
-    sql.push_str(
-        ") AS v(id, old, new) WHERE t.\"id\" = v.id::int8 AND t.\"c\" = v.old RETURNING t.\"id\"::text",
-    );
-    let mut q = sqlx::query_scalar::<_, String>(&sql);
-    for (id, v) in &rows {
-        q = q.bind(id).bind(v).bind(v);
-    }
+    let sql = "EXPLAIN UPDATE \"t\" AS t SET \"c\" = v.new \
+               FROM unnest($1::text[]::int8[], $2::text[], $3::text[]) AS v(id, old, new) \
+               WHERE t.\"id\" = v.id AND t.\"c\" = v.old RETURNING t.\"id\"::text";
+    let ids: Vec<&str> = rows.iter().map(|(i, _)| i.as_str()).collect();
+    let values: Vec<&str> = rows.iter().map(|(_, v)| v.as_str()).collect();
+    let q = sqlx::query_scalar::<_, String>(sql)
+        .bind(&ids)
+        .bind(&values)
+        .bind(&values);
     let lines = bounded("EXPLAIN of a batch write", SQL_TIMEOUT, q.fetch_all(&mut c)).await?;
     bounded("close", Duration::from_secs(30), c.close()).await?;
     let join = ["Nested Loop", "Hash Join", "Merge Join"]
@@ -768,19 +771,15 @@ async fn run(s: &Settings) -> Result<String> {
         "hyvve: rekey reencrypt on {} rows (default batch size {DEFAULT_BATCH})",
         s.hyvve_rows
     ));
-    let hyvve_run = {
+    let (hyvve_run, hyvve_rerun) = {
         let db = seeded_db(&hyvve_values).await?;
-        let r = run_rekey(
-            &db,
-            &keys,
-            Codec::Hyvve,
-            None,
-            s.hyvve_rows,
-            hyvve_bound,
-            tick,
-        )
-        .await
-        .context("hyvve: rekey reencrypt")?;
+        let mut expect = Expect {
+            rows: s.hyvve_rows,
+            moved: false,
+        };
+        let r = run_rekey(&db, &keys, Codec::Hyvve, None, expect, hyvve_bound, tick)
+            .await
+            .context("hyvve: rekey reencrypt")?;
         progress(&format!(
             "hyvve: {:.1} rows/s; checking every row with the new key",
             r.rows_per_s()
@@ -788,7 +787,14 @@ async fn run(s: &Settings) -> Result<String> {
         verify(&db, Codec::Hyvve, &keys.new, s.hyvve_rows)
             .await
             .context("hyvve: after rekey reencrypt")?;
-        r
+        // The same command again, as after an interruption or in the
+        // sidecar's final sweep: every row is under the new key already.
+        progress("hyvve: rekey reencrypt again over the moved rows");
+        expect.moved = true;
+        let again = run_rekey(&db, &keys, Codec::Hyvve, None, expect, hyvve_bound, tick)
+            .await
+            .context("hyvve: rekey reencrypt again")?;
+        (r, again)
     };
 
     let baseline = if s.baseline {
@@ -839,7 +845,10 @@ async fn run(s: &Settings) -> Result<String> {
             &keys,
             Codec::Rekey,
             batch,
-            s.rekey_rows,
+            Expect {
+                rows: s.rekey_rows,
+                moved: false,
+            },
             rekey_bound,
             tick,
         )
@@ -891,6 +900,10 @@ async fn run(s: &Settings) -> Result<String> {
     out.push_str(&run_row(
         &format!("rekey reencrypt (batch {DEFAULT_BATCH}, {n_cores} workers)"),
         &hyvve_run,
+    ));
+    out.push_str(&run_row(
+        "again, every row already under the new key",
+        &hyvve_rerun,
     ));
     if let Some(b) = &baseline {
         out.push_str(&run_row("baseline: one thread, one UPDATE per row", b));
