@@ -90,11 +90,11 @@ pub fn default_name(secret: &str) -> String {
 }
 
 fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    // A literal address only: a name could resolve anywhere.
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A Kubernetes `MicroTime`: RFC 3339 in UTC with microseconds.
@@ -551,13 +551,14 @@ impl Held {
             t.abort();
             let _ = t.await;
         }
-        let lease = {
-            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            if s.lost.is_some() {
-                return;
-            }
-            s.lease.clone()
-        };
+        // Even after a late renewal the Lease may still name us; give_back
+        // leaves it alone if anyone else holds it.
+        let lease = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lease
+            .clone();
         let name = self.client.cfg.name.clone();
         match tokio::time::timeout(
             RELEASE_TIMEOUT,
@@ -759,15 +760,13 @@ mod tests {
             token_file: Some("/dev/null".into()),
             ca_file: None,
         };
-        for ok in [
-            "http://127.0.0.1:8001",
-            "http://localhost:8001",
-            "http://[::1]:8001",
-        ] {
+        for ok in ["http://127.0.0.1:8001", "http://[::1]:8001"] {
             assert!(Client::new(cfg(ok)).is_ok(), "{ok}");
         }
-        let e = Client::new(cfg("http://10.0.0.5:8001")).err().unwrap();
-        assert!(e.contains("only over https"), "{e}");
+        for remote in ["http://10.0.0.5:8001", "http://localhost:8001"] {
+            let e = Client::new(cfg(remote)).err().unwrap();
+            assert!(e.contains("only over https"), "{remote}: {e}");
+        }
         let e = Client::new(cfg("http://fd00::1:8001")).err().unwrap();
         assert!(e.contains("brackets"), "{e}");
     }

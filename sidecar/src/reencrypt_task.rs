@@ -225,7 +225,7 @@ impl Leadership {
                 .bind(*key)
                 .fetch_one(&mut **conn)
                 .await
-                .map_err(|e| format!("{NOT_LEADER}: lost the lock connection: {}", db(e)))?;
+                .map_err(|e| format!("lost the lock connection: {}", db(e)))?;
                 if held { Ok(()) } else { Err(NOT_LEADER.into()) }
             }
             Leadership::Lease(h) => h.check().map_err(|e| format!("{NOT_LEADER}: {e}")),
