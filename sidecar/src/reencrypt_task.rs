@@ -144,12 +144,6 @@ pub async fn run(
             }
             Ok(false) => {}
             Err(_) if *shutdown.borrow() => return,
-            // Whoever leads now reports; an error here would overwrite
-            // its progress.
-            Err(e) if e.starts_with(NOT_LEADER) => {
-                state.metrics.reencrypt_leader.set(0);
-                tracing::info!(secret = %rc.secret, version = v, reason = %e, "stopped leading re-encryption");
-            }
             Err(e) => {
                 state.metrics.reencrypt_leader.set(0);
                 tracing::warn!(secret = %rc.secret, version = v, error = %e, "re-encryption stopped; another attempt follows");
@@ -200,10 +194,6 @@ async fn report(
     }
 }
 
-/// How every loss of leadership begins, so that it is not reported as a
-/// failure.
-const NOT_LEADER: &str = "no longer the leader";
-
 /// What makes this sidecar the leader, re-checked before every batch.
 enum Leadership {
     /// A session advisory lock, held by this connection.
@@ -215,7 +205,9 @@ enum Leadership {
 }
 
 impl Leadership {
-    async fn check(&mut self) -> Result<(), String> {
+    /// `Ok(None)` while this sidecar leads, `Ok(Some(why))` once another
+    /// one may; `Err` when leadership cannot be checked.
+    async fn check(&mut self) -> Result<Option<String>, String> {
         match self {
             Leadership::Advisory { conn, key } => {
                 let held: bool = sqlx::query_scalar(
@@ -226,9 +218,9 @@ impl Leadership {
                 .fetch_one(&mut **conn)
                 .await
                 .map_err(|e| format!("lost the lock connection: {}", db(e)))?;
-                if held { Ok(()) } else { Err(NOT_LEADER.into()) }
+                Ok((!held).then(|| "the advisory lock is gone".to_string()))
             }
-            Leadership::Lease(h) => h.check().map_err(|e| format!("{NOT_LEADER}: {e}")),
+            Leadership::Lease(h) => Ok(h.check().err()),
         }
     }
 
@@ -261,6 +253,8 @@ struct Leader<'a> {
     total: u64,
     started: Instant,
     last_report: Instant,
+    /// Why this sidecar stopped leading, once it has.
+    lost: Option<String>,
 }
 
 impl Hook for Leader<'_> {
@@ -268,7 +262,13 @@ impl Hook for Leader<'_> {
         if *self.shutdown.borrow() {
             return Err(Error::Stopped("shutting down".into()));
         }
-        self.leadership.check().await.map_err(Error::Stopped)
+        match self.leadership.check().await.map_err(Error::Stopped)? {
+            None => Ok(()),
+            Some(why) => {
+                self.lost = Some(why.clone());
+                Err(Error::Stopped(format!("no longer the leader: {why}")))
+            }
+        }
     }
 
     async fn after_batch(&mut self, r: &Report, last_id: &str) -> Result<(), Error> {
@@ -310,7 +310,7 @@ impl Hook for Leader<'_> {
 
 /// One attempt at leading re-encryption to `version`. `Ok(true)` when it is
 /// finished (by us or an earlier leader), `Ok(false)` when another sidecar
-/// leads. `elector` is the Lease candidate, or none for the advisory lock.
+/// leads or took over from us. `elector` is the Lease candidate, or none for the advisory lock.
 #[allow(clippy::too_many_arguments, reason = "one attempt's whole context")]
 async fn attempt(
     cfg: &Config,
@@ -473,6 +473,7 @@ async fn lead(
                 total,
                 started,
                 last_report: Instant::now(),
+                lost: None,
             };
             let r = rekey_reencrypt::run_column(
                 &pool,
@@ -484,11 +485,14 @@ async fn lead(
                 start.and_then(|(l, _)| l),
                 &mut hook,
             )
-            .await
-            .map_err(|e| match e {
-                rekey_reencrypt::Error::Stopped(why) => why,
-                e => e.to_string(),
-            })?;
+            .await;
+            // Whoever leads now reports; an error from here would overwrite
+            // its progress.
+            if let Some(why) = hook.lost {
+                tracing::info!(secret = %rc.secret, version, reason = %why, "stopped leading re-encryption");
+                return Ok(false);
+            }
+            let r = r.map_err(|e| e.to_string())?;
             done_rows += r.scanned;
             sqlx::query(
                 "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
