@@ -403,10 +403,6 @@ impl Elector {
         &self.identity
     }
 
-    fn duration_secs(&self) -> u64 {
-        self.client.duration_secs()
-    }
-
     /// One try: `Some` when this candidate now leads.
     pub async fn try_acquire(&mut self) -> Result<Option<Held>, String> {
         let sent = Instant::now();
@@ -423,7 +419,7 @@ impl Elector {
                     },
                     "spec": {
                         "holderIdentity": self.identity,
-                        "leaseDurationSeconds": self.duration_secs(),
+                        "leaseDurationSeconds": self.client.duration_secs(),
                         "acquireTime": now,
                         "renewTime": now,
                         "leaseTransitions": 0,
@@ -457,7 +453,7 @@ impl Elector {
                             spec["acquireTime"] = json!(now);
                         }
                         spec["holderIdentity"] = json!(self.identity);
-                        spec["leaseDurationSeconds"] = json!(self.duration_secs());
+                        spec["leaseDurationSeconds"] = json!(self.client.duration_secs());
                         spec["renewTime"] = json!(now);
                         self.client.write(&lease, false).await?
                     }
