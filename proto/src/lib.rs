@@ -49,9 +49,27 @@ pub mod v1 {
     }
 }
 
+/// Formats Unix milliseconds (the API's time unit) as RFC 3339 UTC with
+/// milliseconds, e.g. `2026-11-26T12:28:15.123Z`; `-` when out of range.
+pub fn format_time(ms: i64) -> String {
+    use chrono::TimeZone;
+    match chrono::Utc.timestamp_millis_opt(ms).single() {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => String::from("-"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1::{SecretValue, StructuredValue, Version, secret_value};
+
+    #[test]
+    fn times_are_rfc3339_utc_with_millis() {
+        assert_eq!(
+            super::format_time(1_795_000_000_123),
+            "2026-11-18T11:06:40.123Z"
+        );
+    }
 
     #[test]
     fn debug_never_prints_a_value() {

@@ -16,7 +16,7 @@ use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::format_time;
+use rekey_proto::format_time;
 
 #[derive(Debug, Parser)]
 #[command(

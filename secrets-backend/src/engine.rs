@@ -786,7 +786,7 @@ impl Engine {
         if window_end > now {
             out.push(format!(
                 "validation window ends at {}",
-                crate::format_time(window_end)
+                rekey_proto::format_time(window_end)
             ));
         }
         let mut c = self.store.conn().await?;
