@@ -1,27 +1,38 @@
-//! Conversions between store rows, keyring values and `rekey.v1` messages.
+//! Conversions between the `rekey.v1` wire messages and the engine's types:
+//! rows out, values and kind options in. The only place that knows both.
 
 use rekey_keyring::{SecretBytes, SecretString, SecretValue};
 use rekey_proto::v1 as pb;
 
+use crate::audit;
+use crate::engine::SecretStatus;
 use crate::error::{Error, Result};
-use crate::store::{REVOKED, SecretRow, VersionRow};
+use crate::kinds::exec::ExecOptions;
+use crate::kinds::postgres::PgOptions;
+use crate::kinds::redis::RedisOptions;
+use crate::kinds::{DEFAULT_RANDOM_LENGTH, Encoding, KindOptions, RandomOptions};
+use crate::store::{SecretRow, VersionRow, VersionState};
 
-pub fn secret(s: &SecretRow) -> pb::Secret {
-    let random = serde_json::from_str::<serde_json::Value>(&s.options)
-        .ok()
-        .and_then(|o| o.get("random").cloned())
-        .map(|r| pb::RandomOptions {
-            length: r.get("length").and_then(|l| l.as_u64()).unwrap_or(0) as u32,
-            encoding: r
-                .get("encoding")
-                .and_then(|e| e.as_str())
-                .unwrap_or_default()
-                .to_string(),
-        });
+/// Protobuf counts are unsigned; rekey's are non-negative `i64` (the type
+/// both SQLite and Postgres store).
+fn unsigned(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A wire count back to the store's type; anything beyond `i64::MAX` is
+/// no version or count rekey ever issued.
+pub(crate) fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn secret(s: &SecretRow) -> pb::Secret {
     pb::Secret {
         id: s.id.clone(),
         kind: s.kind.clone(),
-        random,
+        random: s.options.random.as_ref().map(|r| pb::RandomOptions {
+            length: r.length,
+            encoding: r.encoding.as_str().into(),
+        }),
         schedule: Some(pb::Schedule {
             spec: s.schedule_spec.clone(),
             rotation_window_ms: s.rotation_window_ms,
@@ -31,46 +42,43 @@ pub fn secret(s: &SecretRow) -> pb::Secret {
         }),
         validation_window_ms: s.validation_window_ms,
         created_at_ms: s.created_at_ms,
-        current_version: s.current_version as u64,
-        previous_version: s.previous_version as u64,
-        pending_version: s.pending_version as u64,
+        current_version: unsigned(s.current_version),
+        previous_version: unsigned(s.previous_version),
+        pending_version: unsigned(s.pending_version),
         next_rotation_at_ms: s.next_rotation_at_ms,
         last_rotated_at_ms: s.last_rotated_at_ms,
-        revision: s.revision as u64,
+        revision: unsigned(s.revision),
     }
 }
 
 /// The stages that point at version `v` of secret `s`.
-pub fn stages(s: &SecretRow, v: i64) -> Vec<i32> {
-    let mut out = Vec::new();
-    if s.current_version == v {
-        out.push(pb::Stage::Current as i32);
-    }
-    if s.previous_version == v {
-        out.push(pb::Stage::Previous as i32);
-    }
-    if s.pending_version == v {
-        out.push(pb::Stage::Pending as i32);
-    }
-    out
+fn stages(s: &SecretRow, v: i64) -> Vec<i32> {
+    [
+        (s.current_version, pb::Stage::Current),
+        (s.previous_version, pb::Stage::Previous),
+        (s.pending_version, pb::Stage::Pending),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n == v)
+    .map(|(_, st)| st as i32)
+    .collect()
 }
 
-pub fn version(s: &SecretRow, v: &VersionRow, value: Option<&SecretValue>) -> pb::Version {
+pub(crate) fn version(s: &SecretRow, v: &VersionRow, value: Option<&SecretValue>) -> pb::Version {
     pb::Version {
-        version: v.version as u64,
+        version: unsigned(v.version),
         created_at_ms: v.created_at_ms,
         stages: stages(s, v.version),
-        state: if v.state == REVOKED {
-            pb::VersionState::Revoked as i32
-        } else {
-            pb::VersionState::Active as i32
-        },
+        state: match v.state {
+            VersionState::Active => pb::VersionState::Active,
+            VersionState::Revoked => pb::VersionState::Revoked,
+        } as i32,
         revoked_at_ms: v.revoked_at_ms,
         value: value.map(value_to_pb),
     }
 }
 
-pub fn value_to_pb(v: &SecretValue) -> pb::SecretValue {
+pub(crate) fn value_to_pb(v: &SecretValue) -> pb::SecretValue {
     pb::SecretValue {
         value: Some(match v {
             SecretValue::Raw(b) => pb::secret_value::Value::Raw(b.expose().to_vec()),
@@ -84,7 +92,7 @@ pub fn value_to_pb(v: &SecretValue) -> pb::SecretValue {
     }
 }
 
-pub fn value_from_pb(v: &pb::SecretValue) -> Result<SecretValue> {
+pub(crate) fn value_from_pb(v: &pb::SecretValue) -> Result<SecretValue> {
     match &v.value {
         Some(pb::secret_value::Value::Raw(b)) => Ok(SecretValue::Raw(SecretBytes::new(b.clone()))),
         Some(pb::secret_value::Value::Fields(f)) => Ok(SecretValue::Fields(
@@ -94,5 +102,178 @@ pub fn value_from_pb(v: &pb::SecretValue) -> Result<SecretValue> {
                 .collect(),
         )),
         None => Err(Error::InvalidArgument("the value is empty".into())),
+    }
+}
+
+/// A request's optional value.
+pub(crate) fn opt_value(v: Option<&pb::SecretValue>) -> Result<Option<SecretValue>> {
+    v.map(value_from_pb).transpose()
+}
+
+/// The kind options of a `CreateSecret` request, typed. Zero and empty
+/// fields mean "the default" on the wire; the kind fills them in.
+pub(crate) fn kind_options(r: &pb::CreateSecretRequest) -> Result<KindOptions> {
+    let random = match &r.random {
+        None => None,
+        Some(o) => Some(RandomOptions {
+            length: if o.length == 0 {
+                DEFAULT_RANDOM_LENGTH
+            } else {
+                o.length
+            },
+            encoding: match o.encoding.as_str() {
+                "" => Encoding::Base64url,
+                e => e.parse()?,
+            },
+        }),
+    };
+    let postgres = match &r.postgres {
+        None => None,
+        Some(p) => Some(PgOptions {
+            admin_url_file: p.admin_url_file.clone(),
+            group_role: p.group_role.clone(),
+            role_base: p.role_base.clone(),
+            database: p.database.clone(),
+            host: p.host.clone(),
+            port: u16::try_from(p.port).map_err(|_| {
+                Error::InvalidArgument(format!("port {} is not a TCP port", p.port))
+            })?,
+            probe: p.probe.clone(),
+            terminate_sessions: p.terminate_sessions,
+        }),
+    };
+    Ok(KindOptions {
+        random,
+        postgres,
+        redis: r.redis.as_ref().map(|p| RedisOptions {
+            admin_url_file: p.admin_url_file.clone(),
+            username: p.username.clone(),
+            address: p.address.clone(),
+        }),
+        exec: r.exec.as_ref().map(|p| ExecOptions {
+            create: p.create.clone(),
+            set: p.set.clone(),
+            test: p.test.clone(),
+            revoke: p.revoke.clone(),
+            timeout_ms: p.timeout_ms,
+        }),
+    })
+}
+
+pub(crate) fn status(st: &SecretStatus) -> pb::SecretStatus {
+    let s = &st.secret;
+    let consumers: Vec<pb::Consumer> = st
+        .consumers
+        .iter()
+        .map(|(k, live)| pb::Consumer {
+            live: *live,
+            consumer_id: k.consumer_id.clone(),
+            pod: k.pod.clone(),
+            namespace: k.namespace.clone(),
+            identity: k.identity.clone(),
+            version: unsigned(k.version),
+            healthy: k.healthy,
+            error: k.error.clone(),
+            reported_at_ms: k.reported_at_ms,
+        })
+        .collect();
+    let live = consumers.iter().filter(|k| k.live).count();
+    let converged = consumers
+        .iter()
+        .filter(|k| k.live && k.version == unsigned(s.current_version))
+        .count();
+    pb::SecretStatus {
+        secret: Some(secret(s)),
+        versions: st.versions.iter().map(|v| version(s, v, None)).collect(),
+        consumers,
+        rotation: st.rotation.as_ref().map(|r| pb::RotationState {
+            target_version: unsigned(r.target_version),
+            step: r.step.as_str().into(),
+            error: r.error.clone(),
+            started_at_ms: r.started_at_ms,
+            updated_at_ms: r.updated_at_ms,
+        }),
+        converged: u32::try_from(converged).unwrap_or(u32::MAX),
+        live_consumers: u32::try_from(live).unwrap_or(u32::MAX),
+        decommission_blockers: st.decommission_blockers.clone(),
+        reencryption: st.reencryption.as_ref().map(|r| pb::Reencryption {
+            version: unsigned(r.version),
+            consumer_id: r.consumer_id.clone(),
+            rows_done: unsigned(r.rows_done),
+            rows_total: unsigned(r.rows_total),
+            // Rows per second, stored in thousandths.
+            #[allow(clippy::cast_precision_loss, reason = "rates far below 2^53")]
+            rate: r.rate_milli as f64 / 1000.0,
+            finished: r.finished,
+            phase: r.phase.clone(),
+            updated_at_ms: r.updated_at_ms,
+        }),
+    }
+}
+
+pub(crate) fn audit_event(e: audit::Event) -> pb::AuditEvent {
+    pb::AuditEvent {
+        seq: unsigned(e.seq),
+        time_ms: e.time_ms,
+        actor: e.actor,
+        action: e.action,
+        secret_id: e.secret_id,
+        version: unsigned(e.version),
+        outcome: e.outcome,
+        request_id: e.request_id,
+        detail: e.detail,
+        prev_hash: e.prev_hash,
+        hash: e.hash,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_options_become_typed_once() {
+        let req = pb::CreateSecretRequest {
+            random: Some(pb::RandomOptions {
+                length: 0,
+                encoding: String::new(),
+            }),
+            postgres: Some(pb::PostgresOptions {
+                port: 5433,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let o = kind_options(&req).unwrap();
+        assert_eq!(
+            o.random,
+            Some(RandomOptions {
+                length: DEFAULT_RANDOM_LENGTH,
+                encoding: Encoding::Base64url
+            })
+        );
+        assert_eq!(o.postgres.unwrap().port, 5433);
+        assert!(o.redis.is_none() && o.exec.is_none());
+
+        let bad = pb::CreateSecretRequest {
+            random: Some(pb::RandomOptions {
+                length: 8,
+                encoding: "rot13".into(),
+            }),
+            ..Default::default()
+        };
+        let e = kind_options(&bad).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("rot13"),
+            "{e}"
+        );
+        let bad_port = pb::CreateSecretRequest {
+            postgres: Some(pb::PostgresOptions {
+                port: 70_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(kind_options(&bad_port).is_err());
     }
 }

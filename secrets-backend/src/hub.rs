@@ -2,11 +2,11 @@
 //!
 //! One `tokio::sync::watch` channel per watched secret holds its latest
 //! snapshot (current and previous, decrypted once and shared through an
-//! `Arc`). A change loads the snapshot once; every stream then reads the same
-//! `Arc`. Streams hold no database connection and run no query per event.
-//! Because a watch channel keeps only the latest value, a slow stream skips
-//! intermediate versions instead of falling behind: a sidecar only ever
-//! needs the newest one.
+//! `Arc`). The engine loads a snapshot once per change and publishes it
+//! here; every stream then reads the same `Arc`. Streams hold no database
+//! connection and run no query per event. Because a watch channel keeps
+//! only the latest value, a slow stream skips intermediate versions instead
+//! of falling behind: a sidecar only ever needs the newest one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,18 +14,14 @@ use std::sync::{Arc, Mutex};
 use rekey_proto::v1 as pb;
 use tokio::sync::watch;
 
-use crate::convert;
-use crate::error::Result;
-use crate::store::{ACTIVE, Store};
-
 /// What Watch streams deliver for one secret.
 #[derive(Debug)]
-pub struct Snapshot {
-    pub secret: pb::Secret,
-    pub current: pb::Version,
-    pub previous: Option<pb::Version>,
+pub(crate) struct Snapshot {
+    pub(crate) secret: pb::Secret,
+    pub(crate) current: pb::Version,
+    pub(crate) previous: Option<pb::Version>,
     /// When this replica loaded and published it (Unix ms).
-    pub published_at_ms: i64,
+    pub(crate) published_at_ms: i64,
 }
 
 impl Snapshot {
@@ -37,10 +33,11 @@ impl Snapshot {
     }
 }
 
+pub(crate) type Receiver = watch::Receiver<Option<Arc<Snapshot>>>;
 type Slot = watch::Sender<Option<Arc<Snapshot>>>;
 
-pub struct Hub {
-    store: Arc<Store>,
+#[derive(Default)]
+pub(crate) struct Hub {
     slots: Mutex<HashMap<String, Slot>>,
     /// Serializes first loads, so that thousands of streams opening at once
     /// on a secret nobody watched yet cause one load, not thousands.
@@ -48,71 +45,53 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self {
-            store,
-            slots: Mutex::new(HashMap::new()),
-            first_load: tokio::sync::Mutex::new(()),
-        }
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The channel of `id` (created when missing) and a receiver on it,
-    /// taken under the lock so the slot cannot be pruned in between.
-    fn slot(&self, id: &str) -> (Slot, watch::Receiver<Option<Arc<Snapshot>>>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+    /// A receiver on the channel of `id` (created when missing), taken
+    /// under the lock so the slot cannot be pruned in between. Its value is
+    /// `None` until a first snapshot is published.
+    pub(crate) fn subscribe(&self, id: &str) -> Receiver {
+        let mut slots = self.slots();
         // Drop slots nobody watches any more, so the map does not grow with
         // every secret ever watched.
         slots.retain(|k, s| k == id || s.receiver_count() > 0);
-        let slot = slots
+        slots
             .entry(id.to_string())
             .or_insert_with(|| watch::channel(None).0)
-            .clone();
-        let rx = slot.subscribe();
-        (slot, rx)
+            .subscribe()
     }
 
-    /// A receiver that yields the secret's current snapshot at once, then
-    /// each change.
-    pub async fn subscribe(&self, id: &str) -> Result<watch::Receiver<Option<Arc<Snapshot>>>> {
-        let (slot, rx) = self.slot(id);
-        if slot.borrow().is_none() {
-            let _one = self.first_load.lock().await;
-            if slot.borrow().is_none() {
-                self.load_into(id, &slot).await?;
-            }
-        }
-        Ok(rx)
+    /// Held while a first snapshot loads.
+    pub(crate) async fn first_load(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.first_load.lock().await
     }
 
-    /// Reloads a secret after a change (local, or NOTIFY from another
-    /// replica) if anybody watches it.
-    pub async fn refresh(&self, id: &str) {
-        let slot = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.get(id).filter(|s| s.receiver_count() > 0).cloned()
+    /// True when some stream watches `id` and so wants its changes.
+    pub(crate) fn watched(&self, id: &str) -> bool {
+        self.slots().get(id).is_some_and(|s| s.receiver_count() > 0)
+    }
+
+    /// Every secret some stream watches.
+    pub(crate) fn watched_ids(&self) -> Vec<String> {
+        self.slots()
+            .iter()
+            .filter(|(_, s)| s.receiver_count() > 0)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Hands `snap` to the streams of `id`, unless they already have this
+    /// revision or the same current and previous versions.
+    pub(crate) fn publish(&self, id: &str, snap: Snapshot) {
+        let Some(slot) = self.slots().get(id).cloned() else {
+            return;
         };
-        if let Some(slot) = slot
-            && let Err(e) = self.load_into(id, &slot).await
-        {
-            tracing::warn!(secret = id, error = %e, "cannot reload secret for watchers");
-        }
-    }
-
-    /// Reloads every watched secret (after a lost NOTIFY connection).
-    pub async fn refresh_all(&self) {
-        let ids: Vec<String> = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.keys().cloned().collect()
-        };
-        for id in ids {
-            self.refresh(&id).await;
-        }
-    }
-
-    async fn load_into(&self, id: &str, slot: &Slot) -> Result<()> {
-        let snap = Arc::new(self.load(id).await?);
+        let snap = Arc::new(snap);
         slot.send_if_modified(|cur| match cur {
-            // Newer revision with a different current/previous: publish.
             Some(old) if old.secret.revision >= snap.secret.revision || old.key() == snap.key() => {
                 false
             }
@@ -121,43 +100,47 @@ impl Hub {
                 true
             }
         });
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(revision: u64, current: u64) -> Snapshot {
+        Snapshot {
+            secret: pb::Secret {
+                revision,
+                ..Default::default()
+            },
+            current: pb::Version {
+                version: current,
+                ..Default::default()
+            },
+            previous: None,
+            published_at_ms: 0,
+        }
     }
 
-    async fn load(&self, id: &str) -> Result<Snapshot> {
-        let mut c = self.store.conn().await?;
-        let s = self.store.require_secret(&mut c, id).await?;
-        let cur_row = self
-            .store
-            .require_version(&mut c, id, s.current_version)
-            .await?;
-        let cur_val = self
-            .store
-            .version_value(&mut c, id, s.current_version)
-            .await?;
-        let previous = if s.previous_version > 0 {
-            match self
-                .store
-                .get_version(&mut c, id, s.previous_version)
-                .await?
-            {
-                Some(row) if row.state == ACTIVE => {
-                    let v = self
-                        .store
-                        .version_value(&mut c, id, s.previous_version)
-                        .await?;
-                    Some(convert::version(&s, &row, Some(&v)))
-                }
-                _ => None,
-            }
-        } else {
-            None
-        };
-        Ok(Snapshot {
-            secret: convert::secret(&s),
-            current: convert::version(&s, &cur_row, Some(&cur_val)),
-            previous,
-            published_at_ms: crate::engine::now_ms(),
-        })
+    #[test]
+    fn publishes_newer_revisions_only_to_watched_secrets() {
+        let hub = Hub::default();
+        hub.publish("a", snap(1, 1));
+        assert!(!hub.watched("a"));
+        let mut rx = hub.subscribe("a");
+        assert!(rx.borrow().is_none());
+        hub.publish("a", snap(2, 2));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().current.version, 2);
+        hub.publish("a", snap(1, 1));
+        assert!(!rx.has_changed().unwrap(), "an older revision is dropped");
+        hub.publish("a", snap(3, 2));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same versions are not resent"
+        );
+        assert_eq!(hub.watched_ids(), ["a"]);
+        drop(rx);
+        assert!(!hub.watched("a"));
     }
 }

@@ -4,20 +4,22 @@
 //! The binaries are thin: `rekey-backend` loads a [`config::Config`] and
 //! calls [`server::run`]; `rekey` calls [`cli::main`].
 
-pub mod audit;
-pub mod auth;
+mod audit;
+mod auth;
 pub mod cli;
+mod clock;
 pub mod config;
-pub mod convert;
+mod convert;
 pub mod demo;
-pub mod engine;
-pub mod error;
-pub mod hub;
-pub mod kinds;
-pub mod metrics;
+mod engine;
+mod error;
+mod hub;
+mod kinds;
+mod metrics;
+mod provider;
 pub mod reencrypt_cmd;
-pub mod schedule;
+mod schedule;
 pub mod server;
-pub mod service;
-pub mod store;
+mod service;
+mod store;
 pub mod telemetry;

@@ -16,18 +16,18 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsCo
 
 use crate::auth::{self, Auth};
 use crate::config::{self, Config, KekSource};
-use crate::engine::Engine;
-use crate::hub::Hub;
+use crate::engine::{self, Engine};
 use crate::metrics::{self, Metrics};
+use crate::provider::{Providers, embedded::Embedded};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
 /// HTTP/2 streams one client connection may hold open at once.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Reads (or, for the development default, creates) the KEK. Errors name
 /// the source, never the content.
-pub fn load_kek(
+pub(crate) fn load_kek(
     src: &KekSource,
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<MasterKey> {
@@ -83,7 +83,7 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
 
 /// Returns the digest of the bootstrap admin token, creating the token file
 /// when it does not exist. Logs the path, never the token.
-pub fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
+pub(crate) fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
     if !path.exists() {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -130,19 +130,18 @@ pub async fn run(
     };
     let auth = Arc::new(Auth::new(cfg.tokens.clone(), cfg.policies.clone(), admin));
     let metrics = Arc::new(Metrics::default());
-    let hub = Arc::new(Hub::new(store.clone()));
-    let engine = Arc::new(Engine {
-        store: store.clone(),
-        kinds: Default::default(),
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        step_delay: cfg.step_delay,
-        step_attempts: cfg.step_attempts,
-        step_backoff: cfg.step_backoff,
-        consumer_ttl: cfg.consumer_ttl,
-        consumers_refreshed_at: Default::default(),
-        consumers_dirty: Default::default(),
-    });
+    let providers = Providers::new(Arc::new(Embedded::new(store.clone())));
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        providers,
+        metrics.clone(),
+        engine::Settings {
+            step_delay: cfg.step_delay,
+            step_attempts: cfg.step_attempts,
+            step_backoff: cfg.step_backoff,
+            consumer_ttl: cfg.consumer_ttl,
+        },
+    ));
 
     // Bind before spawning anything, so a taken port fails fast.
     let grpc_listener = TcpListener::bind(cfg.listen)
@@ -206,11 +205,11 @@ pub async fn run(
 
     if store.dialect() == Dialect::Postgres {
         let url = cfg.store_url.clone();
-        let hub = hub.clone();
+        let engine = engine.clone();
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
-                _ = listen_changes(&url, &hub) => {}
+                _ = listen_changes(&url, &engine) => {}
                 _ = stopped(&mut rx) => {}
             }
         });
@@ -291,7 +290,7 @@ pub async fn run(
     {
         tracing::warn!("background tasks did not stop within 10s");
     }
-    store.pool().close().await;
+    store.close().await;
     served.context("gRPC server failed")?;
     tracing::info!("stopped");
     Ok(())
@@ -300,7 +299,7 @@ pub async fn run(
 /// Follows NOTIFYs from other replicas and refreshes the watched secrets
 /// they name. After a reconnect every watched secret is reloaded, since
 /// notifications sent meanwhile are lost.
-async fn listen_changes(url: &str, hub: &Hub) {
+async fn listen_changes(url: &str, engine: &Engine) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match sqlx::postgres::PgListener::connect(url).await {
@@ -309,15 +308,15 @@ async fn listen_changes(url: &str, hub: &Hub) {
                     tracing::warn!(error = %e, "cannot LISTEN for changes");
                 } else {
                     backoff = Duration::from_millis(200);
-                    hub.refresh_all().await;
+                    engine.refresh_all().await;
                     loop {
                         match l.try_recv().await {
-                            Ok(Some(n)) => hub.refresh(n.payload()).await,
+                            Ok(Some(n)) => engine.refresh(n.payload()).await,
                             Ok(None) => {
                                 tracing::warn!(
                                     "change notifications reconnected; reloading watched secrets"
                                 );
-                                hub.refresh_all().await;
+                                engine.refresh_all().await;
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "change notifications lost");

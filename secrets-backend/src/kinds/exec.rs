@@ -17,17 +17,18 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{Kind, SecretCtx, ValueInput, step, stored_options};
+use super::{Kind, KindOptions, SecretCtx, ValueInput, step};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct ExecOptions {
-    pub create: String,
-    pub set: String,
-    pub test: String,
-    pub revoke: String,
-    pub timeout_ms: u64,
+pub(crate) struct ExecOptions {
+    pub(crate) create: String,
+    pub(crate) set: String,
+    pub(crate) test: String,
+    pub(crate) revoke: String,
+    /// Per hook run; 0 on the wire means the default, 30 s.
+    pub(crate) timeout_ms: u64,
 }
 
 const MAX_OUTPUT: usize = 1 << 20;
@@ -120,7 +121,7 @@ async fn run_hook(
     })?
 }
 
-pub struct Exec;
+pub(crate) struct Exec;
 
 #[async_trait]
 impl Kind for Exec {
@@ -128,18 +129,11 @@ impl Kind for Exec {
         "exec"
     }
 
-    fn check_options(&self, raw: &serde_json::Value) -> Result<serde_json::Value> {
-        let e = raw.get("exec").cloned().unwrap_or_default();
-        let s = |k: &str| {
-            e.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
+    fn check_options(&self, raw: &KindOptions) -> Result<KindOptions> {
+        let e = raw.exec.clone().unwrap_or_default();
         let mut problems = Vec::new();
-        let mut hook = |name: &str| {
-            let p = s(name);
+        let mut hook = |name: &str, path: &str| {
+            let p = path.trim().to_string();
             if p.is_empty() {
                 problems.push(format!("--hook-{name} is required"));
             } else {
@@ -153,20 +147,23 @@ impl Kind for Exec {
             p
         };
         let o = ExecOptions {
-            create: hook("create"),
-            set: hook("set"),
-            test: hook("test"),
-            revoke: hook("revoke"),
-            timeout_ms: e
-                .get("timeout_ms")
-                .and_then(|v| v.as_u64())
-                .filter(|t| *t > 0)
-                .unwrap_or(30_000),
+            create: hook("create", &e.create),
+            set: hook("set", &e.set),
+            test: hook("test", &e.test),
+            revoke: hook("revoke", &e.revoke),
+            timeout_ms: if e.timeout_ms == 0 {
+                30_000
+            } else {
+                e.timeout_ms
+            },
         };
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems.join("; ")));
         }
-        Ok(serde_json::json!({ "exec": o }))
+        Ok(KindOptions {
+            exec: Some(o),
+            ..KindOptions::default()
+        })
     }
 
     fn value_input(&self) -> ValueInput {
@@ -179,7 +176,7 @@ impl Kind for Exec {
         current: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = stored_options::<ExecOptions>(ctx, "exec")?;
+        let o = ctx.options.exec(ctx.id)?;
         let out = run_hook(
             ctx.id,
             "create",
@@ -206,7 +203,7 @@ impl Kind for Exec {
         new: &SecretValue,
         old: Option<&SecretValue>,
     ) -> Result<()> {
-        let o = stored_options::<ExecOptions>(ctx, "exec")?;
+        let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
             "set",
@@ -219,7 +216,7 @@ impl Kind for Exec {
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = stored_options::<ExecOptions>(ctx, "exec")?;
+        let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
             "test",
@@ -232,7 +229,7 @@ impl Kind for Exec {
     }
 
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
-        let o = stored_options::<ExecOptions>(ctx, "exec")?;
+        let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
             "revoke",
@@ -246,7 +243,7 @@ impl Kind for Exec {
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
         // The set hook makes a value valid again; `step` tells it why.
-        let o = stored_options::<ExecOptions>(ctx, "exec")?;
+        let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
             "restore",

@@ -19,23 +19,25 @@ use serde::{Deserialize, Serialize};
 use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
-use super::{Encoding, Kind, SecretCtx, ValueInput, field, generate, step, stored_options};
+use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct PgOptions {
+pub(crate) struct PgOptions {
     /// A file holding the admin connection URL (read at each step).
-    pub admin_url_file: String,
-    pub group_role: String,
-    pub role_base: String,
-    pub database: String,
-    pub host: String,
-    pub port: u16,
-    /// SQL run as the new role by the test step.
-    pub probe: String,
+    pub(crate) admin_url_file: String,
+    pub(crate) group_role: String,
+    pub(crate) role_base: String,
+    pub(crate) database: String,
+    /// Where apps connect; empty: the admin URL's host.
+    pub(crate) host: String,
+    /// 0: the admin URL's port.
+    pub(crate) port: u16,
+    /// SQL run as the new role by the test step; empty: `SELECT 1`.
+    pub(crate) probe: String,
     /// Terminate the old role's sessions at decommission.
-    pub terminate_sessions: bool,
+    pub(crate) terminate_sessions: bool,
 }
 
 /// Role names rekey creates and quotes: lower-case, digits, underscore.
@@ -48,7 +50,7 @@ fn valid_ident(s: &str) -> bool {
 }
 
 /// A SCRAM-SHA-256 verifier for `password`, as Postgres stores it.
-pub fn scram_verifier(password: &str) -> Result<String> {
+pub(crate) fn scram_verifier(password: &str) -> Result<String> {
     const ITER: u32 = 4096;
     let salt = rekey_keyring::random_bytes(16)?;
     let mut salted = zeroize::Zeroizing::new([0u8; 32]);
@@ -243,7 +245,7 @@ async fn enable(
     .await
 }
 
-pub struct Postgres;
+pub(crate) struct Postgres;
 
 #[async_trait]
 impl Kind for Postgres {
@@ -251,19 +253,12 @@ impl Kind for Postgres {
         "postgres"
     }
 
-    fn check_options(&self, raw: &serde_json::Value) -> Result<serde_json::Value> {
-        let p = raw.get("postgres").cloned().unwrap_or_default();
-        let s = |k: &str| {
-            p.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
+    fn check_options(&self, raw: &KindOptions) -> Result<KindOptions> {
+        let p = raw.postgres.clone().unwrap_or_default();
         let mut problems = Vec::new();
-        let admin_url_file = s("admin_url_file");
-        let mut host = s("host");
-        let mut port = p.get("port").and_then(|v| v.as_u64()).unwrap_or(0) as u16;
+        let admin_url_file = p.admin_url_file.trim().to_string();
+        let mut host = p.host.trim().to_string();
+        let mut port = p.port;
         if admin_url_file.is_empty() {
             problems.push("--admin-url-file is required".to_string());
         } else {
@@ -286,28 +281,28 @@ impl Kind for Postgres {
                 )),
             }
         }
-        let group_role = s("group_role");
+        let group_role = p.group_role.trim().to_string();
         if !valid_ident(&group_role) {
             problems.push(format!(
                 "--group-role {group_role:?}: use lower-case letters, digits and _"
             ));
         }
-        let role_base = s("role_base");
+        let role_base = p.role_base.trim().to_string();
         if !valid_ident(&role_base) || role_base.len() > 58 {
             problems.push(format!(
                 "--role-base {role_base:?}: use lower-case letters, digits and _ (at most 58)"
             ));
         }
-        let database = s("database");
+        let database = p.database.trim().to_string();
         if database.is_empty() || database.contains(['/', '?', '@', ' ']) {
             problems.push(format!("--database {database:?} is not a database name"));
         }
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems.join("; ")));
         }
-        let probe = match s("probe") {
-            p if p.is_empty() => "SELECT 1".to_string(),
-            p => p,
+        let probe = match p.probe.trim() {
+            "" => "SELECT 1".to_string(),
+            sql => sql.to_string(),
         };
         let o = PgOptions {
             admin_url_file,
@@ -317,12 +312,12 @@ impl Kind for Postgres {
             host,
             port,
             probe,
-            terminate_sessions: p
-                .get("terminate_sessions")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            terminate_sessions: p.terminate_sessions,
         };
-        Ok(serde_json::json!({ "postgres": o }))
+        Ok(KindOptions {
+            postgres: Some(o),
+            ..KindOptions::default()
+        })
     }
 
     fn value_input(&self) -> ValueInput {
@@ -335,7 +330,7 @@ impl Kind for Postgres {
         current: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = stored_options::<PgOptions>(ctx, "postgres")?;
+        let o = ctx.options.postgres(ctx.id)?;
         let (a, b) = (format!("{}_a", o.role_base), format!("{}_b", o.role_base));
         // The idle role: the one current does not use.
         let user = match current.and_then(|c| field(c, "username")) {
@@ -370,17 +365,11 @@ impl Kind for Postgres {
         new: &SecretValue,
         _old: Option<&SecretValue>,
     ) -> Result<()> {
-        enable(
-            ctx.id,
-            "set",
-            &stored_options::<PgOptions>(ctx, "postgres")?,
-            new,
-        )
-        .await
+        enable(ctx.id, "set", ctx.options.postgres(ctx.id)?, new).await
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = stored_options::<PgOptions>(ctx, "postgres")?;
+        let o = ctx.options.postgres(ctx.id)?;
         let url = field(new, "url").ok_or_else(|| step(ctx.id, "test", "the value lacks url"))?;
         let user = field(new, "username").unwrap_or_default().to_string();
         let mut c = connect(ctx.id, "test", url, &user).await?;
@@ -396,7 +385,7 @@ impl Kind for Postgres {
     }
 
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
-        let o = stored_options::<PgOptions>(ctx, "postgres")?;
+        let o = ctx.options.postgres(ctx.id)?;
         let user = field(old, "username").unwrap_or_default();
         if !valid_ident(user) {
             return Err(step(
@@ -428,13 +417,7 @@ impl Kind for Postgres {
     }
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
-        enable(
-            ctx.id,
-            "restore",
-            &stored_options::<PgOptions>(ctx, "postgres")?,
-            previous,
-        )
-        .await
+        enable(ctx.id, "restore", ctx.options.postgres(ctx.id)?, previous).await
     }
 
     fn one_rotation_at_a_time(&self) -> bool {

@@ -12,17 +12,17 @@ use rekey_keyring::{SecretString, SecretValue};
 use serde::{Deserialize, Serialize};
 
 use super::resp::{self, Conn, Reply};
-use super::{Encoding, Kind, SecretCtx, ValueInput, field, generate, step, stored_options};
+use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct RedisOptions {
+pub(crate) struct RedisOptions {
     /// A file holding the admin URL, `redis://admin:password@host:port`.
-    pub admin_url_file: String,
-    pub username: String,
+    pub(crate) admin_url_file: String,
+    pub(crate) username: String,
     /// Where apps connect (default: the admin URL's address).
-    pub address: String,
+    pub(crate) address: String,
 }
 
 fn valid_user(u: &str) -> bool {
@@ -122,7 +122,7 @@ fn acl_error(e: &str) -> String {
     }
 }
 
-pub struct Redis;
+pub(crate) struct Redis;
 
 #[async_trait]
 impl Kind for Redis {
@@ -130,18 +130,11 @@ impl Kind for Redis {
         "redis"
     }
 
-    fn check_options(&self, raw: &serde_json::Value) -> Result<serde_json::Value> {
-        let r = raw.get("redis").cloned().unwrap_or_default();
-        let s = |k: &str| {
-            r.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
+    fn check_options(&self, raw: &KindOptions) -> Result<KindOptions> {
+        let r = raw.redis.clone().unwrap_or_default();
         let mut problems = Vec::new();
-        let admin_url_file = s("admin_url_file");
-        let mut address = s("address");
+        let admin_url_file = r.admin_url_file.trim().to_string();
+        let mut address = r.address.trim().to_string();
         if admin_url_file.is_empty() {
             problems.push("--admin-url-file is required".to_string());
         } else {
@@ -159,7 +152,7 @@ impl Kind for Redis {
                 )),
             }
         }
-        let username = s("username");
+        let username = r.username.trim().to_string();
         if !valid_user(&username) {
             problems.push(format!(
                 "--username {username:?}: use letters, digits, - _ ."
@@ -168,7 +161,14 @@ impl Kind for Redis {
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems.join("; ")));
         }
-        Ok(serde_json::json!({ "redis": RedisOptions { admin_url_file, username, address } }))
+        Ok(KindOptions {
+            redis: Some(RedisOptions {
+                admin_url_file,
+                username,
+                address,
+            }),
+            ..KindOptions::default()
+        })
     }
 
     fn value_input(&self) -> ValueInput {
@@ -181,13 +181,16 @@ impl Kind for Redis {
         _: Option<&SecretValue>,
         _: Option<SecretValue>,
     ) -> Result<SecretValue> {
-        let o = stored_options::<RedisOptions>(ctx, "redis")?;
+        let o = ctx.options.redis(ctx.id)?;
         let pw =
             String::from_utf8(generate(32, Encoding::Alnum)?.expose().to_vec()).unwrap_or_default();
         let url = format!("redis://{}:{pw}@{}", o.username, o.address);
         Ok(SecretValue::Fields(
             [
-                ("username".to_string(), SecretString::new(o.username)),
+                (
+                    "username".to_string(),
+                    SecretString::new(o.username.clone()),
+                ),
                 ("password".to_string(), SecretString::new(pw)),
                 ("url".to_string(), SecretString::new(url)),
             ]
@@ -203,18 +206,11 @@ impl Kind for Redis {
     ) -> Result<()> {
         let pw = field(new, "password")
             .ok_or_else(|| step(ctx.id, "set", "the value lacks password"))?;
-        setuser(
-            ctx.id,
-            "set",
-            &stored_options::<RedisOptions>(ctx, "redis")?,
-            '>',
-            pw,
-        )
-        .await
+        setuser(ctx.id, "set", ctx.options.redis(ctx.id)?, '>', pw).await
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
-        let o = stored_options::<RedisOptions>(ctx, "redis")?;
+        let o = ctx.options.redis(ctx.id)?;
         let pw = field(new, "password")
             .ok_or_else(|| step(ctx.id, "test", "the value lacks password"))?;
         let mut c = Conn::connect(&o.address).await.map_err(|e| {
@@ -244,27 +240,13 @@ impl Kind for Redis {
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
         let pw = field(old, "password")
             .ok_or_else(|| step(ctx.id, "revoke", "the old value lacks password"))?;
-        setuser(
-            ctx.id,
-            "revoke",
-            &stored_options::<RedisOptions>(ctx, "redis")?,
-            '<',
-            pw,
-        )
-        .await
+        setuser(ctx.id, "revoke", ctx.options.redis(ctx.id)?, '<', pw).await
     }
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
         let pw = field(previous, "password")
             .ok_or_else(|| step(ctx.id, "restore", "the value lacks password"))?;
-        setuser(
-            ctx.id,
-            "restore",
-            &stored_options::<RedisOptions>(ctx, "redis")?,
-            '>',
-            pw,
-        )
-        .await
+        setuser(ctx.id, "restore", ctx.options.redis(ctx.id)?, '>', pw).await
     }
 
     fn one_rotation_at_a_time(&self) -> bool {

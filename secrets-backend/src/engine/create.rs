@@ -1,0 +1,141 @@
+//! Create: version 1, set and tested at its target before it is stored.
+
+use std::time::Instant;
+
+use super::{Actor, CreateSpec, Engine, Outcome, event, location, step_error, validate_id};
+use crate::audit;
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::kinds::SecretCtx;
+use crate::provider::Stored;
+use crate::schedule;
+use crate::store::{SecretRow, VersionRow};
+
+impl Engine {
+    /// Creates a secret and stores version 1 as current (after the kind's
+    /// set and test steps, so that a credential exists before anybody is
+    /// handed it).
+    pub(crate) async fn create_secret(&self, actor: &Actor, spec: CreateSpec) -> Result<Outcome> {
+        let started = Instant::now();
+        validate_id(&spec.id)?;
+        let kind = self.kinds.get(&spec.kind)?;
+        let provider = self.providers.get(&spec.provider)?;
+        let options = kind.check_options(&spec.options)?;
+        check_schedule(&spec)?;
+        if self
+            .store
+            .get_secret(&mut *self.store.conn().await?, &spec.id)
+            .await?
+            .is_some()
+        {
+            return Err(Error::AlreadyExists(format!("secret {}", spec.id)));
+        }
+        let ctx = SecretCtx {
+            id: &spec.id,
+            options: &options,
+        };
+        Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
+        let value = kind.create(&ctx, None, spec.value).await?;
+        kind.set(&ctx, &value, None)
+            .await
+            .map_err(|e| step_error(&spec.id, "set", e))?;
+        kind.test(&ctx, &value)
+            .await
+            .map_err(|e| step_error(&spec.id, "test", e))?;
+
+        let now = now_ms();
+        let mut row = SecretRow {
+            id: spec.id.clone(),
+            kind: kind.name().into(),
+            options,
+            provider: spec.provider,
+            provider_path: spec.provider_path,
+            schedule_spec: spec.schedule_spec.trim().to_string(),
+            rotation_window_ms: spec.rotation_window_ms,
+            jitter_ms: spec.jitter_ms,
+            min_interval_ms: spec.min_interval_ms,
+            next_override_ms: spec.next_override_ms,
+            validation_window_ms: spec.validation_window_ms,
+            created_at_ms: now,
+            current_version: 1,
+            latest_version: 1,
+            revision: 1,
+            ..Default::default()
+        };
+        row.next_rotation_at_ms = schedule::next_rotation(&row, now)?;
+        let at = location(&row);
+        let pending = provider.write_pending(at, 1, &value).await?;
+        let value_ref = provider
+            .promote(
+                at,
+                Stored {
+                    version: 1,
+                    value_ref: &pending,
+                },
+                None,
+            )
+            .await?;
+        let (version, ev) = match self.record_created(actor, &row, &value_ref).await {
+            Ok(x) => x,
+            Err(e) => {
+                // The reference is this call's own: nobody else uses it.
+                let mine = Stored {
+                    version: 1,
+                    value_ref: &value_ref,
+                };
+                if let Err(d) = provider.discard(at, mine).await {
+                    tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
+                }
+                return Err(e);
+            }
+        };
+        audit::log_event(&ev);
+        self.metrics.step("create", started.elapsed().as_secs_f64());
+        tracing::info!(secret = %row.id, kind = %row.kind, version = 1, "secret created");
+        self.refresh(&row.id).await;
+        Ok(Outcome {
+            secret: row,
+            version,
+            replayed: false,
+        })
+    }
+
+    /// Records a new secret with version 1 current, and its audit event.
+    async fn record_created(
+        &self,
+        actor: &Actor,
+        row: &SecretRow,
+        value_ref: &str,
+    ) -> Result<(VersionRow, audit::Event)> {
+        let mut tx = self.store.begin().await?;
+        self.store.insert_secret(&mut tx, row).await?;
+        let version = self
+            .store
+            .insert_version(&mut tx, &row.id, 1, row.created_at_ms, value_ref)
+            .await?;
+        let detail = format!("kind {}", row.kind);
+        let ev = self
+            .record(&mut tx, event(actor, "create", &row.id, 1, "ok", detail))
+            .await?;
+        tx.commit().await?;
+        Ok((version, ev))
+    }
+}
+
+/// A schedule that parses, and windows that are not negative.
+fn check_schedule(spec: &CreateSpec) -> Result<()> {
+    schedule::parse(&spec.schedule_spec)?;
+    for (name, v) in [
+        ("validation window", spec.validation_window_ms),
+        ("rotation window", spec.rotation_window_ms),
+        ("jitter", spec.jitter_ms),
+        ("minimum interval", spec.min_interval_ms),
+    ] {
+        if v < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{name} must not be negative"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Reads (versions, secrets, status), reveals, the reports sidecars send
+//! (versions served, re-encryption progress), and the audit log.
+
+use rekey_keyring::SecretValue;
+
+use super::{Actor, Engine, event};
+use crate::audit::{self, NewEvent};
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::provider::Stage;
+use crate::store::{
+    ConsumerRow, ReencryptionRow, RotationRow, SecretRow, VersionRow, VersionState,
+};
+
+/// Everything `rekey status` shows for one secret.
+pub(crate) struct SecretStatus {
+    pub(crate) secret: SecretRow,
+    /// Newest first.
+    pub(crate) versions: Vec<VersionRow>,
+    /// Each consumer with whether it reported within the consumer TTL.
+    pub(crate) consumers: Vec<(ConsumerRow, bool)>,
+    pub(crate) rotation: Option<RotationRow>,
+    pub(crate) decommission_blockers: Vec<String>,
+    /// Re-encryption towards the current version.
+    pub(crate) reencryption: Option<ReencryptionRow>,
+}
+
+/// One secret in a consumer's report.
+pub(crate) struct ServedReport {
+    pub(crate) secret_id: String,
+    pub(crate) version: i64,
+    pub(crate) healthy: bool,
+    pub(crate) error: String,
+}
+
+/// The re-encryption leader's progress report.
+pub(crate) struct ReencryptionReport {
+    pub(crate) secret_id: String,
+    pub(crate) version: i64,
+    pub(crate) consumer_id: String,
+    pub(crate) rows_done: i64,
+    pub(crate) rows_total: i64,
+    pub(crate) rate: f64,
+    pub(crate) finished: bool,
+    pub(crate) phase: String,
+}
+
+/// Which version a read names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Selector {
+    Version(i64),
+    Stage(Stage),
+}
+
+impl Engine {
+    /// One secret and one of its versions (current by default).
+    pub(crate) async fn get_version(
+        &self,
+        id: &str,
+        which: Selector,
+    ) -> Result<(SecretRow, VersionRow)> {
+        let mut c = self.store.conn().await?;
+        let s = self.store.require_secret(&mut c, id).await?;
+        let n = match which {
+            Selector::Version(v) => v,
+            Selector::Stage(stage) => {
+                let (label, n) = match stage {
+                    Stage::Current => ("current", s.current_version),
+                    Stage::Previous => ("previous", s.previous_version),
+                    Stage::Pending => ("pending", s.pending_version),
+                };
+                if n == 0 {
+                    return Err(Error::NotFound(format!("{id} has no {label} version")));
+                }
+                n
+            }
+        };
+        let v = self.store.require_version(&mut c, id, n).await?;
+        Ok((s, v))
+    }
+
+    /// One version with its value; audited. A revoked version's value is
+    /// never revealed.
+    pub(crate) async fn reveal(
+        &self,
+        actor: &Actor,
+        id: &str,
+        which: Selector,
+    ) -> Result<(SecretRow, VersionRow, SecretValue)> {
+        let (s, v) = self.get_version(id, which).await?;
+        if v.state != VersionState::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "v{} of {id} is revoked; its value is not revealed",
+                v.version
+            )));
+        }
+        let value = self.value_of(&s, &v).await?;
+        audit::append(
+            &self.store,
+            event(actor, "reveal", id, v.version, "ok", String::new()),
+            now_ms(),
+        )
+        .await?;
+        Ok((s, v, value))
+    }
+
+    /// A secret and every one of its versions, newest first.
+    pub(crate) async fn list_versions(&self, id: &str) -> Result<(SecretRow, Vec<VersionRow>)> {
+        let mut c = self.store.conn().await?;
+        let s = self.store.require_secret(&mut c, id).await?;
+        let versions = self.store.list_versions(&mut c, id).await?;
+        Ok((s, versions))
+    }
+
+    /// Secrets whose id starts with `prefix`.
+    pub(crate) async fn list_secrets(&self, prefix: &str) -> Result<Vec<SecretRow>> {
+        let mut c = self.store.conn().await?;
+        self.store.list_secrets(&mut c, prefix).await
+    }
+
+    /// Everything `rekey status` shows for one secret.
+    pub(crate) async fn status(&self, id: &str) -> Result<SecretStatus> {
+        let now = now_ms();
+        let ttl = self.consumer_ttl_ms();
+        let mut c = self.store.conn().await?;
+        let secret = self.store.require_secret(&mut c, id).await?;
+        let versions = self.store.list_versions(&mut c, id).await?;
+        let consumers = self.store.consumers(&mut c, id).await?;
+        let rotation = self.store.last_rotation(&mut c, id).await?;
+        drop(c);
+        let decommission_blockers = self.decommission_blockers(&secret, now).await?;
+        let reencryption = {
+            let mut c = self.store.conn().await?;
+            self.store
+                .reencryption(&mut c, id, secret.current_version)
+                .await?
+        };
+        Ok(SecretStatus {
+            versions,
+            consumers: consumers
+                .into_iter()
+                .map(|k| {
+                    let live = now - k.reported_at_ms <= ttl;
+                    (k, live)
+                })
+                .collect(),
+            rotation,
+            decommission_blockers,
+            reencryption,
+            secret,
+        })
+    }
+
+    /// A consumer's report of the version of each secret it serves. The
+    /// gauges follow at the next scheduler pass.
+    pub(crate) async fn report_served(
+        &self,
+        identity: &str,
+        consumer_id: &str,
+        pod: &str,
+        namespace: &str,
+        served: &[ServedReport],
+    ) -> Result<()> {
+        if consumer_id.is_empty() || consumer_id.len() > 256 {
+            return Err(Error::InvalidArgument(
+                "consumer_id must be 1 to 256 characters".into(),
+            ));
+        }
+        let now = now_ms();
+        let mut tx = self.store.begin().await?;
+        for s in served {
+            self.store
+                .upsert_consumer(
+                    &mut tx,
+                    &ConsumerRow {
+                        consumer_id: consumer_id.into(),
+                        secret_id: s.secret_id.clone(),
+                        pod: pod.into(),
+                        namespace: namespace.into(),
+                        identity: identity.into(),
+                        version: s.version,
+                        healthy: s.healthy,
+                        error: s.error.chars().take(1000).collect(),
+                        reported_at_ms: now,
+                    },
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        self.dirty()
+            .extend(served.iter().map(|s| s.secret_id.clone()));
+        Ok(())
+    }
+
+    /// The re-encryption leader's progress; `finished` lets previous be
+    /// decommissioned, and is audited.
+    pub(crate) async fn report_reencryption(
+        &self,
+        actor: &Actor,
+        r: ReencryptionReport,
+    ) -> Result<()> {
+        let row = ReencryptionRow {
+            secret_id: r.secret_id.clone(),
+            version: r.version,
+            consumer_id: r.consumer_id.chars().take(256).collect(),
+            rows_done: r.rows_done,
+            rows_total: r.rows_total,
+            // Rows per second kept to three decimals as an integer.
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "a rate far below i64::MAX / 1000"
+            )]
+            rate_milli: (r.rate.max(0.0) * 1000.0) as i64,
+            finished: r.finished,
+            phase: r.phase.chars().take(500).collect(),
+            updated_at_ms: now_ms(),
+        };
+        let mut c = self.store.conn().await?;
+        self.store.require_secret(&mut c, &r.secret_id).await?;
+        self.store
+            .require_version(&mut c, &r.secret_id, r.version)
+            .await?;
+        self.store.upsert_reencryption(&mut c, &row).await?;
+        drop(c);
+        if r.finished {
+            audit::append(
+                &self.store,
+                event(
+                    actor,
+                    "reencrypt",
+                    &r.secret_id,
+                    r.version,
+                    "ok",
+                    format!("{} rows checked by {}", r.rows_done, row.consumer_id),
+                ),
+                now_ms(),
+            )
+            .await?;
+            tracing::info!(secret = %r.secret_id, version = r.version, "re-encryption finished");
+        }
+        Ok(())
+    }
+
+    /// Records a refused or failed call that would have changed or revealed
+    /// something. Events carry the error message, which never holds a value.
+    pub(crate) async fn record_refusal(
+        &self,
+        actor: &Actor,
+        action: &str,
+        secret: &str,
+        version: i64,
+        e: &Error,
+    ) {
+        let ev = NewEvent {
+            actor: actor.identity.clone(),
+            action: action.into(),
+            secret_id: secret.into(),
+            version,
+            outcome: e.outcome().into(),
+            request_id: actor.request_id.clone(),
+            detail: e.to_string(),
+        };
+        if let Err(err) = audit::append(&self.store, ev, now_ms()).await {
+            tracing::error!(error = %err, "cannot append audit event");
+        }
+    }
+
+    /// Audit events after `after_seq`, oldest first; every secret's when
+    /// `secret_id` is empty.
+    pub(crate) async fn list_audit(
+        &self,
+        secret_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<audit::Event>> {
+        let mut c = self.store.conn().await?;
+        audit::list(&mut c, secret_id, after_seq, limit).await
+    }
+
+    /// Walks the audit chain.
+    pub(crate) async fn verify_audit(&self) -> Result<audit::Verification> {
+        let mut c = self.store.conn().await?;
+        audit::verify(&mut c).await
+    }
+}

@@ -1,0 +1,71 @@
+//! Snapshots for Watch streams: the engine loads a secret's current and
+//! previous values once per change and publishes them to the hub, whose
+//! streams share them.
+
+use super::Engine;
+use crate::clock::now_ms;
+use crate::convert;
+use crate::error::Result;
+use crate::hub::{Receiver, Snapshot};
+use crate::store::VersionState;
+
+impl Engine {
+    /// A receiver that yields the secret's current snapshot at once, then
+    /// each change.
+    pub(crate) async fn subscribe(&self, id: &str) -> Result<Receiver> {
+        let rx = self.hub.subscribe(id);
+        if rx.borrow().is_none() {
+            let _one = self.hub.first_load().await;
+            if rx.borrow().is_none() {
+                let snap = self.snapshot(id).await?;
+                self.hub.publish(id, snap);
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Reloads a secret after a change (local, or NOTIFY from another
+    /// replica) if anybody watches it.
+    pub(crate) async fn refresh(&self, id: &str) {
+        if !self.hub.watched(id) {
+            return;
+        }
+        match self.snapshot(id).await {
+            Ok(snap) => self.hub.publish(id, snap),
+            Err(e) => tracing::warn!(secret = id, error = %e, "cannot reload secret for watchers"),
+        }
+    }
+
+    /// Reloads every watched secret (after a lost NOTIFY connection).
+    pub(crate) async fn refresh_all(&self) {
+        for id in self.hub.watched_ids() {
+            self.refresh(&id).await;
+        }
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        let s = self.require_secret(id).await?;
+        let (cur_row, cur_val) = self.version_and_value(&s, s.current_version).await?;
+        let previous = match s.previous_version {
+            0 => None,
+            n => {
+                let row = {
+                    let mut c = self.store.conn().await?;
+                    self.store.require_version(&mut c, id, n).await?
+                };
+                if row.state == VersionState::Active {
+                    let value = self.value_of(&s, &row).await?;
+                    Some(convert::version(&s, &row, Some(&value)))
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(Snapshot {
+            secret: convert::secret(&s),
+            current: convert::version(&s, &cur_row, Some(&cur_val)),
+            previous,
+            published_at_ms: now_ms(),
+        })
+    }
+}

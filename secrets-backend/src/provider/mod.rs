@@ -1,0 +1,188 @@
+//! Where a secret's values live: the [`ValueProvider`] seam.
+//!
+//! rekey's own store always keeps a secret's metadata, rotation state,
+//! consumers and audit trail. Its values live with a provider: the
+//! embedded one ([`embedded::Embedded`], values sealed in rekey's own
+//! database) or one the operator already runs (HashiCorp Vault / OpenBao
+//! KV v2, AWS Secrets Manager). The engine decides what happens and in
+//! which order; a provider only stores and finds values.
+//!
+//! The operations follow the places values already live:
+//! - **pending** never reaches where apps read: Vault keeps it off the KV
+//!   path apps read (latest = current, written with check-and-set), AWS
+//!   Secrets Manager labels it `AWSPENDING`;
+//! - **promote** makes it current (a new latest KV version; moving
+//!   `AWSCURRENT`, which moves `AWSPREVIOUS` with it);
+//! - **roll back** makes an older value current again;
+//! - **revoke** retires a value (destroy a KV version, drop its labels);
+//! - **outside changes** (a hand edit in the Vault UI or the AWS console)
+//!   are listed since a cursor, so rekey can take them as a new current
+//!   version and deliver them.
+//!
+//! Every method must be safe to repeat: after a crash the engine runs a
+//! step again. The engine never holds a store connection while it calls a
+//! provider (the embedded one needs the connection itself on SQLite).
+
+pub(crate) mod embedded;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rekey_keyring::SecretValue;
+
+use crate::error::{Error, Result};
+
+/// Where one secret's values are kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Location<'a> {
+    pub(crate) secret_id: &'a str,
+    /// The provider's own address for the secret (a KV path, a secret
+    /// name); the embedded store uses the secret id.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "read by external providers; the embedded store keys by secret id"
+        )
+    )]
+    pub(crate) path: &'a str,
+}
+
+/// One stored value: rekey's version number and the provider's reference
+/// to it (an opaque string rekey records and hands back).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored<'a> {
+    pub(crate) version: i64,
+    pub(crate) value_ref: &'a str,
+}
+
+/// A stage, as AWS Secrets Manager names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Current,
+    Previous,
+    Pending,
+}
+
+/// Which value to read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Which<'a> {
+    Version(Stored<'a>),
+    /// By stage, as AWS Secrets Manager's rotation contract reads
+    /// `AWSCURRENT` and `AWSPENDING`; the engine itself always knows the
+    /// version.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the AWS rotation function reads by stage; the engine reads by version"
+        )
+    )]
+    Stage(Stage),
+}
+
+/// A value that changed where the provider keeps it, not through rekey.
+pub(crate) struct OutsideChange {
+    /// The provider's address of the secret that changed.
+    pub(crate) path: String,
+    pub(crate) value: SecretValue,
+    /// The provider's reference to the new value.
+    pub(crate) value_ref: String,
+    /// What the provider says about it (a KV version, a version id); no value.
+    pub(crate) note: String,
+}
+
+/// Outside changes and the cursor to ask from next time.
+pub(crate) struct Changes {
+    pub(crate) changes: Vec<OutsideChange>,
+    pub(crate) cursor: String,
+}
+
+#[async_trait]
+pub(crate) trait ValueProvider: Send + Sync {
+    /// The name secrets refer to it by (`[[providers]] name`); empty for
+    /// the embedded store.
+    fn name(&self) -> &str;
+
+    /// Stores `value` as version `version`, pending: nothing that reads the
+    /// current value sees it. Returns the reference rekey records.
+    async fn write_pending(
+        &self,
+        at: Location<'_>,
+        version: i64,
+        value: &SecretValue,
+    ) -> Result<String>;
+
+    /// Makes `new` current; `old` is the current it replaces, if any.
+    /// Returns `new`'s reference from now on (a provider may move a value
+    /// when it promotes it).
+    async fn promote(
+        &self,
+        at: Location<'_>,
+        new: Stored<'_>,
+        old: Option<Stored<'_>>,
+    ) -> Result<String>;
+
+    /// Reads one value.
+    async fn read(&self, at: Location<'_>, which: Which<'_>) -> Result<SecretValue>;
+
+    /// Makes `to` (previous) current again in place of `from`. Returns
+    /// `to`'s reference from now on.
+    async fn roll_back(&self, at: Location<'_>, to: Stored<'_>, from: Stored<'_>)
+    -> Result<String>;
+
+    /// Retires a value that is neither current nor pending any more.
+    async fn revoke(&self, at: Location<'_>, old: Stored<'_>) -> Result<()>;
+
+    /// Drops a pending value whose rotation ended without it becoming
+    /// current.
+    async fn discard(&self, at: Location<'_>, pending: Stored<'_>) -> Result<()>;
+
+    /// Values changed where the provider keeps them, not through rekey,
+    /// since `cursor` (empty at first). Providers that nobody else writes
+    /// return none.
+    async fn changes_since(&self, cursor: &str) -> Result<Changes>;
+}
+
+/// The providers a backend knows, by name; `""` is the embedded store.
+#[derive(Clone)]
+pub(crate) struct Providers(BTreeMap<String, Arc<dyn ValueProvider>>);
+
+impl Providers {
+    /// The registry with the embedded store only.
+    pub(crate) fn new(embedded: Arc<dyn ValueProvider>) -> Self {
+        let mut p = Providers(BTreeMap::new());
+        p.0.insert(String::new(), embedded);
+        p
+    }
+
+    /// Adds (or replaces) the provider of that name.
+    #[cfg_attr(
+        not(test),
+        allow(dead_code, reason = "configured providers arrive with [[providers]]")
+    )]
+    pub(crate) fn add(&mut self, p: Arc<dyn ValueProvider>) {
+        self.0.insert(p.name().to_string(), p);
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<dyn ValueProvider>> {
+        self.0.get(name).cloned().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown provider {name:?} (configured: {})",
+                self.0
+                    .keys()
+                    .filter(|k| !k.is_empty())
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// The providers that can change outside rekey (every one but the
+    /// embedded store).
+    pub(crate) fn external(&self) -> impl Iterator<Item = &Arc<dyn ValueProvider>> {
+        self.0.iter().filter(|(k, _)| !k.is_empty()).map(|(_, p)| p)
+    }
+}
