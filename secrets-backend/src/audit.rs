@@ -1,51 +1,85 @@
 //! The audit log: who did what to which secret and version, with what
 //! outcome. Never a value.
 //!
-//! Events are numbered without gaps and hash-chained: each event's hash
-//! covers its fields and the previous event's hash, so an edited event
-//! breaks its own hash and a deleted one breaks the numbering and the chain.
-//! Each event is also written to the log as one JSON line (target
-//! `rekey::audit`).
+//! Events are numbered without gaps and chained by a MAC: each event's MAC
+//! (HMAC-SHA256 under a key derived from the key-encryption key) covers
+//! its fields and the previous event's MAC. Somebody who can write the
+//! database but does not hold the KEK can neither edit an event nor forge
+//! a consistent chain after removing one. What a chain cannot show by
+//! itself is its newest events deleted; for that the head (sequence number
+//! and MAC) is published in every audit log line, in `/metrics` and by
+//! `rekey audit --verify`, which also checks a head recorded elsewhere
+//! (`--expect-head SEQ:MAC`); and a running backend reports a store whose
+//! head falls behind the one it last saw.
+//!
+//! Stores written before the chain was keyed carried plain SHA-256 hashes;
+//! they are re-chained under the MAC at start-up when their old chain is
+//! intact. A broken old chain is left as it is and keeps being reported.
 
 use ring::digest;
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
-use crate::error::Result;
-use crate::store::{Dialect, Store};
+use crate::error::{Error, Result};
+use crate::store::{self, Conn, Dialect, Store};
 
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// `prev_hash` of the first event.
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// An event to append; the log assigns `seq`, `time_ms` and the hashes.
+/// Meta key: which chain the store's events carry.
+const CHAIN_META: &str = "audit_chain";
+/// The keyed chain.
+const KEYED: &str = "hmac-sha256";
+/// Meta key: the last event of an old SHA-256 chain that was broken when
+/// the store moved to the keyed chain, and so was left unchanged.
+const LEGACY_META: &str = "audit_legacy_through";
+/// Serializes appends (and the migration) across replicas on Postgres.
+const APPEND_LOCK: i64 = 7_700_770_077;
+
+/// An event to append; the log assigns `seq`, `time_ms` and the MACs.
 #[derive(Debug, Clone, Default)]
-pub struct NewEvent {
-    pub actor: String,
-    pub action: String,
-    pub secret_id: String,
-    pub version: i64,
-    pub outcome: String,
-    pub request_id: String,
+pub(crate) struct NewEvent {
+    pub(crate) actor: String,
+    pub(crate) action: String,
+    pub(crate) secret_id: String,
+    pub(crate) version: i64,
+    pub(crate) outcome: String,
+    pub(crate) request_id: String,
     /// Ids, reasons and error messages; never a value.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Event {
-    pub seq: i64,
-    pub time_ms: i64,
-    pub actor: String,
-    pub action: String,
-    pub secret_id: String,
-    pub version: i64,
-    pub outcome: String,
-    pub request_id: String,
-    pub detail: String,
-    pub prev_hash: String,
-    pub hash: String,
+pub(crate) struct Event {
+    pub(crate) seq: i64,
+    pub(crate) time_ms: i64,
+    pub(crate) actor: String,
+    pub(crate) action: String,
+    pub(crate) secret_id: String,
+    pub(crate) version: i64,
+    pub(crate) outcome: String,
+    pub(crate) request_id: String,
+    pub(crate) detail: String,
+    pub(crate) prev_hash: String,
+    pub(crate) hash: String,
+}
+
+/// The newest event of a chain: what to publish and later expect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub(crate) seq: i64,
+    pub(crate) mac: String,
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.mac)
+    }
 }
 
 impl Event {
-    fn compute_hash(&self) -> String {
+    /// The fields the chain covers, in a fixed order.
+    fn canonical(&self) -> Vec<u8> {
         #[derive(Serialize)]
         struct Canon<'a> {
             seq: i64,
@@ -59,7 +93,7 @@ impl Event {
             detail: &'a str,
             prev_hash: &'a str,
         }
-        let canon = serde_json::to_vec(&Canon {
+        serde_json::to_vec(&Canon {
             seq: self.seq,
             time_ms: self.time_ms,
             actor: &self.actor,
@@ -71,8 +105,27 @@ impl Event {
             detail: &self.detail,
             prev_hash: &self.prev_hash,
         })
-        .unwrap_or_default();
-        hex::encode(digest::digest(&digest::SHA256, &canon))
+        .unwrap_or_default()
+    }
+
+    fn mac(&self, store: &Store) -> String {
+        hex::encode(
+            store
+                .kek()
+                .fingerprint(b"rekey.v1/audit-chain", &self.canonical()),
+        )
+    }
+
+    /// The plain SHA-256 of stores from before the keyed chain.
+    fn legacy_hash(&self) -> String {
+        hex::encode(digest::digest(&digest::SHA256, &self.canonical()))
+    }
+
+    pub(crate) fn head(&self) -> Head {
+        Head {
+            seq: self.seq,
+            mac: self.hash.clone(),
+        }
     }
 }
 
@@ -95,25 +148,42 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<Event> {
     })
 }
 
-/// Appends inside the caller's transaction, so a change and its event
-/// commit together. On Postgres a transaction-scoped advisory lock orders
-/// appends from several replicas.
-pub async fn append_in(
-    store: &Store,
-    c: &mut AnyConnection,
-    ev: NewEvent,
-    now_ms: i64,
-) -> Result<Event> {
+async fn lock_appends(store: &Store, c: &mut Conn) -> Result<()> {
     if store.dialect() == Dialect::Postgres {
-        sqlx::query("SELECT pg_advisory_xact_lock(7700770077)")
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK)
             .execute(&mut *c)
             .await?;
     }
-    let head = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+    Ok(())
+}
+
+/// The newest event's number and MAC; `None` for an empty log.
+pub(crate) async fn head(c: &mut Conn) -> Result<Option<Head>> {
+    let row = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut *c)
         .await?;
-    let (seq, prev_hash) = match head {
-        Some(r) => (r.try_get::<i64, _>(0)? + 1, r.try_get::<String, _>(1)?),
+    Ok(match row {
+        Some(r) => Some(Head {
+            seq: r.try_get(0)?,
+            mac: r.try_get(1)?,
+        }),
+        None => None,
+    })
+}
+
+/// Appends inside the caller's transaction, so a change and its event
+/// commit together. On Postgres a transaction-scoped advisory lock orders
+/// appends from several replicas.
+pub(crate) async fn append_in(
+    store: &Store,
+    c: &mut Conn,
+    ev: NewEvent,
+    now_ms: i64,
+) -> Result<Event> {
+    lock_appends(store, c).await?;
+    let (seq, prev_hash) = match head(c).await? {
+        Some(h) => (h.seq + 1, h.mac),
         None => (1, GENESIS.to_string()),
     };
     let mut e = Event {
@@ -129,7 +199,7 @@ pub async fn append_in(
         prev_hash,
         hash: String::new(),
     };
-    e.hash = e.compute_hash();
+    e.hash = e.mac(store);
     sqlx::query(&format!(
         "INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
     ))
@@ -149,24 +219,25 @@ pub async fn append_in(
     Ok(e)
 }
 
-/// Writes an appended event to the log as one JSON line.
-pub fn log_event(e: &Event) {
-    let line = serde_json::to_string(e).unwrap_or_default();
-    tracing::info!(target: "rekey::audit", "{line}");
-}
-
 /// Appends in a transaction of its own (for refusals and reveals, which
-/// change nothing else).
-pub async fn append(store: &Store, ev: NewEvent, now_ms: i64) -> Result<Event> {
+/// change nothing else). The caller logs the event.
+pub(crate) async fn append(store: &Store, ev: NewEvent, now_ms: i64) -> Result<Event> {
     let mut tx = store.begin().await?;
     let e = append_in(store, &mut tx, ev, now_ms).await?;
     tx.commit().await?;
-    log_event(&e);
     Ok(e)
 }
 
-pub async fn list(
-    c: &mut AnyConnection,
+/// Writes an appended event to the log as one JSON line, with the chain's
+/// head after it (`"head": "SEQ:MAC"`) for an outside copy.
+pub(crate) fn log_event(e: &Event) {
+    let mut line = serde_json::to_value(e).unwrap_or_default();
+    line["head"] = serde_json::Value::String(e.head().to_string());
+    tracing::info!(target: "rekey::audit", "{line}");
+}
+
+pub(crate) async fn list(
+    c: &mut Conn,
     secret_id: &str,
     after_seq: i64,
     limit: i64,
@@ -192,74 +263,165 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
-/// The result of walking the chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    pub checked: i64,
-    /// The first event (by position) that does not fit, and why.
-    pub first_bad: Option<(i64, String)>,
+/// Re-chains a store written before the chain was keyed: once, under the
+/// append lock, and only when its old SHA-256 chain is intact (a broken
+/// one is left as evidence and recorded in `audit_legacy_through`).
+pub(crate) async fn migrate(store: &Store) -> Result<()> {
+    let mut tx = store.begin().await?;
+    lock_appends(store, &mut tx).await?;
+    if store::meta_get(&mut tx, CHAIN_META).await?.as_deref() == Some(KEYED) {
+        return Ok(());
+    }
+    let events = all_events(&mut tx).await?;
+    let intact = walk(&events, None, Event::legacy_hash).is_none();
+    if intact {
+        let mut prev = GENESIS.to_string();
+        for e in events {
+            let mut e = Event {
+                prev_hash: prev,
+                ..e
+            };
+            e.hash = e.mac(store);
+            sqlx::query("UPDATE audit SET prev_hash = $1, hash = $2 WHERE seq = $3")
+                .bind(&e.prev_hash)
+                .bind(&e.hash)
+                .bind(e.seq)
+                .execute(&mut *tx)
+                .await?;
+            prev = e.hash;
+        }
+    } else if let Some(last) = events.last() {
+        tracing::error!(
+            through = last.seq,
+            "the audit log was altered before it was keyed; it stays as it is and `rekey audit --verify` reports where"
+        );
+        store::meta_set(&mut tx, LEGACY_META, &last.seq.to_string()).await?;
+    }
+    store::meta_set(&mut tx, CHAIN_META, KEYED).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-pub async fn verify(c: &mut AnyConnection) -> Result<Verification> {
-    let mut expected_seq = 1;
-    let mut prev = GENESIS.to_string();
-    let mut checked = 0;
+async fn all_events(c: &mut Conn) -> Result<Vec<Event>> {
+    let mut out = Vec::new();
     loop {
-        let page = list(c, "", expected_seq - 1, 1000).await?;
+        let after = out.last().map_or(0, |e: &Event| e.seq);
+        let page = list(c, "", after, 1000).await?;
         if page.is_empty() {
-            return Ok(Verification {
-                checked,
-                first_bad: None,
-            });
+            return Ok(out);
         }
-        for e in page {
-            if e.seq != expected_seq {
-                return Ok(Verification {
-                    checked,
-                    first_bad: Some((
-                        expected_seq,
-                        format!("event {expected_seq} is missing (next is {})", e.seq),
-                    )),
-                });
-            }
-            if e.prev_hash != prev {
-                return Ok(Verification {
-                    checked,
-                    first_bad: Some((
-                        e.seq,
-                        format!("event {} does not follow its predecessor", e.seq),
-                    )),
-                });
-            }
-            if e.compute_hash() != e.hash {
-                return Ok(Verification {
-                    checked,
-                    first_bad: Some((e.seq, format!("event {} was altered", e.seq))),
-                });
-            }
-            prev = e.hash.clone();
-            expected_seq += 1;
-            checked += 1;
-        }
+        out.extend(page);
     }
+}
+
+/// The first event of `events` that does not fit a chain that continues
+/// `after` (the event before them; `None` at the start of the log) under
+/// `hash`, and why.
+fn walk(
+    events: &[Event],
+    after: Option<&Event>,
+    hash: impl Fn(&Event) -> String,
+) -> Option<(i64, String)> {
+    let mut prev = after.map_or(GENESIS, |e| e.hash.as_str());
+    for (expected, e) in (after.map_or(1, |e| e.seq + 1)..).zip(events) {
+        if e.seq != expected {
+            return Some((
+                expected,
+                format!("event {expected} is missing (next is {})", e.seq),
+            ));
+        }
+        if e.prev_hash != prev {
+            return Some((
+                e.seq,
+                format!("event {} does not follow its predecessor", e.seq),
+            ));
+        }
+        if !rekey_keyring::ct_eq(hash(e).as_bytes(), e.hash.as_bytes()) {
+            return Some((e.seq, format!("event {} was altered", e.seq)));
+        }
+        prev = &e.hash;
+    }
+    None
+}
+
+/// The result of walking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verification {
+    pub(crate) checked: i64,
+    /// The first event (by position) that does not fit, and why; seq 0
+    /// when the problem is a head that is missing.
+    pub(crate) first_bad: Option<(i64, String)>,
+    /// The newest event.
+    pub(crate) head: Option<Head>,
+}
+
+/// Walks the whole chain, then checks that `expected` (a head recorded
+/// elsewhere, or the newest this backend has seen) is still in it.
+pub(crate) async fn verify(
+    store: &Store,
+    c: &mut Conn,
+    expected: &[(&str, Head)],
+) -> Result<Verification> {
+    let events = all_events(c).await?;
+    let legacy_through: i64 = store::meta_get(c, LEGACY_META)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let split = events.partition_point(|e| e.seq <= legacy_through);
+    let (old, keyed) = events.split_at(split);
+    let first_bad =
+        walk(old, None, Event::legacy_hash).or_else(|| walk(keyed, old.last(), |e| e.mac(store)));
+    let checked = match &first_bad {
+        Some((seq, _)) => seq - 1,
+        None => i64::try_from(events.len()).unwrap_or(i64::MAX),
+    }
+    .max(0);
+    let head = events.last().map(Event::head);
+    let first_bad = first_bad.or_else(|| {
+        expected.iter().find_map(|(whose, want)| {
+            missing_head(&events, want).map(|why| (0, format!("{why} ({whose})")))
+        })
+    });
+    Ok(Verification {
+        checked,
+        first_bad,
+        head,
+    })
+}
+
+/// Why `want` is not in `events`, if it is not.
+fn missing_head(events: &[Event], want: &Head) -> Option<String> {
+    let newest = events.last().map_or(0, |e| e.seq);
+    match events.iter().find(|e| e.seq == want.seq) {
+        None => Some(format!(
+            "event {} is gone: the log ends at event {newest}, so its newest events were removed",
+            want.seq
+        )),
+        Some(e) if !rekey_keyring::ct_eq(e.hash.as_bytes(), want.mac.as_bytes()) => Some(format!(
+            "event {} does not carry the MAC expected for it",
+            want.seq
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Parses `SEQ:MAC` as published.
+pub(crate) fn parse_head(seq: i64, mac: &str) -> Result<Head> {
+    if seq <= 0 || mac.len() != 64 || !mac.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::InvalidArgument(
+            "an expected head is SEQ:MAC, as `rekey audit --verify` prints it".into(),
+        ));
+    }
+    Ok(Head {
+        seq,
+        mac: mac.to_ascii_lowercase(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    async fn store() -> Store {
-        let dir = crate::store::tests_support::tempdir();
-        let url = format!("sqlite://{}?mode=rwc", dir.join("a.db").display());
-        Store::open(
-            &url,
-            1,
-            Arc::new(rekey_keyring::MasterKey::from_bytes(&[1; 32]).unwrap()),
-        )
-        .await
-        .unwrap()
-    }
+    use crate::store::tests_support::{store_in, tempdir};
 
     fn ev(action: &str) -> NewEvent {
         NewEvent {
@@ -273,41 +435,121 @@ mod tests {
         }
     }
 
+    async fn check(s: &Store, expected: &[(&str, Head)]) -> Verification {
+        let mut c = s.conn().await.unwrap();
+        verify(s, &mut c, expected).await.unwrap()
+    }
+
     #[tokio::test]
-    async fn chain_detects_edits_and_deletions() {
-        let s = store().await;
+    async fn the_keyed_chain_detects_edits_deletions_and_a_lost_head() {
+        let dir = tempdir();
+        let s = store_in(&dir, 1).await;
         for a in ["create", "rotate", "rotate", "revoke"] {
             append(&s, ev(a), 10).await.unwrap();
         }
+        let v = check(&s, &[]).await;
+        assert_eq!((v.checked, v.first_bad.clone()), (4, None));
+        let head = v.head.unwrap();
+        assert_eq!(head.seq, 4);
+
         let mut c = s.conn().await.unwrap();
-        let v = verify(&mut c).await.unwrap();
-        assert_eq!(
-            v,
-            Verification {
-                checked: 4,
-                first_bad: None
-            }
-        );
+        // An edit whose plain SHA-256 is recomputed does not pass: the MAC
+        // needs the KEK.
+        let e2 = list(&mut c, "", 1, 1).await.unwrap().remove(0);
+        let forged = Event {
+            actor: "mallory".into(),
+            ..e2.clone()
+        };
+        sqlx::query("UPDATE audit SET actor = 'mallory', hash = $1 WHERE seq = 2")
+            .bind(forged.legacy_hash())
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        drop(c);
+        let v = check(&s, &[]).await;
+        assert_eq!(v.first_bad.unwrap(), (2, "event 2 was altered".to_string()));
+        let mut c = s.conn().await.unwrap();
+        sqlx::query("UPDATE audit SET actor = $1, hash = $2 WHERE seq = 2")
+            .bind(&e2.actor)
+            .bind(&e2.hash)
+            .execute(&mut *c)
+            .await
+            .unwrap();
 
-        sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+        // Removing the newest event leaves a consistent chain: only a head
+        // recorded elsewhere shows it.
+        sqlx::query("DELETE FROM audit WHERE seq = 4")
             .execute(&mut *c)
             .await
             .unwrap();
-        let v = verify(&mut c).await.unwrap();
-        assert_eq!(v.first_bad.unwrap().0, 2);
-        sqlx::query("UPDATE audit SET actor = 'admin' WHERE seq = 2")
-            .execute(&mut *c)
-            .await
-            .unwrap();
-
-        sqlx::query("DELETE FROM audit WHERE seq = 3")
-            .execute(&mut *c)
-            .await
-            .unwrap();
-        let v = verify(&mut c).await.unwrap();
-        assert_eq!(v.checked, 2);
+        drop(c);
+        let v = check(&s, &[]).await;
+        assert_eq!((v.checked, v.first_bad), (3, None));
+        let v = check(&s, &[("expected", head.clone())]).await;
         let (seq, why) = v.first_bad.unwrap();
-        assert_eq!(seq, 3);
-        assert!(why.contains("missing"), "{why}");
+        assert_eq!(seq, 0);
+        assert!(
+            why.contains("event 4 is gone") && why.ends_with("(expected)"),
+            "{why}"
+        );
+        let wrong = Head {
+            seq: 3,
+            mac: "0".repeat(64),
+        };
+        let v = check(&s, &[("expected", wrong)]).await;
+        assert!(v.first_bad.unwrap().1.contains("does not carry the MAC"));
+    }
+
+    #[tokio::test]
+    async fn an_old_sha256_chain_is_rekeyed_when_intact_and_kept_as_evidence_when_not() {
+        for tampered in [false, true] {
+            let dir = tempdir();
+            let s = store_in(&dir, 1).await;
+            let mut c = s.conn().await.unwrap();
+            // Write a chain the way the previous release did.
+            let mut prev = GENESIS.to_string();
+            for seq in 1..=3 {
+                let mut e = Event {
+                    seq,
+                    time_ms: 5,
+                    actor: "admin".into(),
+                    action: "rotate".into(),
+                    secret_id: "s".into(),
+                    version: seq,
+                    outcome: "ok".into(),
+                    request_id: "r".into(),
+                    detail: String::new(),
+                    prev_hash: prev.clone(),
+                    hash: String::new(),
+                };
+                e.hash = e.legacy_hash();
+                sqlx::query(&format!("INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
+                    .bind(e.seq).bind(e.time_ms).bind(&e.actor).bind(&e.action).bind(&e.secret_id)
+                    .bind(e.version).bind(&e.outcome).bind(&e.request_id).bind(&e.detail)
+                    .bind(&e.prev_hash).bind(&e.hash)
+                    .execute(&mut *c).await.unwrap();
+                prev = e.hash;
+            }
+            if tampered {
+                sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+                    .execute(&mut *c)
+                    .await
+                    .unwrap();
+            }
+            store::meta_set(&mut c, CHAIN_META, "sha256").await.unwrap();
+            drop(c);
+            migrate(&s).await.unwrap();
+            append(&s, ev("rotate"), 6).await.unwrap();
+            let v = check(&s, &[]).await;
+            if tampered {
+                assert_eq!(v.first_bad.unwrap(), (2, "event 2 was altered".to_string()));
+            } else {
+                assert_eq!((v.checked, v.first_bad), (4, None));
+                // Now keyed: a recomputed SHA-256 no longer passes.
+                let mut c = s.conn().await.unwrap();
+                let e1 = list(&mut c, "", 0, 1).await.unwrap().remove(0);
+                assert_ne!(e1.hash, e1.legacy_hash());
+            }
+        }
     }
 }

@@ -838,7 +838,7 @@ async fn execute(cli: &Cli) -> CliResult<ExitCode> {
         } => {
             if *verify {
                 let r = client
-                    .verify_audit(pb::VerifyAuditRequest {})
+                    .verify_audit(pb::VerifyAuditRequest::default())
                     .await?
                     .into_inner();
                 if json_out {

@@ -35,6 +35,9 @@ struct RawConfig {
     scheduler: RawScheduler,
     consumers: RawConsumers,
     engine: RawEngine,
+    limits: RawLimits,
+    audit: RawAudit,
+    metrics: RawMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +109,32 @@ struct RawEngine {
     step_backoff: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_value_bytes: Option<u64>,
+    max_watch_streams_per_identity: Option<u32>,
+    max_watch_streams_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAudit {
+    refusal_summary_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    bearer_token_file: Option<PathBuf>,
+}
+
+/// Largest `limits.max_value_bytes`: a Watch event carries current and
+/// previous, and the sidecar decodes events of up to 16 MiB.
+pub const MAX_VALUE_BYTES_LIMIT: u64 = 4 << 20;
+/// Default `limits.max_value_bytes`: AWS Secrets Manager's limit.
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 64 << 10;
+
 /// Where the key-encryption key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KekSource {
@@ -172,6 +201,18 @@ pub struct Config {
     /// After SIGTERM, how long calls in flight may take before the process
     /// exits anyway.
     pub shutdown_grace: Duration,
+    /// The largest secret value, in bytes of its stored form.
+    pub max_value_bytes: usize,
+    /// Open Watch streams one identity may hold across connections.
+    pub max_watch_streams_per_identity: u32,
+    /// Open Watch streams one client connection may hold.
+    pub max_watch_streams_per_connection: u32,
+    /// How often, at most, calls refused before authentication are written
+    /// to the audit log as one summary.
+    pub refusal_summary_interval: Duration,
+    /// When set, `/metrics` answers only with `Authorization: Bearer` and
+    /// the token in this file (read at each request).
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// Every problem found in a configuration, listed together.
@@ -219,6 +260,31 @@ const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
     (
         "REKEY_ENGINE_STEP_BACKOFF",
         "engine.step_backoff",
+        EnvType::Str,
+    ),
+    (
+        "REKEY_LIMITS_MAX_VALUE_BYTES",
+        "limits.max_value_bytes",
+        EnvType::Int,
+    ),
+    (
+        "REKEY_LIMITS_MAX_WATCH_STREAMS_PER_IDENTITY",
+        "limits.max_watch_streams_per_identity",
+        EnvType::Int,
+    ),
+    (
+        "REKEY_LIMITS_MAX_WATCH_STREAMS_PER_CONNECTION",
+        "limits.max_watch_streams_per_connection",
+        EnvType::Int,
+    ),
+    (
+        "REKEY_AUDIT_REFUSAL_SUMMARY_INTERVAL",
+        "audit.refusal_summary_interval",
+        EnvType::Str,
+    ),
+    (
+        "REKEY_METRICS_BEARER_TOKEN_FILE",
+        "metrics.bearer_token_file",
         EnvType::Str,
     ),
 ];
@@ -520,7 +586,58 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         .and_then(|t| parse_duration("shutdown_grace", t, errors))
         .unwrap_or(Duration::from_secs(10));
 
+    let max_value_bytes = raw
+        .limits
+        .max_value_bytes
+        .unwrap_or(DEFAULT_MAX_VALUE_BYTES);
+    if max_value_bytes == 0 || max_value_bytes > MAX_VALUE_BYTES_LIMIT {
+        errors.push(format!(
+            "limits.max_value_bytes: must be between 1 and {MAX_VALUE_BYTES_LIMIT} (4 MiB)"
+        ));
+    }
+    let positive = |setting: &str, v: Option<u32>, default: u32, errors: &mut Vec<String>| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            errors.push(format!("{setting}: must be at least 1"));
+        }
+        v
+    };
+    let max_watch_streams_per_identity = positive(
+        "limits.max_watch_streams_per_identity",
+        raw.limits.max_watch_streams_per_identity,
+        10_000,
+        errors,
+    );
+    let max_watch_streams_per_connection = positive(
+        "limits.max_watch_streams_per_connection",
+        raw.limits.max_watch_streams_per_connection,
+        100,
+        errors,
+    );
+    let refusal_summary_interval = raw
+        .audit
+        .refusal_summary_interval
+        .as_deref()
+        .and_then(|t| parse_duration("audit.refusal_summary_interval", t, errors))
+        .unwrap_or(Duration::from_secs(60));
+    if refusal_summary_interval.is_zero() {
+        errors.push("audit.refusal_summary_interval: must be greater than zero".into());
+    }
+    if let Some(f) = &raw.metrics.bearer_token_file
+        && let Err(e) = std::fs::metadata(f)
+    {
+        errors.push(format!(
+            "metrics.bearer_token_file: cannot read {}: {e}",
+            f.display()
+        ));
+    }
+
     Config {
+        max_value_bytes: usize::try_from(max_value_bytes).unwrap_or(usize::MAX),
+        max_watch_streams_per_identity,
+        max_watch_streams_per_connection,
+        refusal_summary_interval,
+        metrics_token_file: raw.metrics.bearer_token_file,
         step_attempts,
         step_backoff,
         shutdown_grace,

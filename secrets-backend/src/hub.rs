@@ -1,35 +1,78 @@
 //! Fan-out of secret changes to Watch streams.
 //!
 //! One `tokio::sync::watch` channel per watched secret holds its latest
-//! snapshot (current and previous, decrypted once and shared through an
-//! `Arc`). The engine loads a snapshot once per change and publishes it
-//! here; every stream then reads the same `Arc`. Streams hold no database
-//! connection and run no query per event. Because a watch channel keeps
-//! only the latest value, a slow stream skips intermediate versions instead
-//! of falling behind: a sidecar only ever needs the newest one.
+//! snapshot: the Watch event (current and previous, read once) already
+//! encoded as gRPC frames. The engine loads a snapshot once per change and
+//! publishes it here; every stream then sends clones of the same `Bytes`,
+//! so a thousand streams waiting on a slow client hold one copy of a value,
+//! not a thousand. Streams hold no database connection and run no query
+//! per event. Because a watch channel keeps only the latest value, a slow
+//! stream skips intermediate versions instead of falling behind: a sidecar
+//! only ever needs the newest one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
 use rekey_proto::v1 as pb;
 use tokio::sync::watch;
 
 /// What Watch streams deliver for one secret.
-#[derive(Debug)]
 pub(crate) struct Snapshot {
-    pub(crate) secret: pb::Secret,
-    pub(crate) current: pb::Version,
-    pub(crate) previous: Option<pb::Version>,
-    /// When this replica loaded and published it (Unix ms).
-    pub(crate) published_at_ms: i64,
+    /// The secret's revision when it was read.
+    revision: u64,
+    /// (current, previous) version numbers.
+    versions: (u64, u64),
+    /// The event as a stream's first message (`snapshot` set).
+    pub(crate) first: Bytes,
+    /// The event as any later message.
+    pub(crate) change: Bytes,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("revision", &self.revision)
+            .field("versions", &self.versions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One message as a gRPC frame: no compression, length, protobuf.
+fn frame(m: &impl Message) -> Bytes {
+    let len = m.encoded_len();
+    let mut b = BytesMut::with_capacity(5 + len);
+    b.put_u8(0);
+    b.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    // Encoding into a buffer of the exact size cannot fail.
+    let _ = m.encode(&mut b);
+    b.freeze()
 }
 
 impl Snapshot {
-    fn key(&self) -> (u64, u64) {
-        (
-            self.current.version,
-            self.previous.as_ref().map_or(0, |p| p.version),
-        )
+    /// The current and previous version numbers it carries (0: none).
+    pub(crate) fn versions(&self) -> (u64, u64) {
+        self.versions
+    }
+
+    /// Encodes an event once, in both forms a stream sends.
+    pub(crate) fn new(mut event: pb::WatchEvent) -> Self {
+        let revision = event.secret.as_ref().map_or(0, |s| s.revision);
+        let versions = (
+            event.current.as_ref().map_or(0, |c| c.version),
+            event.previous.as_ref().map_or(0, |p| p.version),
+        );
+        event.snapshot = true;
+        let first = frame(&event);
+        event.snapshot = false;
+        let change = frame(&event);
+        Self {
+            revision,
+            versions,
+            first,
+            change,
+        }
     }
 }
 
@@ -92,9 +135,7 @@ impl Hub {
         };
         let snap = Arc::new(snap);
         slot.send_if_modified(|cur| match cur {
-            Some(old) if old.secret.revision >= snap.secret.revision || old.key() == snap.key() => {
-                false
-            }
+            Some(old) if old.revision >= snap.revision || old.versions == snap.versions => false,
             _ => {
                 *cur = Some(snap);
                 true
@@ -108,17 +149,29 @@ mod tests {
     use super::*;
 
     fn snap(revision: u64, current: u64) -> Snapshot {
-        Snapshot {
-            secret: pb::Secret {
+        Snapshot::new(pb::WatchEvent {
+            secret: Some(pb::Secret {
                 revision,
                 ..Default::default()
-            },
-            current: pb::Version {
+            }),
+            current: Some(pb::Version {
                 version: current,
                 ..Default::default()
-            },
-            previous: None,
-            published_at_ms: 0,
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_as_grpc_frames() {
+        let s = snap(4, 2);
+        for (bytes, first) in [(&s.first, true), (&s.change, false)] {
+            assert_eq!(bytes[0], 0, "not compressed");
+            let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            assert_eq!(len, bytes.len() - 5);
+            let ev = pb::WatchEvent::decode(&bytes[5..]).unwrap();
+            assert_eq!(ev.snapshot, first);
+            assert_eq!(ev.current.unwrap().version, 2);
         }
     }
 
@@ -131,7 +184,7 @@ mod tests {
         assert!(rx.borrow().is_none());
         hub.publish("a", snap(2, 2));
         assert!(rx.has_changed().unwrap());
-        assert_eq!(rx.borrow_and_update().as_ref().unwrap().current.version, 2);
+        assert_eq!(rx.borrow_and_update().as_ref().unwrap().versions, (2, 0));
         hub.publish("a", snap(1, 1));
         assert!(!rx.has_changed().unwrap(), "an older revision is dropped");
         hub.publish("a", snap(3, 2));

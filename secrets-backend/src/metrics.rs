@@ -31,6 +31,16 @@ pub struct ConsumerLabels {
     pub version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MacLabels {
+    pub mac: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn step_histogram() -> Histogram {
@@ -46,6 +56,12 @@ pub struct Metrics {
     /// The versions each secret's consumer series were last set for, so
     /// that series of versions nobody serves any more are removed.
     consumer_versions: std::sync::Mutex<std::collections::HashMap<String, Vec<i64>>>,
+    /// The audit chain's newest event: its number, labelled with its MAC.
+    audit_head: Family<MacLabels, Gauge>,
+    /// 1 once the store's audit head fell behind one this backend saw.
+    pub audit_tampered: Gauge,
+    /// Calls refused before authentication, by method.
+    pub unauthenticated: Family<MethodLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,13 +92,34 @@ impl Default for Metrics {
             "Live consumers by secret and the version they serve",
             consumers.clone(),
         );
+        let audit_head = Family::<MacLabels, Gauge>::default();
+        registry.register(
+            "audit_head",
+            "The audit chain's newest event number, labelled with its MAC; keep a copy elsewhere to detect truncation",
+            audit_head.clone(),
+        );
+        let audit_tampered = Gauge::default();
+        registry.register(
+            "audit_tampered",
+            "1 when the store's audit log lost events this backend saw (its head fell behind)",
+            audit_tampered.clone(),
+        );
+        let unauthenticated = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "unauthenticated",
+            "Calls refused before authentication, by method",
+            unauthenticated.clone(),
+        );
         Self {
             registry,
             rotations,
             step_seconds,
             watch_streams,
             consumers,
-            consumer_versions: Default::default(),
+            consumer_versions: std::sync::Mutex::default(),
+            audit_head,
+            audit_tampered,
+            unauthenticated,
         }
     }
 }
@@ -127,6 +164,14 @@ impl Metrics {
         }
     }
 
+    /// Publishes the audit chain's head.
+    pub fn set_audit_head(&self, seq: i64, mac: &str) {
+        self.audit_head.clear();
+        self.audit_head
+            .get_or_create(&MacLabels { mac: mac.into() })
+            .set(seq);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail.
@@ -135,26 +180,64 @@ impl Metrics {
     }
 }
 
+/// Whether a scrape may read `/metrics`: with a token file configured,
+/// only with `Authorization: Bearer` and that token (the file is read at
+/// each scrape, so it can be rotated like any other secret).
+fn scrape_allowed(token_file: Option<&std::path::Path>, header: Option<&str>) -> bool {
+    let Some(path) = token_file else {
+        return true;
+    };
+    let Ok(want) = std::fs::read_to_string(path).map(zeroize::Zeroizing::new) else {
+        tracing::warn!(path = %path.display(), "cannot read metrics.bearer_token_file; refusing scrapes");
+        return false;
+    };
+    let want = want.trim();
+    let got = header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim();
+    !want.is_empty() && rekey_keyring::ct_eq(want.as_bytes(), got.as_bytes())
+}
+
 /// Serves `GET /metrics` (and `/livez`) until `shutdown` resolves.
+/// `/metrics` names secret ids; with `token_file` it needs that bearer
+/// token.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    token_file: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
     use axum::routing::get;
+    let token_file = Arc::new(token_file);
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let m = metrics.clone();
+                let token_file = token_file.clone();
                 async move {
+                    let auth = headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    if !scrape_allowed(token_file.as_deref(), auth) {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            [(header::WWW_AUTHENTICATE, "Bearer")],
+                            "a bearer token is required (metrics.bearer_token_file)\n",
+                        )
+                            .into_response();
+                    }
                     (
                         [(
-                            axum::http::header::CONTENT_TYPE,
+                            header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
                         m.encode(),
                     )
+                        .into_response()
                 }
             }),
         )
@@ -172,6 +255,21 @@ pub fn bound(l: &TcpListener) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrapes_need_the_token_when_one_is_configured() {
+        let dir = crate::store::tests_support::tempdir();
+        let f = dir.join("token");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        assert!(scrape_allowed(None, None));
+        assert!(scrape_allowed(Some(&f), Some("Bearer s3cret")));
+        assert!(!scrape_allowed(Some(&f), Some("Bearer s3cre")));
+        assert!(!scrape_allowed(Some(&f), None));
+        assert!(!scrape_allowed(
+            Some(&dir.join("gone")),
+            Some("Bearer s3cret")
+        ));
+    }
 
     #[test]
     fn encodes_the_documented_series() {

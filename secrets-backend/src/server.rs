@@ -17,20 +17,34 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsCo
 use crate::auth::{self, Auth};
 use crate::config::{self, Config, KekSource};
 use crate::engine::{self, Engine};
+use crate::front::Front;
+use crate::limits::StreamLimits;
 use crate::metrics::{self, Metrics};
 use crate::provider::{Providers, embedded::Embedded};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
+/// Health checks are a service name and nothing else.
+const SMALL_REQUEST: usize = 4 << 10;
+
 /// HTTP/2 streams one client connection may hold open at once.
 pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
-/// Reads (or, for the development default, creates) the KEK. Errors name
-/// the source, never the content.
+/// A key-encryption key and, for a development key made just now, the
+/// file it still has to be written to.
+pub(crate) struct LoadedKek {
+    pub(crate) key: MasterKey,
+    pub(crate) unsaved: Option<std::path::PathBuf>,
+}
+
+/// Reads the KEK, or for the development default makes one; that one is
+/// written to its file only once the store turns out to be new (see
+/// [`open_store`]), never over a file somebody deleted beside an existing
+/// store. Errors name the source, never the content.
 pub(crate) fn load_kek(
     src: &KekSource,
     env: impl Fn(&str) -> Option<String>,
-) -> anyhow::Result<MasterKey> {
+) -> anyhow::Result<LoadedKek> {
     let (text, what) = match src {
         KekSource::File(p) => (
             std::fs::read_to_string(p)
@@ -42,18 +56,14 @@ pub(crate) fn load_kek(
                 .with_context(|| format!("kek.env: environment variable {name} is not set"))?,
             format!("kek.env {name}"),
         ),
+        KekSource::Generated(p) if !p.exists() => {
+            return Ok(LoadedKek {
+                key: MasterKey::generate()?,
+                unsaved: Some(p.clone()),
+            });
+        }
         KekSource::Generated(p) => {
-            if !p.exists() {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                }
-                let k = MasterKey::generate()?;
-                write_private(p, k.to_base64().expose())?;
-                tracing::warn!(path = %p.display(), "created a key-encryption key file for development only; in production set kek.file or kek.env");
-            } else {
-                tracing::warn!(path = %p.display(), "using the development key-encryption key file; in production set kek.file or kek.env");
-            }
+            tracing::warn!(path = %p.display(), "using the development key-encryption key file; in production set kek.file or kek.env");
             (
                 std::fs::read_to_string(p)
                     .with_context(|| format!("cannot read {}", p.display()))?,
@@ -62,7 +72,47 @@ pub(crate) fn load_kek(
         }
     };
     let text = zeroize::Zeroizing::new(text);
-    MasterKey::from_base64(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    let key = MasterKey::from_base64(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    Ok(LoadedKek { key, unsaved: None })
+}
+
+/// Opens the store under `kek`. A development key made at this start is
+/// saved to its file just before the store is first sealed under it; if
+/// the store already holds data, its key file was lost, and nothing is
+/// written: the error says so.
+pub(crate) async fn open_store(
+    url: &str,
+    max_connections: u32,
+    kek: LoadedKek,
+) -> anyhow::Result<Store> {
+    let LoadedKek { key, unsaved } = kek;
+    let key = Arc::new(key);
+    let save = unsaved.as_ref().map(|p| {
+        let key = key.clone();
+        let p = p.clone();
+        move || -> crate::error::Result<()> {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    crate::error::Error::Internal(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            write_private(&p, key.to_base64().expose())
+                .map_err(|e| crate::error::Error::Internal(format!("{e:#}")))?;
+            tracing::warn!(path = %p.display(), "created a key-encryption key file for development only; in production set kek.file or kek.env");
+            Ok(())
+        }
+    });
+    match Store::open(url, max_connections, key, save).await {
+        Ok(s) => Ok(s),
+        Err(crate::error::Error::FailedPrecondition(m)) if unsaved.is_some() => {
+            let p = unsaved.unwrap_or_default();
+            bail!(
+                "the development key-encryption key file {} is missing, but the store already holds data sealed under a key ({m}); restore that file, or set kek.file or kek.env to the key the store was written with. No new key was written.",
+                p.display()
+            )
+        }
+        Err(e) => Err(e).context("cannot open the store"),
+    }
 }
 
 /// Writes a new file readable only by its owner.
@@ -113,13 +163,9 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let kek = Arc::new(load_kek(&cfg.kek, |n| std::env::var(n).ok())?);
-    tracing::info!(store = %config::redact_url(&cfg.store_url), kek_id = %kek.id_hex(), "opening store");
-    let store = Arc::new(
-        Store::open(&cfg.store_url, cfg.store_max_connections, kek)
-            .await
-            .context("cannot open the store")?,
-    );
+    let kek = load_kek(&cfg.kek, |n| std::env::var(n).ok())?;
+    tracing::info!(store = %config::redact_url(&cfg.store_url), kek_id = %kek.key.id_hex(), "opening store");
+    let store = Arc::new(open_store(&cfg.store_url, cfg.store_max_connections, kek).await?);
     if let Some(path) = store::sqlite_path(&cfg.store_url) {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
@@ -140,6 +186,8 @@ pub async fn run(
             step_attempts: cfg.step_attempts,
             step_backoff: cfg.step_backoff,
             consumer_ttl: cfg.consumer_ttl,
+            max_value_bytes: cfg.max_value_bytes,
+            refusal_summary_interval: cfg.refusal_summary_interval,
         },
     ));
 
@@ -163,10 +211,11 @@ pub async fn run(
 
     if let Some(l) = metrics_listener {
         let m = metrics.clone();
+        let token_file = cfg.metrics_token_file.clone();
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             let stop = async move { stopped(&mut rx).await };
-            if let Err(e) = metrics::serve(l, m, stop).await {
+            if let Err(e) = metrics::serve(l, m, token_file, stop).await {
                 tracing::error!(error = %e, "metrics server failed");
             }
         });
@@ -222,7 +271,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
-    let service = RekeyService::new(engine.clone(), auth, stop_rx.clone());
+    let service = Arc::new(RekeyService::new(
+        engine.clone(),
+        auth,
+        stop_rx.clone(),
+        StreamLimits::new(
+            cfg.max_watch_streams_per_identity,
+            cfg.max_watch_streams_per_connection,
+        ),
+    ));
 
     // Watch streams are long-lived: allow many per connection (a sidecar
     // needs one; a client multiplexing many watchers more), but bounded.
@@ -271,9 +328,9 @@ pub async fn run(
         }
     };
     let serve = builder
-        .add_service(health_service)
+        .add_service(health_service.max_decoding_message_size(SMALL_REQUEST))
         .add_service(reflection)
-        .add_service(RekeyServer::new(service).max_decoding_message_size(4 << 20))
+        .add_service(Front::new(service, cfg.max_value_bytes))
         .serve_with_incoming_shutdown(nodelay(grpc_listener), shutdown);
     let served = tokio::select! {
         r = serve => r,
@@ -283,6 +340,7 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
+    engine.summarize_refusals(true).await;
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
@@ -384,29 +442,61 @@ mod tests {
         let dir = crate::store::tests_support::tempdir();
         let p = dir.join("kek");
         std::fs::write(&p, "c2VjcmV0LXRvby1zaG9ydA==\n").unwrap();
-        let e = load_kek(&KekSource::File(p.clone()), |_| None).unwrap_err();
+        let e = load_kek(&KekSource::File(p.clone()), |_| None)
+            .err()
+            .unwrap();
         let s = format!("{e:#}");
         assert!(s.contains("kek.file"), "{s}");
         assert!(s.contains("32 bytes"), "{s}");
         assert!(!s.contains("c2VjcmV0"), "{s}");
-        let e = load_kek(&KekSource::File(dir.join("missing")), |_| None).unwrap_err();
+        let e = load_kek(&KekSource::File(dir.join("missing")), |_| None)
+            .err()
+            .unwrap();
         assert!(format!("{e:#}").contains("cannot read kek.file"));
-        let e = load_kek(&KekSource::Env("NOPE".into()), |_| None).unwrap_err();
+        let e = load_kek(&KekSource::Env("NOPE".into()), |_| None)
+            .err()
+            .unwrap();
         assert!(format!("{e:#}").contains("NOPE is not set"));
     }
 
-    #[test]
-    fn generated_kek_and_admin_token_are_private_and_stable() {
+    #[tokio::test]
+    async fn a_development_kek_is_saved_for_a_new_store_and_never_over_a_lost_one() {
         use std::os::unix::fs::PermissionsExt;
         let dir = crate::store::tests_support::tempdir();
         let p = dir.join("d").join("kek");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("d").join("rekey.db").display()
+        );
         let a = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
-        let b = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
-        assert_eq!(a.id_hex(), b.id_hex());
+        assert!(
+            !p.exists(),
+            "not written before the store is known to be new"
+        );
+        let id = a.key.id_hex();
+        open_store(&url, 1, a).await.unwrap().close().await;
         assert_eq!(
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        let b = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
+        assert_eq!((b.key.id_hex(), b.unsaved), (id, None));
+
+        std::fs::remove_file(&p).unwrap();
+        let c = load_kek(&KekSource::Generated(p.clone()), |_| None).unwrap();
+        let e = open_store(&url, 1, c).await.err().unwrap();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("is missing, but the store already holds data"),
+            "{msg}"
+        );
+        assert!(!p.exists(), "no new key over the lost one");
+    }
+
+    #[test]
+    fn the_admin_token_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::store::tests_support::tempdir();
         let t = dir.join("admin.token");
         let d1 = bootstrap_admin(&t).unwrap();
         let d2 = bootstrap_admin(&t).unwrap();

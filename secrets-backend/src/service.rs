@@ -1,11 +1,18 @@
-//! The `rekey.v1.Rekey` gRPC service: authentication, policy, and
-//! translation between messages and the engine. It calls the engine and
-//! nothing else; refusals are audited through it too.
+//! The `rekey.v1.Rekey` gRPC service: input checks at the edge,
+//! authentication, policy, and translation between messages and the
+//! engine. It calls the engine and nothing else; refusals are audited
+//! through it too.
+//!
+//! Secret ids are checked before anything is logged, so a hostile id can
+//! neither forge a log line nor reach the audit log. Calls refused before
+//! authentication are only counted and summarized
+//! ([`Engine::refused_unauthenticated`]).
 
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use prost::Message;
 use rekey_proto::v1 as pb;
 use rekey_proto::v1::rekey_server::Rekey;
 use tokio::sync::watch;
@@ -17,8 +24,11 @@ use crate::clock::now_ms;
 use crate::convert::{self, signed};
 use crate::engine::{
     self, Actor, CreateSpec, Engine, Outcome, ReencryptionReport, Selector, ServedReport,
+    validate_id,
 };
 use crate::error::{Error, Result};
+use crate::front::WatchFrames;
+use crate::limits::StreamLimits;
 use crate::provider::Stage;
 
 pub(crate) struct RekeyService {
@@ -26,6 +36,32 @@ pub(crate) struct RekeyService {
     auth: Arc<Auth>,
     /// Flips to `true` at shutdown; open Watch streams end then.
     shutdown: watch::Receiver<bool>,
+    streams: StreamLimits,
+}
+
+/// Free text a caller sends that rekey stores, prints or logs (a consumer
+/// id, a pod name): bounded, and without control characters.
+fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
+    if v.len() > max || v.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be at most {max} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A prefix of secret ids: empty, or the characters ids are made of.
+fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.len() > 256
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        return Err(Error::InvalidArgument(
+            "a prefix uses the characters of secret ids: letters, digits, - _ . /".into(),
+        ));
+    }
+    Ok(())
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -35,16 +71,24 @@ impl RekeyService {
         engine: Arc<Engine>,
         auth: Arc<Auth>,
         shutdown: watch::Receiver<bool>,
+        streams: StreamLimits,
     ) -> Self {
         Self {
             engine,
             auth,
             shutdown,
+            streams,
         }
     }
 
-    /// Authenticates the caller and builds its audit actor.
-    fn caller<T>(&self, req: &Request<T>) -> Result<(Identity, Actor)> {
+    /// Authenticates the caller of `method` and builds its audit actor. A
+    /// refusal is counted, not audited one by one.
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+        secret: &str,
+    ) -> Result<(Identity, Actor)> {
         let cert_identity = req
             .peer_certs()
             .and_then(|certs| certs.first().and_then(|c| crate::auth::cert_common_name(c)));
@@ -52,7 +96,12 @@ impl RekeyService {
             .metadata()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 128
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            })
             .map_or_else(engine::new_request_id, str::to_string);
         match self
             .auth
@@ -66,15 +115,22 @@ impl RekeyService {
                 Ok((id, actor))
             }
             Err(e) => {
-                tracing::info!(request_id = %request_id, error = %e, "unauthenticated call");
+                self.engine
+                    .refused_unauthenticated(method, secret, &e.to_string());
                 Err(e)
             }
         }
     }
 
-    /// An authenticated caller allowed to do `op` on `secret`.
-    fn authorized<T>(&self, req: &Request<T>, op: Operation, secret: &str) -> Result<Identity> {
-        let (who, _) = self.caller(req)?;
+    /// An authenticated caller of `method` allowed to do `op` on `secret`.
+    fn authorized<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+        op: Operation,
+        secret: &str,
+    ) -> Result<Identity> {
+        let (who, _) = self.caller(req, method, secret)?;
         self.auth.authorize(&who, op, secret)?;
         Ok(who)
     }
@@ -93,16 +149,7 @@ impl RekeyService {
         F: FnOnce(Actor) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let (who, actor) = match caller {
-            Ok(x) => x,
-            Err(e) => {
-                let anon = Actor::system("anonymous");
-                self.engine
-                    .record_refusal(&anon, op.name(), secret, version, &e)
-                    .await;
-                return Err(e.into());
-            }
-        };
+        let (who, actor) = caller?;
         if let Err(e) = self.auth.authorize(&who, op, secret) {
             self.engine
                 .record_refusal(&actor, op.name(), secret, version, &e)
@@ -157,13 +204,76 @@ impl Drop for StreamGauge {
     }
 }
 
+impl RekeyService {
+    /// Opens a Watch stream: checks, authorizes and audits it, takes its
+    /// places under the stream limits, and returns the frames to send (the
+    /// current snapshot of each secret first, then each change) until
+    /// shutdown.
+    pub(crate) async fn open_watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> std::result::Result<WatchFrames, Status> {
+        let ids: Vec<String> = {
+            let mut seen = HashSet::new();
+            request
+                .get_ref()
+                .secret_ids
+                .iter()
+                .filter(|i| seen.insert(i.as_str()))
+                .cloned()
+                .collect()
+        };
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument("name at least one secret to watch".into()).into());
+        }
+        for id in &ids {
+            validate_id(id)?;
+        }
+        let (who, actor) = self.caller(&request, "Watch", &ids[0])?;
+        for id in &ids {
+            if let Err(e) = self.auth.authorize(&who, Operation::Watch, id) {
+                self.engine.record_refusal(&actor, "watch", id, 0, &e).await;
+                return Err(e.into());
+            }
+        }
+        let slots = self.streams.open(&who.0, request.remote_addr())?;
+        let mut map = StreamMap::new();
+        let mut sent = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let rx = self.engine.subscribe(id).await?;
+            let versions = rx.borrow().as_ref().map_or((0, 0), |s| s.versions());
+            sent.push((id.clone(), versions));
+            map.insert(id.clone(), WatchStream::new(rx));
+        }
+        self.engine.record_watch(&actor, &sent).await?;
+        tracing::debug!(identity = %actor.identity, secrets = ids.len(), "watch stream opened");
+        let gauge = self.engine.metrics().watch_streams.clone();
+        gauge.inc();
+        let held = (StreamGauge(gauge), slots);
+        let mut first = HashSet::new();
+        let frames = map.filter_map(move |(id, snap)| {
+            let _held = &held;
+            let s = snap?;
+            Some(Some(if first.insert(id) {
+                s.first.clone()
+            } else {
+                s.change.clone()
+            }))
+        });
+        // End every stream at shutdown so the server can drain.
+        let stop = WatchStream::from_changes(self.shutdown.clone()).map(|_| None);
+        Ok(Box::pin(frames.merge(stop).map_while(|f| f)))
+    }
+}
+
 #[tonic::async_trait]
 impl Rekey for RekeyService {
     async fn create_secret(
         &self,
         request: Request<pb::CreateSecretRequest>,
     ) -> Reply<pb::CreateSecretResponse> {
-        let caller = self.caller(&request);
+        validate_id(&request.get_ref().id)?;
+        let caller = self.caller(&request, "CreateSecret", &request.get_ref().id);
         let r = &request.into_inner();
         let o = self
             .changing(caller, Operation::Create, &r.id, 1, |actor| async move {
@@ -192,7 +302,8 @@ impl Rekey for RekeyService {
     }
 
     async fn rotate(&self, request: Request<pb::RotateRequest>) -> Reply<pb::RotateResponse> {
-        let caller = self.caller(&request);
+        validate_id(&request.get_ref().secret_id)?;
+        let caller = self.caller(&request, "Rotate", &request.get_ref().secret_id);
         let r = &request.into_inner();
         let o = self
             .changing(
@@ -205,6 +316,9 @@ impl Rekey for RekeyService {
                         return self.engine.cancel(&actor, &r.secret_id).await;
                     }
                     let token = Some(r.request_token.as_str()).filter(|t| !t.is_empty());
+                    if let Some(t) = token {
+                        check_text("request token", t, 128)?;
+                    }
                     let value = convert::opt_value(r.value.as_ref())?;
                     self.engine.rotate(&actor, &r.secret_id, token, value).await
                 },
@@ -219,7 +333,9 @@ impl Rekey for RekeyService {
     }
 
     async fn revoke(&self, request: Request<pb::RevokeRequest>) -> Reply<pb::RevokeResponse> {
-        let caller = self.caller(&request);
+        validate_id(&request.get_ref().secret_id)?;
+        check_text("reason", &request.get_ref().reason, 1000)?;
+        let caller = self.caller(&request, "Revoke", &request.get_ref().secret_id);
         let r = &request.into_inner();
         let version = signed(r.version);
         let o = self
@@ -240,7 +356,8 @@ impl Rekey for RekeyService {
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Reply<pb::RollbackResponse> {
-        let caller = self.caller(&request);
+        validate_id(&request.get_ref().secret_id)?;
+        let caller = self.caller(&request, "Rollback", &request.get_ref().secret_id);
         let r = &request.into_inner();
         let o = self
             .changing(
@@ -259,7 +376,8 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::GetSecretRequest>,
     ) -> Reply<pb::GetSecretResponse> {
-        let caller = self.caller(&request);
+        validate_id(&request.get_ref().secret_id)?;
+        let caller = self.caller(&request, "GetSecret", &request.get_ref().secret_id);
         let r = &request.into_inner();
         let which = selector(r.selector);
         if !r.reveal {
@@ -294,11 +412,10 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::ListVersionsRequest>,
     ) -> Reply<pb::ListVersionsResponse> {
-        self.authorized(&request, Operation::Read, &request.get_ref().secret_id)?;
-        let (s, versions) = self
-            .engine
-            .list_versions(&request.get_ref().secret_id)
-            .await?;
+        let id = &request.get_ref().secret_id;
+        validate_id(id)?;
+        self.authorized(&request, "ListVersions", Operation::Read, id)?;
+        let (s, versions) = self.engine.list_versions(id).await?;
         Ok(Response::new(pb::ListVersionsResponse {
             versions: versions
                 .iter()
@@ -312,8 +429,10 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::ListSecretsRequest>,
     ) -> Reply<pb::ListSecretsResponse> {
-        let (who, _) = self.caller(&request)?;
-        let secrets = self.engine.list_secrets(&request.get_ref().prefix).await?;
+        let prefix = &request.get_ref().prefix;
+        check_prefix(prefix)?;
+        let (who, _) = self.caller(&request, "ListSecrets", prefix)?;
+        let secrets = self.engine.list_secrets(prefix).await?;
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: secrets
                 .iter()
@@ -325,56 +444,31 @@ impl Rekey for RekeyService {
 
     type WatchStream = WatchResponseStream;
 
+    /// Served by [`crate::front`] from shared frames; this path decodes
+    /// them again for callers of the generated service.
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
-        let (who, actor) = self.caller(&request)?;
-        let r = request.into_inner();
-        let ids: Vec<String> = {
-            let mut seen = HashSet::new();
-            r.secret_ids
-                .into_iter()
-                .filter(|i| seen.insert(i.clone()))
-                .collect()
-        };
-        if ids.is_empty() {
-            return Err(Error::InvalidArgument("name at least one secret to watch".into()).into());
-        }
-        let mut map = StreamMap::new();
-        for id in &ids {
-            self.auth.authorize(&who, Operation::Watch, id)?;
-            let rx = self.engine.subscribe(id).await?;
-            map.insert(id.clone(), WatchStream::new(rx));
-        }
-        tracing::debug!(identity = %actor.identity, secrets = ids.len(), "watch stream opened");
-        let gauge = self.engine.metrics().watch_streams.clone();
-        gauge.inc();
-        let guard = StreamGauge(gauge);
-        let mut first = HashSet::new();
-        let events = map.filter_map(move |(id, snap)| {
-            let _keep = &guard;
-            let s = snap?;
-            let snapshot = first.insert(id);
-            Some(Some(Ok(pb::WatchEvent {
-                secret: Some(s.secret.clone()),
-                current: Some(s.current.clone()),
-                previous: s.previous.clone(),
-                snapshot,
-                published_at_ms: s.published_at_ms,
-            })))
+        let frames = self.open_watch(request).await?;
+        let events = frames.map(|f| {
+            pb::WatchEvent::decode(f.get(5..).unwrap_or_default())
+                .map_err(|_| Status::internal("a Watch frame did not decode"))
         });
-        // End every stream at shutdown so the server can drain.
-        let stop = WatchStream::from_changes(self.shutdown.clone()).map(|_| None);
-        let stream = events
-            .merge(stop)
-            .take_while(Option::is_some)
-            .map(|e| e.unwrap_or_else(|| Err(Status::unavailable("shutting down"))));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn report_status(
         &self,
         request: Request<pb::ReportStatusRequest>,
     ) -> Reply<pb::ReportStatusResponse> {
-        let (who, _) = self.caller(&request)?;
+        {
+            let r = request.get_ref();
+            check_text("consumer_id", &r.consumer_id, 256)?;
+            check_text("pod", &r.pod, 256)?;
+            check_text("namespace", &r.namespace, 256)?;
+            for s in &r.secrets {
+                validate_id(&s.secret_id)?;
+            }
+        }
+        let (who, _) = self.caller(&request, "ReportStatus", "")?;
         let r = request.into_inner();
         for s in &r.secrets {
             self.auth.authorize(&who, Operation::Report, &s.secret_id)?;
@@ -399,7 +493,14 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::ReportReencryptionRequest>,
     ) -> Reply<pb::ReportReencryptionResponse> {
-        let (who, actor) = self.caller(&request)?;
+        {
+            let r = request.get_ref();
+            validate_id(&r.secret_id)?;
+            check_text("consumer_id", &r.consumer_id, 256)?;
+            check_text("phase", &r.phase, 500)?;
+        }
+        let (who, actor) =
+            self.caller(&request, "ReportReencryption", &request.get_ref().secret_id)?;
         let r = request.into_inner();
         self.auth.authorize(&who, Operation::Report, &r.secret_id)?;
         self.engine
@@ -424,8 +525,11 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Reply<pb::GetStatusResponse> {
-        let (who, _) = self.caller(&request)?;
         let id = &request.get_ref().secret_id;
+        if !id.is_empty() {
+            validate_id(id)?;
+        }
+        let (who, _) = self.caller(&request, "GetStatus", id)?;
         let ids: Vec<String> = if id.is_empty() {
             self.engine
                 .list_secrets("")
@@ -449,8 +553,12 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Reply<pb::ListAuditResponse> {
+        let id = &request.get_ref().secret_id;
+        if !id.is_empty() {
+            validate_id(id)?;
+        }
         // Listing every secret's events needs audit on every secret.
-        self.authorized(&request, Operation::Audit, &request.get_ref().secret_id)?;
+        self.authorized(&request, "ListAudit", Operation::Audit, id)?;
         let r = request.into_inner();
         let limit = if r.limit == 0 {
             1000
@@ -470,8 +578,14 @@ impl Rekey for RekeyService {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Reply<pb::VerifyAuditResponse> {
-        self.authorized(&request, Operation::Audit, "")?;
-        let v = self.engine.verify_audit().await?;
+        self.authorized(&request, "VerifyAudit", Operation::Audit, "")?;
+        let r = request.into_inner();
+        let expected = match r.expect_head_seq {
+            0 => None,
+            seq => Some(crate::audit::parse_head(signed(seq), &r.expect_head_mac)?),
+        };
+        let v = self.engine.verify_audit(expected).await?;
+        let head = v.head.clone();
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: v.first_bad.is_none(),
             checked: u64::try_from(v.checked).unwrap_or(0),
@@ -480,6 +594,10 @@ impl Rekey for RekeyService {
                 .as_ref()
                 .map_or(0, |(s, _)| u64::try_from(*s).unwrap_or(0)),
             problem: v.first_bad.map(|(_, p)| p).unwrap_or_default(),
+            head_seq: head
+                .as_ref()
+                .map_or(0, |h| u64::try_from(h.seq).unwrap_or(0)),
+            head_mac: head.map(|h| h.mac).unwrap_or_default(),
         }))
     }
 }

@@ -34,8 +34,12 @@ impl Engine {
             id: &spec.id,
             options: &options,
         };
+        if let Some(v) = &spec.value {
+            self.check_size(&spec.id, v)?;
+        }
         Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
         let value = kind.create(&ctx, None, spec.value).await?;
+        self.check_size(&spec.id, &value)?;
         kind.set(&ctx, &value, None)
             .await
             .map_err(|e| step_error(&spec.id, "set", e))?;
@@ -89,7 +93,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        audit::log_event(&ev);
+        self.published(&ev);
         self.metrics.step("create", started.elapsed().as_secs_f64());
         tracing::info!(secret = %row.id, kind = %row.kind, version = 1, "secret created");
         self.refresh(&row.id).await;

@@ -6,7 +6,6 @@
 use std::time::Instant;
 
 use super::{Actor, CAS_ATTEMPTS, Engine, Outcome, event, location, step_error, stored};
-use crate::audit;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
@@ -177,7 +176,7 @@ impl Engine {
                 .await?;
             let vrow = self.store.require_version(&mut tx, id, version).await?;
             tx.commit().await?;
-            audit::log_event(&ev);
+            self.published(&ev);
             self.metrics.step("revoke", started.elapsed().as_secs_f64());
             tracing::info!(
                 secret = id,

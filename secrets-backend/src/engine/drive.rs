@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use super::{Actor, CAS_ATTEMPTS, Engine, Outcome, location, step_error, stored, with_current};
-use crate::audit;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
@@ -209,7 +208,7 @@ impl Engine {
                 )
                 .await?;
             tx.commit().await?;
-            audit::log_event(&ev);
+            self.published(&ev);
             tracing::info!(
                 secret = id,
                 version = target,

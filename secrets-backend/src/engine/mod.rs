@@ -34,6 +34,7 @@ mod create;
 mod decommission;
 mod drive;
 mod outside;
+mod refusals;
 mod rollback;
 mod rotate;
 mod scheduler;
@@ -130,6 +131,11 @@ pub(crate) struct Settings {
     pub(crate) step_backoff: Duration,
     /// A consumer that has not reported for this long is not live.
     pub(crate) consumer_ttl: Duration,
+    /// The largest value, in bytes of its stored form.
+    pub(crate) max_value_bytes: usize,
+    /// How often, at most, refusals before authentication are audited as
+    /// one summary.
+    pub(crate) refusal_summary_interval: Duration,
 }
 
 pub(crate) struct Engine {
@@ -148,6 +154,10 @@ pub(crate) struct Engine {
     consumers_dirty: Mutex<BTreeSet<String>>,
     /// When each external provider was last asked for outside changes.
     polled_at: Mutex<HashMap<String, Instant>>,
+    /// The newest audit event this backend appended or saw in the store.
+    audit_head: Mutex<Option<audit::Head>>,
+    /// Calls refused before authentication, not yet summarized.
+    refusals: Mutex<refusals::Refusals>,
 }
 
 /// Secret ids look like paths: `prod/api/database`.
@@ -229,6 +239,8 @@ impl Engine {
             consumers_refreshed_at: AtomicI64::new(0),
             consumers_dirty: Mutex::default(),
             polled_at: Mutex::default(),
+            audit_head: Mutex::default(),
+            refusals: Mutex::default(),
         }
     }
 
@@ -253,6 +265,20 @@ impl Engine {
             (_, Some(v)) => kind.check_value(ctx, v),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a value larger than `limits.max_value_bytes`: every copy
+    /// of it (store, Watch events with current and previous, sidecars,
+    /// files) stays bounded.
+    fn check_size(&self, id: &str, value: &SecretValue) -> Result<()> {
+        let n = value.to_storage_bytes().len();
+        if n > self.settings.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "the value of {id} is {n} bytes; values are limited to {} bytes (limits.max_value_bytes)",
+                self.settings.max_value_bytes
+            )));
+        }
+        Ok(())
     }
 
     async fn pause(&self) {
@@ -285,6 +311,19 @@ impl Engine {
     async fn require_secret(&self, id: &str) -> Result<SecretRow> {
         let mut c = self.store.conn().await?;
         self.store.require_secret(&mut c, id).await
+    }
+
+    /// Logs an event that was committed and moves the published head.
+    fn published(&self, ev: &audit::Event) {
+        audit::log_event(ev);
+        let mut head = self
+            .audit_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if head.as_ref().is_none_or(|h| h.seq < ev.seq) {
+            self.metrics.set_audit_head(ev.seq, &ev.hash);
+            *head = Some(ev.head());
+        }
     }
 
     /// Appends an audit event inside `tx` and tells other replicas that

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use super::{Actor, CAS_ATTEMPTS, Engine, event, with_current};
-use crate::audit;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
@@ -98,7 +97,10 @@ impl Engine {
             id: &s.id,
             options: &s.options,
         };
-        if let Err(e) = kind.check_value(&ctx, &ch.value) {
+        if let Err(e) = self
+            .check_size(&s.id, &ch.value)
+            .and_then(|()| kind.check_value(&ctx, &ch.value))
+        {
             tracing::warn!(secret = %s.id, provider, error = %e, "outside change refused");
             self.record_refusal(&actor, "outside-change", &s.id, 0, &e)
                 .await;
@@ -135,7 +137,7 @@ impl Engine {
                 )
                 .await?;
             tx.commit().await?;
-            audit::log_event(&ev);
+            self.published(&ev);
             tracing::info!(secret = %s.id, provider, version = n, "outside change taken as the new current version");
             self.refresh(&s.id).await;
             return Ok(true);

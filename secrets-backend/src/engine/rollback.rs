@@ -3,7 +3,6 @@
 use std::time::Instant;
 
 use super::{Actor, Engine, Outcome, event, location, step_error, stored};
-use crate::audit;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
 use crate::store::VersionState;
@@ -89,7 +88,7 @@ impl Engine {
             )
             .await?;
         tx.commit().await?;
-        audit::log_event(&ev);
+        self.published(&ev);
         self.metrics
             .step("rollback", started.elapsed().as_secs_f64());
         tracing::info!(secret = id, version = next.current_version, "rolled back");

@@ -54,9 +54,13 @@ impl Engine {
             options: &s.options,
         };
         check_rotatable(&s, kind.as_ref())?;
+        if let Some(v) = &supplied {
+            self.check_size(id, v)?;
+        }
         Self::check_supplied(kind.as_ref(), &ctx, supplied.as_ref())?;
         let (_, current) = self.version_and_value(&s, s.current_version).await?;
         let value = kind.create(&ctx, Some(&current), supplied).await?;
+        self.check_size(id, &value)?;
         drop(current);
 
         let target = match self

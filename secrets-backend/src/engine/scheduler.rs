@@ -24,6 +24,8 @@ impl Engine {
         self.rotate_due(now).await?;
         self.refresh_consumer_gauges(now).await?;
         self.poll_providers().await;
+        self.check_audit_head().await;
+        self.summarize_refusals(false).await;
         self.decommission_due(now).await
     }
 

@@ -95,12 +95,13 @@ impl Engine {
             )));
         }
         let value = self.value_of(&s, &v).await?;
-        audit::append(
+        let ev = audit::append(
             &self.store,
             event(actor, "reveal", id, v.version, "ok", String::new()),
             now_ms(),
         )
         .await?;
+        self.published(&ev);
         Ok((s, v, value))
     }
 
@@ -223,7 +224,7 @@ impl Engine {
         self.store.upsert_reencryption(&mut c, &row).await?;
         drop(c);
         if r.finished {
-            audit::append(
+            let ev = audit::append(
                 &self.store,
                 event(
                     actor,
@@ -236,7 +237,41 @@ impl Engine {
                 now_ms(),
             )
             .await?;
+            self.published(&ev);
             tracing::info!(secret = %r.secret_id, version = r.version, "re-encryption finished");
+        }
+        Ok(())
+    }
+
+    /// Records that a Watch stream opened: one event per secret, naming
+    /// the versions whose values it was sent.
+    pub(crate) async fn record_watch(
+        &self,
+        actor: &Actor,
+        sent: &[(String, (u64, u64))],
+    ) -> Result<()> {
+        let mut tx = self.store.begin().await?;
+        let mut events = Vec::with_capacity(sent.len());
+        for (id, (current, previous)) in sent {
+            let mut detail = format!("stream opened; values sent: current v{current}");
+            if *previous > 0 {
+                detail.push_str(", previous v");
+                detail.push_str(&previous.to_string());
+            }
+            let version = i64::try_from(*current).unwrap_or(0);
+            events.push(
+                audit::append_in(
+                    &self.store,
+                    &mut tx,
+                    event(actor, "watch", id, version, "ok", detail),
+                    now_ms(),
+                )
+                .await?,
+            );
+        }
+        tx.commit().await?;
+        for ev in &events {
+            self.published(ev);
         }
         Ok(())
     }
@@ -260,8 +295,9 @@ impl Engine {
             request_id: actor.request_id.clone(),
             detail: e.to_string(),
         };
-        if let Err(err) = audit::append(&self.store, ev, now_ms()).await {
-            tracing::error!(error = %err, "cannot append audit event");
+        match audit::append(&self.store, ev, now_ms()).await {
+            Ok(ev) => self.published(&ev),
+            Err(err) => tracing::error!(error = %err, "cannot append audit event"),
         }
     }
 
@@ -277,9 +313,83 @@ impl Engine {
         audit::list(&mut c, secret_id, after_seq, limit).await
     }
 
-    /// Walks the audit chain.
-    pub(crate) async fn verify_audit(&self) -> Result<audit::Verification> {
+    /// Walks the audit chain, and checks that it still holds `expected`
+    /// (a head recorded elsewhere) and the newest event this backend saw.
+    pub(crate) async fn verify_audit(
+        &self,
+        expected: Option<audit::Head>,
+    ) -> Result<audit::Verification> {
+        let mut heads: Vec<(&str, audit::Head)> = Vec::new();
+        if let Some(h) = expected {
+            heads.push(("the expected head", h));
+        }
+        if let Some(h) = self.seen_audit_head() {
+            heads.push(("the newest event this backend saw", h));
+        }
         let mut c = self.store.conn().await?;
-        audit::verify(&mut c).await
+        let v = audit::verify(&self.store, &mut c, &heads).await?;
+        drop(c);
+        if v.first_bad.as_ref().is_some_and(|(seq, _)| *seq == 0)
+            && heads.iter().any(|(who, _)| who.starts_with("the newest"))
+        {
+            self.check_audit_head().await;
+        }
+        Ok(v)
+    }
+
+    fn seen_audit_head(&self) -> Option<audit::Head> {
+        self.audit_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Compares the store's audit log with the newest event this backend
+    /// saw: once that event is gone or changed, the store was tampered with
+    /// (`rekey_audit_tampered` turns 1 and stays). A newer head written by
+    /// another replica moves the seen head on.
+    pub(crate) async fn check_audit_head(&self) {
+        let r: Result<()> = async {
+            let mut c = self.store.conn().await?;
+            let store_head = audit::head(&mut c).await?;
+            let Some(seen) = self.seen_audit_head() else {
+                if let Some(h) = store_head {
+                    self.adopt_head(h);
+                }
+                return Ok(());
+            };
+            let at_seen = audit::list(&mut c, "", seen.seq - 1, 1).await?;
+            let kept = at_seen.first().is_some_and(|e| {
+                e.seq == seen.seq && rekey_keyring::ct_eq(e.hash.as_bytes(), seen.mac.as_bytes())
+            });
+            if !kept {
+                if self.metrics.audit_tampered.get() == 0 {
+                    tracing::error!(
+                        seen = seen.seq,
+                        store_head = store_head.as_ref().map_or(0, |h| h.seq),
+                        "the audit log lost an event this backend saw: the store was tampered with"
+                    );
+                }
+                self.metrics.audit_tampered.set(1);
+            } else if let Some(h) = store_head {
+                self.adopt_head(h);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot check the audit head");
+        }
+    }
+
+    fn adopt_head(&self, h: audit::Head) {
+        let mut head = self
+            .audit_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if head.as_ref().is_none_or(|cur| cur.seq < h.seq) {
+            self.metrics.set_audit_head(h.seq, &h.mac);
+            *head = Some(h);
+        }
     }
 }

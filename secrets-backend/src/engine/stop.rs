@@ -54,7 +54,7 @@ impl Engine {
                     .await?;
                 let pending = self.store.require_version(&mut tx, id, target).await?;
                 tx.commit().await?;
-                audit::log_event(&ev);
+                self.published(&ev);
                 if let Err(e) = self.provider(&s)?.discard(location(&s), stored(&pending)).await {
                     tracing::warn!(secret = id, version = target, error = %e, "the provider did not drop the pending value");
                 }
@@ -115,7 +115,7 @@ impl Engine {
             )
             .await?;
             tx.commit().await?;
-            audit::log_event(&ev);
+            self.published(&ev);
         } else {
             let mut by = rot.clone();
             by.actor.clone_from(&actor.identity);

@@ -219,6 +219,8 @@ async fn fixture() -> Fixture {
             step_attempts: 2,
             step_backoff: Duration::from_millis(10),
             consumer_ttl: Duration::from_secs(60),
+            max_value_bytes: 64 << 10,
+            refusal_summary_interval: Duration::from_secs(60),
         },
     );
     Fixture {
@@ -401,13 +403,7 @@ async fn a_provider_is_asked_in_the_order_of_the_state_machine() {
     );
     let mut rx = e.subscribe("prod/db").await.unwrap();
     let snap = rx.borrow_and_update().clone().unwrap();
-    assert_eq!(
-        (
-            snap.current.version,
-            snap.previous.as_ref().map(|p| p.version)
-        ),
-        (2, Some(1))
-    );
+    assert_eq!(snap.versions(), (2, 1));
 
     e.rollback(&actor, "prod/db").await.unwrap();
     assert_eq!(fake.calls(), ["roll_back kv/prod/db to v1 from v2"]);
@@ -493,7 +489,7 @@ async fn outside_changes_become_current_once_are_delivered_and_audited() {
     assert_eq!((s.current_version, s.previous_version), (2, 1));
     assert!(rx.has_changed().unwrap(), "watchers get the new value");
     let snap = rx.borrow_and_update().clone().unwrap();
-    assert_eq!(snap.current.version, 2);
+    assert_eq!(snap.versions(), (2, 1));
     let events = e.list_audit("prod/key", 0, 100).await.unwrap();
     let took = events
         .iter()

@@ -61,11 +61,12 @@ impl Engine {
                 }
             }
         };
-        Ok(Snapshot {
-            secret: convert::secret(&s),
-            current: convert::version(&s, &cur_row, Some(&cur_val)),
+        Ok(Snapshot::new(rekey_proto::v1::WatchEvent {
+            secret: Some(convert::secret(&s)),
+            current: Some(convert::version(&s, &cur_row, Some(&cur_val))),
             previous,
+            snapshot: false,
             published_at_ms: now_ms(),
-        })
+        }))
     }
 }

@@ -95,8 +95,15 @@ fn migrator_of(dialect: Dialect, list: &[(i64, &'static str, &'static str)]) -> 
 
 impl Store {
     /// Connects, creates the SQLite file (0600) when needed, runs migrations
-    /// and checks that `kek` is the key this store was written with.
-    pub(crate) async fn open(url: &str, max_connections: u32, kek: Arc<MasterKey>) -> Result<Self> {
+    /// and checks that `kek` is the key this store was written with. In a
+    /// new store, `first_use` runs before anything is sealed under `kek`
+    /// (to save a key made for it).
+    pub(crate) async fn open(
+        url: &str,
+        max_connections: u32,
+        kek: Arc<MasterKey>,
+        first_use: Option<impl FnOnce() -> Result<()>>,
+    ) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let dialect = if url.starts_with("sqlite:") {
             Dialect::Sqlite
@@ -141,7 +148,8 @@ impl Store {
             .await?;
         let store = Self { pool, dialect, kek };
         migrator(dialect).run(&store.pool).await?;
-        store.check_kek().await?;
+        store.check_kek(first_use).await?;
+        crate::audit::migrate(&store).await?;
         Ok(store)
     }
 
@@ -168,7 +176,7 @@ impl Store {
 
     /// A canary sealed under the KEK tells a wrong KEK apart from corrupt
     /// data at start-up, before any request is served.
-    async fn check_kek(&self) -> Result<()> {
+    async fn check_kek(&self, first_use: Option<impl FnOnce() -> Result<()>>) -> Result<()> {
         use base64::Engine as _;
         const CANARY: &[u8] = b"rekey kek check";
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -186,6 +194,9 @@ impl Store {
                 ))),
             }
         } else {
+            if let Some(f) = first_use {
+                f()?;
+            }
             let env = self.kek.seal(CANARY, b"kek-check")?;
             meta_set(&mut c, "kek_check", &b64.encode(env)).await
         }
@@ -279,6 +290,7 @@ pub(crate) mod tests_support {
             &url,
             1,
             Arc::new(MasterKey::from_bytes(&[kek_byte; 32]).unwrap()),
+            None::<fn() -> crate::error::Result<()>>,
         )
         .await
         .unwrap()
@@ -289,6 +301,8 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::{store_in, tempdir};
     use super::*;
+
+    const NO_HOOK: Option<fn() -> Result<()>> = None;
 
     #[test]
     fn sqlite_paths() {
@@ -318,10 +332,15 @@ mod tests {
         let dir = tempdir();
         drop(store_in(&dir, 3).await);
         let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
-        let e = Store::open(&url, 1, Arc::new(MasterKey::from_bytes(&[4; 32]).unwrap()))
-            .await
-            .err()
-            .unwrap();
+        let e = Store::open(
+            &url,
+            1,
+            Arc::new(MasterKey::from_bytes(&[4; 32]).unwrap()),
+            NO_HOOK,
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("key-encryption key"), "{e}");
     }
 
@@ -383,7 +402,7 @@ mod tests {
                 .unwrap();
             pool.close().await;
         }
-        let store = Arc::new(Store::open(&url, 1, Arc::new(kek)).await.unwrap());
+        let store = Arc::new(Store::open(&url, 1, Arc::new(kek), NO_HOOK).await.unwrap());
         let v = {
             let mut c = store.conn().await.unwrap();
             store.require_version(&mut c, "a/b", 1).await.unwrap()
