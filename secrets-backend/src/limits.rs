@@ -35,12 +35,15 @@ pub(crate) fn request_limit(path: &str, max_value_bytes: usize) -> usize {
     }
 }
 
-/// A request body that fails once it carries more than `limit` bytes, with
-/// a status the client can act on.
+/// A request body that fails once it carries more than `limit` bytes, or
+/// as soon as its first message says it will, with a status the client can
+/// act on.
 pub(crate) struct Capped<B> {
     inner: B,
     left: usize,
     limit: usize,
+    /// The first bytes of the first gRPC message: flag and length.
+    header: Vec<u8>,
 }
 
 impl<B> Capped<B> {
@@ -49,7 +52,33 @@ impl<B> Capped<B> {
             inner,
             left: limit,
             limit,
+            header: Vec::with_capacity(5),
         }
+    }
+
+    fn too_large(&self) -> tonic::codegen::StdError {
+        Box::new(Status::resource_exhausted(format!(
+            "the request is larger than this method's limit of {} bytes",
+            self.limit
+        )))
+    }
+
+    /// Checks the length the first message declares.
+    fn declared_fits(&mut self, data: &[u8]) -> bool {
+        if self.header.len() < 5 {
+            let take = (5 - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..take]);
+            if self.header.len() == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                return usize::try_from(len).is_ok_and(|l| l.saturating_add(5) <= self.limit);
+            }
+        }
+        true
     }
 }
 
@@ -68,14 +97,10 @@ where
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    if data.len() > self.left {
-                        let limit = self.limit;
+                    let fits = self.declared_fits(data);
+                    if !fits || data.len() > self.left {
                         self.left = 0;
-                        return Poll::Ready(Some(Err(Box::new(Status::resource_exhausted(
-                            format!(
-                                "the request is larger than this method's limit of {limit} bytes"
-                            ),
-                        )))));
+                        return Poll::Ready(Some(Err(self.too_large())));
                     }
                     self.left -= data.len();
                 }
@@ -204,6 +229,16 @@ mod tests {
         );
         assert_eq!(request_limit("/rekey.v1.Rekey/GetSecret", 65_536), SMALL);
         assert!(request_limit("/rekey.v1.Rekey/Rotate", 65_536) < 100 << 10);
+    }
+
+    #[tokio::test]
+    async fn a_message_declaring_more_than_the_limit_is_refused_at_once() {
+        // A 5-byte header declaring a million bytes, and nothing else yet.
+        let mut head = vec![0u8];
+        head.extend_from_slice(&1_000_000u32.to_be_bytes());
+        let body = http_body_util::Full::new(Bytes::from(head));
+        let e = Capped::new(body, 1000).collect().await.unwrap_err();
+        assert_eq!(Status::from_error(e).code(), tonic::Code::ResourceExhausted);
     }
 
     #[tokio::test]

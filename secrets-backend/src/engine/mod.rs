@@ -271,7 +271,11 @@ impl Engine {
     /// of it (store, Watch events with current and previous, sidecars,
     /// files) stays bounded.
     fn check_size(&self, id: &str, value: &SecretValue) -> Result<()> {
-        let n = value.to_storage_bytes().len();
+        // A single value's bytes; a structured value's names and values.
+        let n = match value {
+            SecretValue::Raw(b) => b.len(),
+            SecretValue::Fields(m) => m.iter().map(|(k, v)| k.len() + v.expose().len()).sum(),
+        };
         if n > self.settings.max_value_bytes {
             return Err(Error::InvalidArgument(format!(
                 "the value of {id} is {n} bytes; values are limited to {} bytes (limits.max_value_bytes)",
