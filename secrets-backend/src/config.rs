@@ -82,6 +82,7 @@ struct RawPolicy {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(clippy::struct_field_names, reason = "the fields are the TOML keys")]
 struct RawTls {
     cert_file: PathBuf,
     key_file: PathBuf,
@@ -103,6 +104,7 @@ struct RawConsumers {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[allow(clippy::struct_field_names, reason = "the fields are the TOML keys")]
 struct RawEngine {
     step_delay: Option<String>,
     step_attempts: Option<u32>,
@@ -111,6 +113,7 @@ struct RawEngine {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[allow(clippy::struct_field_names, reason = "the fields are the TOML keys")]
 struct RawLimits {
     max_value_bytes: Option<u64>,
     max_watch_streams_per_identity: Option<u32>,
@@ -305,6 +308,11 @@ impl Config {
     /// Loads `path` (or defaults when `None`), applies overrides from `env`
     /// and validates. `env` is injected so that tests never touch the
     /// process environment.
+    ///
+    /// # Errors
+    ///
+    /// Every problem found: an unreadable file, TOML that does not parse,
+    /// unknown settings, values out of range.
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -322,6 +330,10 @@ impl Config {
     }
 
     /// Parses TOML text, applies overrides and validates.
+    ///
+    /// # Errors
+    ///
+    /// Every problem found, as for [`Config::load`].
     pub fn from_toml(
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
@@ -371,9 +383,9 @@ fn set_path(table: &mut toml::Table, path: &str, v: toml::Value) {
     for p in parts {
         let entry = t
             .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()));
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
-            *entry = toml::Value::Table(Default::default());
+            *entry = toml::Value::Table(toml::Table::new());
         }
         let toml::Value::Table(inner) = entry else {
             return;
@@ -384,30 +396,51 @@ fn set_path(table: &mut toml::Table, path: &str, v: toml::Value) {
 }
 
 fn parse_addr(setting: &str, v: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
-    match v.parse() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            errors.push(format!(
-                "{setting}: {v:?} is not an address such as 127.0.0.1:7700"
-            ));
-            None
-        }
+    let a = v.parse().ok();
+    if a.is_none() {
+        errors.push(format!(
+            "{setting}: {v:?} is not an address such as 127.0.0.1:7700"
+        ));
     }
+    a
 }
 
 /// Parses a duration such as `30m`, `1h 30m` or `500ms`.
 pub fn parse_duration(setting: &str, v: &str, errors: &mut Vec<String>) -> Option<Duration> {
-    match humantime::parse_duration(v.trim()) {
-        Ok(d) => Some(d),
-        Err(_) => {
-            errors.push(format!(
-                "{setting}: {v:?} is not a duration such as 30s, 15m or 1h"
-            ));
-            None
-        }
+    let d = humantime::parse_duration(v.trim()).ok();
+    if d.is_none() {
+        errors.push(format!(
+            "{setting}: {v:?} is not a duration such as 30s, 15m or 1h"
+        ));
     }
+    d
 }
 
+/// A duration setting, or its default when unset (or unparsable, which is
+/// reported).
+fn duration(
+    setting: &str,
+    v: Option<&str>,
+    default: Duration,
+    errors: &mut Vec<String>,
+) -> Duration {
+    v.and_then(|t| parse_duration(setting, t, errors))
+        .unwrap_or(default)
+}
+
+/// A count that must be at least 1.
+fn at_least_one(setting: &str, v: Option<u32>, default: u32, errors: &mut Vec<String>) -> u32 {
+    let v = v.unwrap_or(default);
+    if v == 0 {
+        errors.push(format!("{setting}: must be at least 1"));
+    }
+    v
+}
+
+#[allow(
+    clippy::too_many_lines,
+    reason = "one setting after another with its default; the sections with logic of their own are functions"
+)]
 fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
     let fallback: SocketAddr = ([127, 0, 0, 1], 7700).into();
     let listen = parse_addr(
@@ -428,106 +461,9 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         .data_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
 
-    let store_url = match raw.store.url {
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
-        Some(u) if u.starts_with("sqlite:") => u,
-        Some(u) => {
-            errors.push(format!(
-                "store.url: must start with sqlite: or postgres:// (got scheme {:?})",
-                u.split(':').next().unwrap_or_default()
-            ));
-            String::new()
-        }
-        None => format!("sqlite://{}?mode=rwc", data_dir.join("rekey.db").display()),
-    };
-    let store_max_connections = raw.store.max_connections.unwrap_or(10);
-    if store_max_connections == 0 {
-        errors.push("store.max_connections: must be at least 1".into());
-    }
-
-    let kek = match (raw.kek.file, raw.kek.env) {
-        (Some(_), Some(_)) => {
-            errors.push("kek: set either kek.file or kek.env, not both".into());
-            KekSource::Generated(data_dir.join("kek"))
-        }
-        (Some(f), None) => KekSource::File(f),
-        (None, Some(e)) => {
-            if e.is_empty() {
-                errors.push("kek.env: must name an environment variable".into());
-            }
-            KekSource::Env(e)
-        }
-        (None, None) => KekSource::Generated(data_dir.join("kek")),
-    };
-
-    let admin_token_file = if raw.auth.bootstrap_admin.unwrap_or(true) {
-        Some(
-            raw.auth
-                .admin_token_file
-                .unwrap_or_else(|| data_dir.join("admin.token")),
-        )
-    } else {
-        None
-    };
-
-    let mut tokens = Vec::new();
-    for (i, t) in raw.auth.tokens.into_iter().enumerate() {
-        let setting = format!("auth.tokens[{i}]");
-        if t.identity.trim().is_empty() {
-            errors.push(format!("{setting}.identity: must not be empty"));
-        }
-        let mut sha = [0u8; 32];
-        if hex::decode_to_slice(t.sha256.trim(), &mut sha).is_err() {
-            // The value may be a token pasted by mistake: never echo it.
-            errors.push(format!(
-                "{setting}.sha256: must be 64 hex digits (the SHA-256 of the token, not the token)"
-            ));
-        }
-        let expires_at_ms = match t.expires_at.as_deref() {
-            None => None,
-            Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
-                Ok(d) => Some(d.timestamp_millis()),
-                Err(_) => {
-                    errors.push(format!(
-                        "{setting}.expires_at: {s:?} is not an RFC 3339 time such as 2027-01-01T00:00:00Z"
-                    ));
-                    None
-                }
-            },
-        };
-        tokens.push(TokenConfig {
-            identity: t.identity,
-            sha256: sha,
-            expires_at_ms,
-        });
-    }
-
-    let mut policies = Vec::new();
-    for (i, p) in raw.auth.policies.into_iter().enumerate() {
-        let setting = format!("auth.policies[{i}]");
-        let mut ops = BTreeSet::new();
-        for o in &p.operations {
-            match o.parse::<Operation>() {
-                Ok(op) => {
-                    ops.insert(op);
-                }
-                Err(()) => errors.push(format!(
-                    "{setting}.operations: unknown operation {o:?} (expected one of {})",
-                    Operation::ALL_NAMES.join(", ")
-                )),
-            }
-        }
-        if p.prefixes.is_empty() {
-            errors.push(format!(
-                "{setting}.prefixes: list at least one secret-id prefix (\"\" means every secret)"
-            ));
-        }
-        policies.push(PolicyConfig {
-            identity: p.identity,
-            prefixes: p.prefixes,
-            operations: ops,
-        });
-    }
+    let (store_url, store_max_connections, kek) =
+        validate_store(raw.store, raw.kek, &data_dir, errors);
+    let (admin_token_file, tokens, policies) = validate_auth(raw.auth, &data_dir, errors);
 
     let tls = raw.tls.map(|t| {
         for (name, f) in [
@@ -548,43 +484,40 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         }
     });
 
-    let scheduler_tick = raw
-        .scheduler
-        .tick
-        .as_deref()
-        .and_then(|t| parse_duration("scheduler.tick", t, errors))
-        .unwrap_or(Duration::from_secs(1));
+    let scheduler_tick = duration(
+        "scheduler.tick",
+        raw.scheduler.tick.as_deref(),
+        Duration::from_secs(1),
+        errors,
+    );
     if scheduler_tick.is_zero() {
         errors.push("scheduler.tick: must be greater than zero".into());
     }
-    let consumer_ttl = raw
-        .consumers
-        .ttl
-        .as_deref()
-        .and_then(|t| parse_duration("consumers.ttl", t, errors))
-        .unwrap_or(Duration::from_secs(120));
-    let step_delay = raw
-        .engine
-        .step_delay
-        .as_deref()
-        .and_then(|t| parse_duration("engine.step_delay", t, errors))
-        .unwrap_or(Duration::ZERO);
-
-    let step_attempts = raw.engine.step_attempts.unwrap_or(3);
-    if step_attempts == 0 {
-        errors.push("engine.step_attempts: must be at least 1".into());
-    }
-    let step_backoff = raw
-        .engine
-        .step_backoff
-        .as_deref()
-        .and_then(|t| parse_duration("engine.step_backoff", t, errors))
-        .unwrap_or(Duration::from_secs(1));
-    let shutdown_grace = raw
-        .shutdown_grace
-        .as_deref()
-        .and_then(|t| parse_duration("shutdown_grace", t, errors))
-        .unwrap_or(Duration::from_secs(10));
+    let consumer_ttl = duration(
+        "consumers.ttl",
+        raw.consumers.ttl.as_deref(),
+        Duration::from_mins(2),
+        errors,
+    );
+    let step_delay = duration(
+        "engine.step_delay",
+        raw.engine.step_delay.as_deref(),
+        Duration::ZERO,
+        errors,
+    );
+    let step_attempts = at_least_one("engine.step_attempts", raw.engine.step_attempts, 3, errors);
+    let step_backoff = duration(
+        "engine.step_backoff",
+        raw.engine.step_backoff.as_deref(),
+        Duration::from_secs(1),
+        errors,
+    );
+    let shutdown_grace = duration(
+        "shutdown_grace",
+        raw.shutdown_grace.as_deref(),
+        Duration::from_secs(10),
+        errors,
+    );
 
     let max_value_bytes = raw
         .limits
@@ -595,31 +528,24 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
             "limits.max_value_bytes: must be between 1 and {MAX_VALUE_BYTES_LIMIT} (4 MiB)"
         ));
     }
-    let positive = |setting: &str, v: Option<u32>, default: u32, errors: &mut Vec<String>| {
-        let v = v.unwrap_or(default);
-        if v == 0 {
-            errors.push(format!("{setting}: must be at least 1"));
-        }
-        v
-    };
-    let max_watch_streams_per_identity = positive(
+    let max_watch_streams_per_identity = at_least_one(
         "limits.max_watch_streams_per_identity",
         raw.limits.max_watch_streams_per_identity,
         10_000,
         errors,
     );
-    let max_watch_streams_per_connection = positive(
+    let max_watch_streams_per_connection = at_least_one(
         "limits.max_watch_streams_per_connection",
         raw.limits.max_watch_streams_per_connection,
         100,
         errors,
     );
-    let refusal_summary_interval = raw
-        .audit
-        .refusal_summary_interval
-        .as_deref()
-        .and_then(|t| parse_duration("audit.refusal_summary_interval", t, errors))
-        .unwrap_or(Duration::from_secs(60));
+    let refusal_summary_interval = duration(
+        "audit.refusal_summary_interval",
+        raw.audit.refusal_summary_interval.as_deref(),
+        Duration::from_mins(1),
+        errors,
+    );
     if refusal_summary_interval.is_zero() {
         errors.push("audit.refusal_summary_interval: must be greater than zero".into());
     }
@@ -658,7 +584,122 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
     }
 }
 
+/// `[store]` and `[kek]`: where rekey keeps its data, under which key.
+fn validate_store(
+    store: RawStore,
+    kek: RawKek,
+    data_dir: &Path,
+    errors: &mut Vec<String>,
+) -> (String, u32, KekSource) {
+    let store_url = match store.url {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+        Some(u) if u.starts_with("sqlite:") => u,
+        Some(u) => {
+            errors.push(format!(
+                "store.url: must start with sqlite: or postgres:// (got scheme {:?})",
+                u.split(':').next().unwrap_or_default()
+            ));
+            String::new()
+        }
+        None => format!("sqlite://{}?mode=rwc", data_dir.join("rekey.db").display()),
+    };
+    let store_max_connections = store.max_connections.unwrap_or(10);
+    if store_max_connections == 0 {
+        errors.push("store.max_connections: must be at least 1".into());
+    }
+
+    let kek = match (kek.file, kek.env) {
+        (Some(_), Some(_)) => {
+            errors.push("kek: set either kek.file or kek.env, not both".into());
+            KekSource::Generated(data_dir.join("kek"))
+        }
+        (Some(f), None) => KekSource::File(f),
+        (None, Some(e)) => {
+            if e.is_empty() {
+                errors.push("kek.env: must name an environment variable".into());
+            }
+            KekSource::Env(e)
+        }
+        (None, None) => KekSource::Generated(data_dir.join("kek")),
+    };
+    (store_url, store_max_connections, kek)
+}
+
+/// `[auth]`: the bootstrap admin token's file, tokens and policies.
+fn validate_auth(
+    auth: RawAuth,
+    data_dir: &Path,
+    errors: &mut Vec<String>,
+) -> (Option<PathBuf>, Vec<TokenConfig>, Vec<PolicyConfig>) {
+    let admin_token_file = if auth.bootstrap_admin.unwrap_or(true) {
+        Some(
+            auth.admin_token_file
+                .unwrap_or_else(|| data_dir.join("admin.token")),
+        )
+    } else {
+        None
+    };
+
+    let mut tokens = Vec::new();
+    for (i, t) in auth.tokens.into_iter().enumerate() {
+        let setting = format!("auth.tokens[{i}]");
+        if t.identity.trim().is_empty() {
+            errors.push(format!("{setting}.identity: must not be empty"));
+        }
+        let mut sha = [0u8; 32];
+        if hex::decode_to_slice(t.sha256.trim(), &mut sha).is_err() {
+            // The value may be a token pasted by mistake: never echo it.
+            errors.push(format!(
+                "{setting}.sha256: must be 64 hex digits (the SHA-256 of the token, not the token)"
+            ));
+        }
+        let expires_at_ms = t.expires_at.as_deref().and_then(|s| {
+            let t = chrono::DateTime::parse_from_rfc3339(s).ok();
+            if t.is_none() {
+                errors.push(format!(
+                    "{setting}.expires_at: {s:?} is not an RFC 3339 time such as 2027-01-01T00:00:00Z"
+                ));
+            }
+            t.map(|d| d.timestamp_millis())
+        });
+        tokens.push(TokenConfig {
+            identity: t.identity,
+            sha256: sha,
+            expires_at_ms,
+        });
+    }
+
+    let mut policies = Vec::new();
+    for (i, p) in auth.policies.into_iter().enumerate() {
+        let setting = format!("auth.policies[{i}]");
+        let mut ops = BTreeSet::new();
+        for o in &p.operations {
+            match o.parse::<Operation>() {
+                Ok(op) => {
+                    ops.insert(op);
+                }
+                Err(()) => errors.push(format!(
+                    "{setting}.operations: unknown operation {o:?} (expected one of {})",
+                    Operation::ALL_NAMES.join(", ")
+                )),
+            }
+        }
+        if p.prefixes.is_empty() {
+            errors.push(format!(
+                "{setting}.prefixes: list at least one secret-id prefix (\"\" means every secret)"
+            ));
+        }
+        policies.push(PolicyConfig {
+            identity: p.identity,
+            prefixes: p.prefixes,
+            operations: ops,
+        });
+    }
+    (admin_token_file, tokens, policies)
+}
+
 /// The store URL with any password replaced, for logs.
+#[must_use]
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {

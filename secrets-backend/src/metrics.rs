@@ -149,7 +149,7 @@ impl Metrics {
         let mut known = self
             .consumer_versions
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for v in known.remove(secret).unwrap_or_default() {
             self.consumers.remove(&label(v));
         }

@@ -57,7 +57,9 @@ fn random_below(max_ms: i64) -> i64 {
         a.copy_from_slice(b.expose());
         u64::from_le_bytes(a)
     });
-    (b.unwrap_or(0) % max_ms as u64) as i64
+    let max = u64::try_from(max_ms).unwrap_or(u64::MAX);
+    // Below `max_ms`, so it fits.
+    i64::try_from(b.unwrap_or(0) % max).unwrap_or(0)
 }
 
 /// When `s` should next rotate, given that it last rotated (or was created)
@@ -74,7 +76,7 @@ pub fn next_rotation(s: &SecretRow, now_ms: i64) -> Result<i64> {
     let earliest = base + s.min_interval_ms.max(0);
     let due = match parse(&s.schedule_spec)? {
         Spec::Manual => return Ok(0),
-        Spec::Every(d) => base + d.as_millis() as i64,
+        Spec::Every(d) => base.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         Spec::Cron(c) => {
             let from = Utc
                 .timestamp_millis_opt(now_ms.max(earliest))

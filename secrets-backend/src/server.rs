@@ -134,7 +134,9 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
 /// Returns the digest of the bootstrap admin token, creating the token file
 /// when it does not exist. Logs the path, never the token.
 pub(crate) fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
-    if !path.exists() {
+    if path.exists() {
+        tracing::info!(path = %path.display(), "admin token file in use");
+    } else {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -143,8 +145,6 @@ pub(crate) fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
         let token = zeroize::Zeroizing::new(format!("rk_{}", hex::encode(raw.expose())));
         write_private(path, &token)?;
         tracing::info!(path = %path.display(), "wrote a new admin token");
-    } else {
-        tracing::info!(path = %path.display(), "admin token file in use");
     }
     let token = zeroize::Zeroizing::new(
         std::fs::read_to_string(path)
@@ -159,6 +159,16 @@ pub(crate) fn bootstrap_admin(path: &Path) -> anyhow::Result<[u8; 32]> {
 
 /// Runs the backend until `shutdown` resolves. Prints one line to stdout
 /// once both listeners are bound: `listening grpc=ADDR metrics=ADDR`.
+///
+/// # Errors
+///
+/// What stops it from serving: an unreadable key or token file, a store it
+/// cannot open (or written under another key), a port it cannot bind, bad
+/// TLS material.
+#[allow(
+    clippy::too_many_lines,
+    reason = "the start-up and shutdown sequence in the order it happens; each step is one call or one value"
+)]
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -207,6 +217,123 @@ pub async fn run(
     let metrics_addr = metrics_listener.as_ref().map(metrics::bound);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let postgres = store.dialect() == Dialect::Postgres;
+    let mut tasks = spawn_background(
+        &cfg,
+        &engine,
+        &metrics,
+        metrics_listener,
+        postgres,
+        &stop_rx,
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RekeyServer<RekeyService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rekey_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let service = Arc::new(RekeyService::new(
+        engine.clone(),
+        auth,
+        stop_rx.clone(),
+        StreamLimits::new(
+            cfg.max_watch_streams_per_identity,
+            cfg.max_watch_streams_per_connection,
+        ),
+    ));
+
+    let mut builder = server_builder(&cfg)?;
+
+    println!(
+        "listening grpc={grpc_addr} metrics={}",
+        metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string())
+    );
+    tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, tls = cfg.tls.is_some(), "rekey-backend ready");
+
+    let stop_tx2 = stop_tx.clone();
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_on_stop = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Load balancers and probes stop sending new calls first.
+        health_on_stop
+            .set_not_serving::<RekeyServer<RekeyService>>()
+            .await;
+        tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining calls in flight");
+        let _ = stop_tx2.send(true);
+        let _ = fired_tx.send(());
+    };
+    let grace = cfg.shutdown_grace;
+    // A client that never closes its connection must not hold the process
+    // past the grace period.
+    let grace_over = async move {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let serve = builder
+        .add_service(health_service.max_decoding_message_size(SMALL_REQUEST))
+        .add_service(reflection)
+        .add_service(Front::new(service, cfg.max_value_bytes))
+        .serve_with_incoming_shutdown(nodelay(grpc_listener), shutdown);
+    let served = tokio::select! {
+        r = serve => r,
+        () = grace_over => {
+            tracing::warn!("grace period over; closing the connections still open");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    engine.summarize_refusals(true).await;
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 10s");
+    }
+    store.close().await;
+    served.context("gRPC server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The gRPC server's transport: HTTP/2 limits and, when configured, TLS.
+fn server_builder(cfg: &Config) -> anyhow::Result<Server> {
+    // Watch streams are long-lived: allow many per connection (a sidecar
+    // needs one; a client multiplexing many watchers more), but bounded.
+    let mut builder = Server::builder().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
+    if let Some(tls) = &cfg.tls {
+        let cert = std::fs::read(&tls.cert_file)
+            .with_context(|| format!("cannot read tls.cert_file {}", tls.cert_file.display()))?;
+        let key = std::fs::read(&tls.key_file)
+            .with_context(|| format!("cannot read tls.key_file {}", tls.key_file.display()))?;
+        let mut t = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca_file {
+            let ca = std::fs::read(ca)
+                .with_context(|| format!("cannot read tls.client_ca_file {}", ca.display()))?;
+            t = t.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t).context("invalid TLS configuration")?;
+    }
+    Ok(builder)
+}
+
+/// The tasks beside the gRPC server: metrics, recovery of interrupted
+/// rotations, the scheduler and, on Postgres, changes from other replicas.
+/// Each ends when `stop` flips.
+fn spawn_background(
+    cfg: &Config,
+    engine: &Arc<Engine>,
+    metrics: &Arc<Metrics>,
+    metrics_listener: Option<TcpListener>,
+    postgres: bool,
+    stop_rx: &watch::Receiver<bool>,
+) -> tokio::task::JoinSet<()> {
     let mut tasks = tokio::task::JoinSet::new();
 
     if let Some(l) = metrics_listener {
@@ -246,112 +373,24 @@ pub async fn run(
                             tracing::warn!(error = %e, "scheduler pass failed");
                         }
                     }
-                    _ = stopped(&mut rx) => break,
+                    () = stopped(&mut rx) => break,
                 }
             }
         });
     }
 
-    if store.dialect() == Dialect::Postgres {
+    if postgres {
         let url = cfg.store_url.clone();
         let engine = engine.clone();
         let mut rx = stop_rx.clone();
         tasks.spawn(async move {
             tokio::select! {
-                _ = listen_changes(&url, &engine) => {}
-                _ = stopped(&mut rx) => {}
+                () = listen_changes(&url, &engine) => {}
+                () = stopped(&mut rx) => {}
             }
         });
     }
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RekeyServer<RekeyService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(rekey_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build the reflection service")?;
-    let service = Arc::new(RekeyService::new(
-        engine.clone(),
-        auth,
-        stop_rx.clone(),
-        StreamLimits::new(
-            cfg.max_watch_streams_per_identity,
-            cfg.max_watch_streams_per_connection,
-        ),
-    ));
-
-    // Watch streams are long-lived: allow many per connection (a sidecar
-    // needs one; a client multiplexing many watchers more), but bounded.
-    let mut builder = Server::builder().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
-    if let Some(tls) = &cfg.tls {
-        let cert = std::fs::read(&tls.cert_file)
-            .with_context(|| format!("cannot read tls.cert_file {}", tls.cert_file.display()))?;
-        let key = std::fs::read(&tls.key_file)
-            .with_context(|| format!("cannot read tls.key_file {}", tls.key_file.display()))?;
-        let mut t = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key));
-        if let Some(ca) = &tls.client_ca_file {
-            let ca = std::fs::read(ca)
-                .with_context(|| format!("cannot read tls.client_ca_file {}", ca.display()))?;
-            t = t.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(t).context("invalid TLS configuration")?;
-    }
-
-    println!(
-        "listening grpc={grpc_addr} metrics={}",
-        metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string())
-    );
-    tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, tls = cfg.tls.is_some(), "rekey-backend ready");
-
-    let stop_tx2 = stop_tx.clone();
-    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
-    let health_on_stop = health.clone();
-    let shutdown = async move {
-        shutdown.await;
-        // Load balancers and probes stop sending new calls first.
-        health_on_stop
-            .set_not_serving::<RekeyServer<RekeyService>>()
-            .await;
-        tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining calls in flight");
-        let _ = stop_tx2.send(true);
-        let _ = fired_tx.send(());
-    };
-    let grace = cfg.shutdown_grace;
-    // A client that never closes its connection must not hold the process
-    // past the grace period.
-    let grace_over = async move {
-        if fired_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let serve = builder
-        .add_service(health_service.max_decoding_message_size(SMALL_REQUEST))
-        .add_service(reflection)
-        .add_service(Front::new(service, cfg.max_value_bytes))
-        .serve_with_incoming_shutdown(nodelay(grpc_listener), shutdown);
-    let served = tokio::select! {
-        r = serve => r,
-        _ = grace_over => {
-            tracing::warn!("grace period over; closing the connections still open");
-            Ok(())
-        }
-    };
-    let _ = stop_tx.send(true);
-    engine.summarize_refusals(true).await;
-    let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("background tasks did not stop within 10s");
-    }
-    store.close().await;
-    served.context("gRPC server failed")?;
-    tracing::info!("stopped");
-    Ok(())
+    tasks
 }
 
 /// Follows NOTIFYs from other replicas and refreshes the watched secrets
@@ -416,14 +455,12 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = ctrl_c.await;
+            return;
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -44,7 +44,7 @@ pub(crate) fn step(secret: &str, step: &'static str, message: impl Into<String>)
 /// One field of a structured value.
 pub(crate) fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
     match v {
-        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Fields(m) => m.get(name).map(rekey_keyring::SecretString::expose),
         SecretValue::Raw(_) => None,
     }
 }

@@ -273,7 +273,7 @@ impl Kind for Postgres {
                         }
                     }
                     Err(_) => {
-                        problems.push(format!("{admin_url_file} does not hold a postgres:// URL"))
+                        problems.push(format!("{admin_url_file} does not hold a postgres:// URL"));
                     }
                 },
                 Err(e) => problems.push(format!(
