@@ -6,6 +6,8 @@
 //! driver message is scrubbed of the URL, the password (as written and
 //! percent-decoded) and a `password=` parameter before it is passed on.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -66,7 +68,7 @@ fn target(o: &PgConnectOptions, url: &str) -> String {
 pub async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, Error> {
     let opts = options(url)?;
     let target = target(&opts, url);
-    match tokio::time::timeout(timeout, opts.connect()).await {
+    match tokio::time::timeout(timeout, open(opts)).await {
         Err(_) => Err(Error::Timeout {
             service: Service::Postgres,
             target,
@@ -93,7 +95,7 @@ pub async fn check(url: &str, probe: &str, timeout: Duration) -> Result<(), Erro
     let mut c = connect(url, timeout).await?;
     let target = target(&options(url)?, url);
     let left = timeout.saturating_sub(started.elapsed());
-    let r = tokio::time::timeout(left, sqlx::raw_sql(probe).execute(&mut c)).await;
+    let r = tokio::time::timeout(left, execute(&mut c, probe)).await;
     // A failed close leaves nothing behind that matters to the check.
     let _ = c.close().await;
     match r {
@@ -111,6 +113,20 @@ pub async fn check(url: &str, probe: &str, timeout: Duration) -> Result<(), Erro
             after: timeout,
         }),
     }
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// `opts.connect()`, boxed: sqlx's connect and executor futures are not
+/// `Send` for every lifetime, so a caller's future that awaits them
+/// directly cannot be spawned. A boxed future with one named lifetime can.
+fn open(opts: PgConnectOptions) -> BoxFut<'static, Result<PgConnection, sqlx::Error>> {
+    Box::pin(async move { opts.connect().await })
+}
+
+/// Runs `sql` (one or more statements, no parameters); boxed as [`open`].
+fn execute<'a>(c: &'a mut PgConnection, sql: &'a str) -> BoxFut<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move { sqlx::Executor::execute(&mut *c, sql).await.map(drop) })
 }
 
 /// The useful part of a driver error: the server's own message for a
@@ -252,6 +268,20 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// The sidecar and the backend spawn tasks that await these.
+    #[test]
+    fn futures_can_be_spawned() {
+        fn spawnable<F: Future + Send + 'static>(_: F) {}
+        spawnable(async {
+            let url = String::from(PG);
+            check(&url, DEFAULT_PROBE, DEFAULT_TIMEOUT).await
+        });
+        spawnable(async {
+            let url = String::from(PG);
+            connect(&url, DEFAULT_TIMEOUT).await.map(drop)
+        });
     }
 
     #[tokio::test]
