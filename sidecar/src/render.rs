@@ -10,13 +10,14 @@ use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
 use crate::config::{Format, Output, template_fields};
+use crate::error::Error;
 
-fn text(b: &[u8]) -> Result<&str, String> {
-    std::str::from_utf8(b).map_err(|_| "the value is not UTF-8 text".to_string())
+fn text(b: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(b).map_err(|_| Error::NotText)
 }
 
 /// The value's fields: a raw value is the single field `value`.
-fn fields(v: &SecretValue) -> Result<BTreeMap<&str, &str>, String> {
+fn fields(v: &SecretValue) -> Result<BTreeMap<&str, &str>, Error> {
     match v {
         SecretValue::Raw(b) => Ok([("value", text(b.expose())?)].into()),
         SecretValue::Fields(m) => Ok(m.iter().map(|(k, v)| (k.as_str(), v.expose())).collect()),
@@ -41,7 +42,7 @@ fn env_quote(s: &str) -> String {
 }
 
 /// The JSON form of a value: its fields as an object, or `{"value": ...}`.
-pub fn json_value(v: &SecretValue) -> Result<Value, String> {
+pub fn json_value(v: &SecretValue) -> Result<Value, Error> {
     Ok(Value::Object(
         fields(v)?
             .into_iter()
@@ -51,15 +52,14 @@ pub fn json_value(v: &SecretValue) -> Result<Value, String> {
 }
 
 /// Renders one value as the output's format asks.
-pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
+pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, Error> {
     let bytes = match &out.format {
         Format::Raw => match v {
             SecretValue::Raw(b) => b.expose().to_vec(),
             SecretValue::Fields(m) => {
-                return Err(format!(
-                    "format raw needs a single value, but this secret has fields ({}); use json, env or template",
-                    m.keys().cloned().collect::<Vec<_>>().join(", ")
-                ));
+                return Err(Error::RawNeedsOneValue {
+                    fields: m.keys().cloned().collect(),
+                });
             }
         },
         Format::Json => {
@@ -103,11 +103,10 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
                 }
             }
             if !missing.is_empty() {
-                return Err(format!(
-                    "the template names field(s) the value lacks: {} (it has: {})",
-                    missing.join(", "),
-                    f.keys().copied().collect::<Vec<_>>().join(", ")
-                ));
+                return Err(Error::MissingFields {
+                    missing,
+                    has: f.keys().map(|k| (*k).to_string()).collect(),
+                });
             }
             let mut s = Zeroizing::new(String::with_capacity(t.len() + 64));
             let mut rest = t.as_str();
@@ -130,8 +129,8 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
 pub fn render_keyring(
     current: (u64, &SecretValue),
     previous: Option<(u64, &SecretValue)>,
-) -> Result<SecretBytes, String> {
-    let entry = |(n, v): (u64, &SecretValue)| -> Result<Value, String> {
+) -> Result<SecretBytes, Error> {
+    let entry = |(n, v): (u64, &SecretValue)| -> Result<Value, Error> {
         let value = match v {
             SecretValue::Raw(b) => Value::String(text(b.expose())?.to_string()),
             other => json_value(other)?,
@@ -212,11 +211,15 @@ mod tests {
 
     #[test]
     fn errors_name_fields_not_values() {
-        let e = render(&out(Format::Raw), &db()).unwrap_err();
+        let e = render(&out(Format::Raw), &db()).unwrap_err().to_string();
         assert!(e.contains("username") && !e.contains("app_a"), "{e}");
         let t = out(Format::Template("{{user}}@{{host}}".into()));
-        let e = render(&t, &db()).unwrap_err();
-        assert!(e.contains("user") && !e.contains("p\"w"), "{e}");
+        let e = render(&t, &db()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("the template names field(s) the value lacks: user (it has: "),
+            "{e}"
+        );
+        assert!(!e.contains("p\"w"), "{e}");
     }
 
     #[test]
