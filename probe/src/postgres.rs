@@ -99,7 +99,7 @@ pub async fn check(url: &str, probe: &str, timeout: Duration) -> Result<(), Erro
     // A failed close leaves nothing behind that matters to the check.
     let _ = c.close().await;
     match r {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Failed {
             service: Service::Postgres,
             target,

@@ -35,6 +35,10 @@ impl tonic::service::Interceptor for Auth {
 
 /// Connects with the token read from its file now (so a rotated token file
 /// is picked up on the next connect).
+///
+/// # Errors
+/// No or an unreadable token file, a token that cannot be a header, a bad
+/// backend address, or a backend that cannot be reached.
 pub async fn connect(cfg: &Config) -> Result<Client, Error> {
     let token = match &cfg.token_file {
         Some(p) => zeroize::Zeroizing::new(
@@ -131,6 +135,9 @@ pub enum Probe {
 /// At start-up: may this identity read its secrets, and do the outputs fit
 /// the values (a template naming a field the value lacks)? Errors here stop
 /// the sidecar before it binds its port.
+///
+/// # Errors
+/// Every refusal and misfit found, one line per secret.
 pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
     if cfg.secrets.is_empty() {
         return Ok(Probe::Snapshots(vec![]));

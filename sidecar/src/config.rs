@@ -415,8 +415,11 @@ fn lease_config(
     lease
 }
 
-/// Placeholders named in a template (`{{ name }}`), or an error. Used at
-/// start-up and by every render.
+/// Placeholders named in a template (`{{ name }}`). Used at start-up and
+/// by every render.
+///
+/// # Errors
+/// [`Error::TemplateUnclosed`] or [`Error::TemplateName`].
 pub fn template_fields(t: &str) -> Result<Vec<String>, Error> {
     let mut out = Vec::new();
     let mut rest = t;

@@ -6,7 +6,7 @@
 //! header (compared in constant time with the configured token; 403
 //! without it), refuses any request carrying `X-Forwarded-For` (400: the
 //! API is for the pod itself, never for proxied callers), answers with
-//! GetSecretValue's field names, and serves `GET /ping` without a token.
+//! `GetSecretValue`'s field names, and serves `GET /ping` without a token.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -182,15 +182,15 @@ fn answer(
             Ok(s) => body["SecretString"] = json!(s),
             Err(_) => {
                 body["SecretBinary"] =
-                    json!(base64::engine::general_purpose::STANDARD.encode(b.expose()))
+                    json!(base64::engine::general_purpose::STANDARD.encode(b.expose()));
             }
         },
-        other => {
+        fields @ SecretValue::Fields(_) => {
             body["SecretString"] = json!(
-                crate::render::json_value(other)
+                crate::render::json_value(fields)
                     .map(|j| j.to_string())
                     .unwrap_or_default()
-            )
+            );
         }
     }
     Ok((StatusCode::OK, axum::Json(body)).into_response())

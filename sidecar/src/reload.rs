@@ -157,24 +157,24 @@ async fn run(action: &Reload) -> Result<(), Error> {
             }
         }
         ReloadKind::Command(argv) => {
-            let (prog, args) = argv.split_first().ok_or(Error::EmptyCommand)?;
+            let (program, rest) = argv.split_first().ok_or(Error::EmptyCommand)?;
             // No secret value is passed: the app reads the file it was told
             // about.
-            let status = tokio::process::Command::new(prog)
-                .args(args)
+            let status = tokio::process::Command::new(program)
+                .args(rest)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .status()
                 .await
                 .map_err(|reason| Error::Spawn {
-                    program: prog.clone(),
+                    program: program.clone(),
                     reason,
                 })?;
             if status.success() {
                 Ok(())
             } else {
                 Err(Error::CommandFailed {
-                    program: prog.clone(),
+                    program: program.clone(),
                     status,
                 })
             }

@@ -14,13 +14,18 @@ use crate::error::Error;
 
 fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
     match v {
-        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Fields(m) => m.get(name).map(SecretString::expose),
         SecretValue::Raw(b) if name == "url" => std::str::from_utf8(b.expose()).ok(),
         SecretValue::Raw(_) => None,
     }
 }
 
 /// Checks `value` as `how` says, within `timeout`.
+///
+/// # Errors
+/// The value lacks what the check needs, the check failed
+/// ([`Error::Probe`], [`Error::HttpStatus`]), or it did not finish in
+/// time ([`Error::ValidationTimeout`]).
 pub async fn validate(how: &Validate, value: &SecretValue, timeout: Duration) -> Result<(), Error> {
     let fut = async {
         match how {
