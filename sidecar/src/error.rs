@@ -78,6 +78,10 @@ pub enum Error {
     /// An HTTP endpoint answered, but not 2xx.
     #[error("http: {target} answered {status}")]
     HttpStatus { target: String, status: u16 },
+    /// A version that failed its validation, as `/readyz` and the backend
+    /// are told.
+    #[error("validation failed: {0}")]
+    Rejected(Box<Error>),
 
     // Writing.
     #[error("cannot write {path}: {reason}")]

@@ -159,7 +159,7 @@ impl State {
             return false;
         }
         let v = offered.current.version;
-        let fail = |outcome: &str, err: &dyn std::fmt::Display| {
+        let fail = |outcome: &str, err: &Error| {
             tracing::warn!(secret = id, version = v, error = %err, "version not served");
             self.metrics.delivered(id, outcome);
             self.update(id, |e| e.error = Some(format!("v{v}: {err}")));
@@ -188,7 +188,7 @@ impl State {
                 validate::validate(&out.validate, &offered.current.value, out.validate_timeout)
                     .await
         {
-            return fail("validation_failed", &format_args!("validation failed: {e}"));
+            return fail("validation_failed", &Error::Rejected(Box::new(e)));
         }
         if let Some(b) = &main {
             let r = match &out.directory {
