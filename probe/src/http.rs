@@ -101,8 +101,10 @@ fn bearer_header(token: &str) -> Result<HeaderValue, Error> {
     Ok(v)
 }
 
-/// Sends one request and returns the response's status; the body is not
-/// read. `bearer` goes into `Authorization` and is never logged or shown.
+/// Sends one request and returns the response's status; the response body
+/// is not read. `bearer` goes into `Authorization` (marked sensitive) and
+/// is never logged or shown; `body` is sent as given and is not treated as
+/// a secret.
 ///
 /// # Errors
 /// [`Error::Url`] or [`Error::Header`] before anything is sent;
