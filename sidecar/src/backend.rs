@@ -17,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{Config, Output};
+use crate::error::Error;
 use crate::reload::Reloader;
 use crate::state::{Served, State, Versioned};
 
@@ -34,29 +35,43 @@ impl tonic::service::Interceptor for Auth {
 
 /// Connects with the token read from its file now (so a rotated token file
 /// is picked up on the next connect).
-pub async fn connect(cfg: &Config) -> Result<Client, String> {
+///
+/// # Errors
+/// No or an unreadable token file, a token that cannot be a header, a bad
+/// backend address, or a backend that cannot be reached.
+pub async fn connect(cfg: &Config) -> Result<Client, Error> {
     let token = match &cfg.token_file {
         Some(p) => zeroize::Zeroizing::new(
             std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?
+                .map_err(|reason| Error::TokenFile {
+                    path: p.clone(),
+                    reason,
+                })?
                 .trim()
                 .to_string(),
         ),
-        None => return Err("no token_file".into()),
+        None => return Err(Error::NoTokenFile),
     };
-    let mut header: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.as_str())
-        .parse()
-        .map_err(|_| "the token holds characters not allowed in a header".to_string())?;
+    let mut header: tonic::metadata::MetadataValue<_> =
+        zeroize::Zeroizing::new(format!("Bearer {}", token.as_str()))
+            .parse()
+            .map_err(|_| Error::TokenNotAHeader)?;
     header.set_sensitive(true);
     let channel = Endpoint::from_shared(cfg.backend.clone())
-        .map_err(|e| format!("backend {:?}: {e}", cfg.backend))?
+        .map_err(|reason| Error::BackendAddress {
+            backend: cfg.backend.clone(),
+            reason,
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the backend at {}: {e}", cfg.backend))?;
+        .map_err(|reason| Error::BackendUnreachable {
+            backend: cfg.backend.clone(),
+            reason,
+        })?;
     Ok(RekeyClient::with_interceptor(channel, Auth(header)))
 }
 
@@ -114,12 +129,15 @@ pub enum Probe {
     /// Snapshots of every secret, each already checked to render.
     Snapshots(Vec<pb::WatchEvent>),
     /// The backend did not answer; the sidecar starts and keeps trying.
-    Unreachable(String),
+    Unreachable(Error),
 }
 
 /// At start-up: may this identity read its secrets, and do the outputs fit
 /// the values (a template naming a field the value lacks)? Errors here stop
 /// the sidecar before it binds its port.
+///
+/// # Errors
+/// Every refusal and misfit found, one line per secret.
 pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
     if cfg.secrets.is_empty() {
         return Ok(Probe::Snapshots(vec![]));
@@ -146,9 +164,9 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
         .await;
         match r {
             Err(_) => {
-                return Ok(Probe::Unreachable(
-                    "the backend did not answer within 10s".into(),
-                ));
+                return Ok(Probe::Unreachable(Error::BackendSilent {
+                    after: Duration::from_secs(10),
+                }));
             }
             Ok(Ok(Some(ev))) => events.push(ev),
             Ok(Ok(None)) => errors.push(format!("secret {id}: the backend closed the stream")),
@@ -156,18 +174,8 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
                 Code::PermissionDenied
                 | Code::NotFound
                 | Code::Unauthenticated
-                | Code::InvalidArgument => errors.push(format!(
-                    "secret {id}: {}: {}",
-                    code_name(st.code()),
-                    st.message()
-                )),
-                _ => {
-                    return Ok(Probe::Unreachable(format!(
-                        "{}: {}",
-                        code_name(st.code()),
-                        st.message()
-                    )));
-                }
+                | Code::InvalidArgument => errors.push(format!("secret {id}: {}", Error::from(st))),
+                _ => return Ok(Probe::Unreachable(st.into())),
             },
         }
     }
@@ -183,17 +191,6 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
         Ok(Probe::Snapshots(events))
     } else {
         Err(errors)
-    }
-}
-
-fn code_name(c: Code) -> &'static str {
-    match c {
-        Code::PermissionDenied => "permission denied",
-        Code::NotFound => "not found",
-        Code::Unauthenticated => "unauthenticated",
-        Code::InvalidArgument => "invalid argument",
-        Code::Unavailable => "unavailable",
-        _ => "error",
     }
 }
 
@@ -271,13 +268,12 @@ async fn session(
     reloader: &Reloader,
     shutdown: &mut watch::Receiver<bool>,
     attempt: &mut u32,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut client = connect(cfg).await?;
     let ids: Vec<String> = cfg.secrets.iter().map(|s| s.id.clone()).collect();
     let mut stream = client
         .watch(pb::WatchRequest { secret_ids: ids })
-        .await
-        .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))?
+        .await?
         .into_inner();
     state.set_connected(true);
     *attempt = 0;
@@ -298,7 +294,7 @@ async fn session(
                     }
                 }
                 Ok(None) => return Ok(()),
-                Err(s) => return Err(format!("{}: {}", code_name(s.code()), s.message())),
+                Err(s) => return Err(s.into()),
             },
             _ = tick.tick() => report(cfg, state, &mut client).await,
             _ = crate::stopped(shutdown) => return Ok(()),

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::error::Error;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2773";
 pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:7700";
 
@@ -413,18 +415,22 @@ fn lease_config(
     lease
 }
 
-/// Placeholders named in a template (`{{ name }}`), or an error.
-pub fn template_fields(t: &str) -> Result<Vec<String>, String> {
+/// Placeholders named in a template (`{{ name }}`). Used at start-up and
+/// by every render.
+///
+/// # Errors
+/// [`Error::TemplateUnclosed`] or [`Error::TemplateName`].
+pub fn template_fields(t: &str) -> Result<Vec<String>, Error> {
     let mut out = Vec::new();
     let mut rest = t;
     while let Some(i) = rest.find("{{") {
         let after = &rest[i + 2..];
-        let j = after
-            .find("}}")
-            .ok_or_else(|| "a {{ has no closing }}".to_string())?;
+        let j = after.find("}}").ok_or(Error::TemplateUnclosed)?;
         let name = after[..j].trim();
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("{{{{{name}}}}} is not a field name"));
+            return Err(Error::TemplateName {
+                name: name.to_string(),
+            });
         }
         out.push(name.to_string());
         rest = &after[j + 2..];

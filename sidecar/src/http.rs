@@ -6,7 +6,7 @@
 //! header (compared in constant time with the configured token; 403
 //! without it), refuses any request carrying `X-Forwarded-For` (400: the
 //! API is for the pod itself, never for proxied callers), answers with
-//! GetSecretValue's field names, and serves `GET /ping` without a token.
+//! `GetSecretValue`'s field names, and serves `GET /ping` without a token.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -63,55 +63,80 @@ async fn metrics(AxState(h): AxState<Http>) -> Response {
         .into_response()
 }
 
-fn error(code: StatusCode, kind: &str, msg: String) -> Response {
-    (code, axum::Json(json!({"__type": kind, "message": msg}))).into_response()
+/// Why the read API refuses a request. Each maps to the status and
+/// `__type` the AWS Secrets Manager Agent would answer with.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("X-Forwarded-For is not accepted: the read API serves the pod itself")]
+    Forwarded,
+    #[error("missing {} header", TOKEN_HEADER)]
+    NoToken,
+    #[error("the read API is off: start the sidecar with --api-token-file")]
+    Off,
+    #[error("wrong token")]
+    WrongToken,
+    #[error("secretId is required")]
+    NoSecretId,
+    #[error("{id} has not been delivered yet")]
+    NotDelivered { id: String },
+    #[error("this sidecar does not serve {id}")]
+    NotServed { id: String },
+    #[error("{id} has no served version {version}")]
+    NoSuchVersion { id: String, version: String },
+    #[error("{id} has no previous version")]
+    NoPrevious { id: String },
+    #[error("unknown versionStage {stage:?} (AWSCURRENT or AWSPREVIOUS)")]
+    UnknownStage { stage: String },
 }
 
-/// The read API's guard: X-Forwarded-For first, then the token. `Some` is
-/// the refusal to send.
-fn refusal(h: &Http, headers: &HeaderMap) -> Option<Response> {
-    if headers.contains_key("x-forwarded-for") {
-        return Some(error(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "X-Forwarded-For is not accepted: the read API serves the pod itself".into(),
-        ));
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (code, kind) = match &self {
+            Refusal::Forwarded => (StatusCode::BAD_REQUEST, "BadRequest"),
+            Refusal::NoToken | Refusal::Off | Refusal::WrongToken => {
+                (StatusCode::FORBIDDEN, "Forbidden")
+            }
+            Refusal::NoSecretId | Refusal::UnknownStage { .. } => {
+                (StatusCode::BAD_REQUEST, "InvalidParameterException")
+            }
+            Refusal::NotDelivered { .. }
+            | Refusal::NotServed { .. }
+            | Refusal::NoSuchVersion { .. }
+            | Refusal::NoPrevious { .. } => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+        };
+        let body = json!({"__type": kind, "message": self.to_string()});
+        (code, axum::Json(body)).into_response()
     }
-    let Some(given) = headers.get(TOKEN_HEADER) else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            format!("missing {TOKEN_HEADER} header"),
-        ));
-    };
-    let Some(file) = &h.api_token_file else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "the read API is off: start the sidecar with --api-token-file".into(),
-        ));
-    };
+}
+
+/// The read API's guard: X-Forwarded-For first, then the token.
+fn admit(h: &Http, headers: &HeaderMap) -> Result<(), Refusal> {
+    if headers.contains_key("x-forwarded-for") {
+        return Err(Refusal::Forwarded);
+    }
+    let given = headers.get(TOKEN_HEADER).ok_or(Refusal::NoToken)?;
+    let file = h.api_token_file.as_ref().ok_or(Refusal::Off)?;
     let expected = zeroize::Zeroizing::new(std::fs::read_to_string(file).unwrap_or_default());
     let expected = expected.trim();
     if expected.is_empty() || !rekey_keyring::ct_eq(given.as_bytes(), expected.as_bytes()) {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            "wrong token".into(),
-        ));
+        return Err(Refusal::WrongToken);
     }
-    None
+    Ok(())
 }
 
-fn answer(h: &Http, id: &str, stage: Option<&str>, version_id: Option<&str>) -> Response {
+fn answer(
+    h: &Http,
+    id: &str,
+    stage: Option<&str>,
+    version_id: Option<&str>,
+) -> Result<Response, Refusal> {
     let Some(served) = h.state.served(id) else {
-        let known = h.state.ids().iter().any(|i| i == id);
-        let msg = if known {
-            format!("{id} has not been delivered yet")
+        let id = id.to_string();
+        return Err(if h.state.ids().contains(&id) {
+            Refusal::NotDelivered { id }
         } else {
-            format!("this sidecar does not serve {id}")
-        };
-        return error(StatusCode::NOT_FOUND, "ResourceNotFoundException", msg);
+            Refusal::NotServed { id }
+        });
     };
     let (v, stages): (&Versioned, &str) = match (stage, version_id) {
         (_, Some(vid)) => {
@@ -125,11 +150,10 @@ fn answer(h: &Http, id: &str, stage: Option<&str>, version_id: Option<&str>) -> 
             {
                 (p, "AWSPREVIOUS")
             } else {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "ResourceNotFoundException",
-                    format!("{id} has no served version {vid}"),
-                );
+                return Err(Refusal::NoSuchVersion {
+                    id: id.to_string(),
+                    version: vid.to_string(),
+                });
             }
         }
         (None, None) => (&served.current, "AWSCURRENT"),
@@ -137,20 +161,12 @@ fn answer(h: &Http, id: &str, stage: Option<&str>, version_id: Option<&str>) -> 
             "AWSCURRENT" | "current" => (&served.current, "AWSCURRENT"),
             "AWSPREVIOUS" | "previous" => match &served.previous {
                 Some(p) => (p, "AWSPREVIOUS"),
-                None => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        "ResourceNotFoundException",
-                        format!("{id} has no previous version"),
-                    );
-                }
+                None => return Err(Refusal::NoPrevious { id: id.to_string() }),
             },
             other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidParameterException",
-                    format!("unknown versionStage {other:?} (AWSCURRENT or AWSPREVIOUS)"),
-                );
+                return Err(Refusal::UnknownStage {
+                    stage: other.to_string(),
+                });
             }
         },
     };
@@ -166,35 +182,27 @@ fn answer(h: &Http, id: &str, stage: Option<&str>, version_id: Option<&str>) -> 
             Ok(s) => body["SecretString"] = json!(s),
             Err(_) => {
                 body["SecretBinary"] =
-                    json!(base64::engine::general_purpose::STANDARD.encode(b.expose()))
+                    json!(base64::engine::general_purpose::STANDARD.encode(b.expose()));
             }
         },
-        other => {
+        fields @ SecretValue::Fields(_) => {
             body["SecretString"] = json!(
-                crate::render::json_value(other)
+                crate::render::json_value(fields)
                     .map(|j| j.to_string())
                     .unwrap_or_default()
-            )
+            );
         }
     }
-    (StatusCode::OK, axum::Json(body)).into_response()
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
 async fn get_query(
     AxState(h): AxState<Http>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if let Some(r) = refusal(&h, &headers) {
-        return r;
-    }
-    let Some(id) = q.get("secretId") else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "InvalidParameterException",
-            "secretId is required".into(),
-        );
-    };
+) -> Result<Response, Refusal> {
+    admit(&h, &headers)?;
+    let id = q.get("secretId").ok_or(Refusal::NoSecretId)?;
     answer(
         &h,
         id,
@@ -208,10 +216,8 @@ async fn get_path(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if let Some(r) = refusal(&h, &headers) {
-        return r;
-    }
+) -> Result<Response, Refusal> {
+    admit(&h, &headers)?;
     answer(
         &h,
         &id,

@@ -7,9 +7,9 @@
 
 pub mod backend;
 pub mod config;
+mod error;
 pub mod files;
 pub mod http;
-pub mod http_client;
 pub mod kube_lease;
 pub mod metrics;
 pub mod reencrypt_task;
@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+pub use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::state::State;

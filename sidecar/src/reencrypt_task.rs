@@ -534,7 +534,9 @@ async fn wait_for_fleet(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
     loop {
-        let mut client = crate::backend::connect(cfg).await?;
+        let mut client = crate::backend::connect(cfg)
+            .await
+            .map_err(|e| e.to_string())?;
         let st = client
             .get_status(pb::GetStatusRequest {
                 secret_id: secret.into(),

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use rekey_probe::http::Method;
+
 use crate::config::{Reload, ReloadKind};
+use crate::error::Error;
 use crate::metrics::Metrics;
 
 /// Queues reload actions by name.
@@ -99,7 +102,7 @@ fn pids_by_name(name: &str) -> Vec<i32> {
     out
 }
 
-async fn run(action: &Reload) -> Result<(), String> {
+async fn run(action: &Reload) -> Result<(), Error> {
     match &action.kind {
         ReloadKind::Signal {
             signal,
@@ -109,48 +112,71 @@ async fn run(action: &Reload) -> Result<(), String> {
         } => {
             let pids = match (pid_file, process_name) {
                 (Some(f), _) => {
-                    let text = std::fs::read_to_string(f)
-                        .map_err(|e| format!("cannot read pid file {}: {e}", f.display()))?;
-                    vec![text.trim().parse::<i32>().map_err(|_| {
-                        format!("pid file {} does not hold a process id", f.display())
-                    })?]
+                    let text = std::fs::read_to_string(f).map_err(|reason| Error::PidFile {
+                        path: f.clone(),
+                        reason,
+                    })?;
+                    vec![
+                        text.trim()
+                            .parse::<i32>()
+                            .map_err(|_| Error::NotAPid { path: f.clone() })?,
+                    ]
                 }
                 (None, Some(n)) => pids_by_name(n),
                 (None, None) => vec![],
             };
             if pids.is_empty() {
-                return Err("no process to signal".into());
+                return Err(Error::NoProcess);
             }
             for pid in pids {
-                let p = rustix::process::Pid::from_raw(pid).ok_or("invalid process id")?;
-                rustix::process::kill_process(p, *signal)
-                    .map_err(|e| format!("cannot send {name} to {pid}: {e}"))?;
+                let p = rustix::process::Pid::from_raw(pid).ok_or(Error::InvalidPid { pid })?;
+                rustix::process::kill_process(p, *signal).map_err(|reason| Error::Signal {
+                    signal: name.clone(),
+                    pid,
+                    reason,
+                })?;
             }
             Ok(())
         }
         ReloadKind::HttpPost(url) => {
-            let status = crate::http_client::request("POST", url, None, b"").await?;
-            if (200..300).contains(&status) {
+            let status = rekey_probe::http::request(
+                &Method::POST,
+                url,
+                None,
+                b"",
+                rekey_probe::http::DEFAULT_TIMEOUT,
+            )
+            .await?;
+            if status.is_success() {
                 Ok(())
             } else {
-                Err(format!("{url} answered {status}"))
+                Err(Error::HttpStatus {
+                    target: rekey_probe::http::target(url),
+                    status: status.as_u16(),
+                })
             }
         }
         ReloadKind::Command(argv) => {
-            let (prog, args) = argv.split_first().ok_or("empty command")?;
+            let (program, rest) = argv.split_first().ok_or(Error::EmptyCommand)?;
             // No secret value is passed: the app reads the file it was told
             // about.
-            let status = tokio::process::Command::new(prog)
-                .args(args)
+            let status = tokio::process::Command::new(program)
+                .args(rest)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .status()
                 .await
-                .map_err(|e| format!("cannot run {prog}: {e}"))?;
+                .map_err(|reason| Error::Spawn {
+                    program: program.clone(),
+                    reason,
+                })?;
             if status.success() {
                 Ok(())
             } else {
-                Err(format!("{prog} exited with {status}"))
+                Err(Error::CommandFailed {
+                    program: program.clone(),
+                    status,
+                })
             }
         }
     }

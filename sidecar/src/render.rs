@@ -4,19 +4,21 @@
 //! values.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use rekey_keyring::{SecretBytes, SecretValue};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
 use crate::config::{Format, Output, template_fields};
+use crate::error::Error;
 
-fn text(b: &[u8]) -> Result<&str, String> {
-    std::str::from_utf8(b).map_err(|_| "the value is not UTF-8 text".to_string())
+fn text(b: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(b).map_err(|_| Error::NotText)
 }
 
 /// The value's fields: a raw value is the single field `value`.
-fn fields(v: &SecretValue) -> Result<BTreeMap<&str, &str>, String> {
+fn fields(v: &SecretValue) -> Result<BTreeMap<&str, &str>, Error> {
     match v {
         SecretValue::Raw(b) => Ok([("value", text(b.expose())?)].into()),
         SecretValue::Fields(m) => Ok(m.iter().map(|(k, v)| (k.as_str(), v.expose())).collect()),
@@ -41,7 +43,10 @@ fn env_quote(s: &str) -> String {
 }
 
 /// The JSON form of a value: its fields as an object, or `{"value": ...}`.
-pub fn json_value(v: &SecretValue) -> Result<Value, String> {
+///
+/// # Errors
+/// [`Error::NotText`] for a raw value that is not UTF-8.
+pub fn json_value(v: &SecretValue) -> Result<Value, Error> {
     Ok(Value::Object(
         fields(v)?
             .into_iter()
@@ -51,34 +56,33 @@ pub fn json_value(v: &SecretValue) -> Result<Value, String> {
 }
 
 /// Renders one value as the output's format asks.
-pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
+///
+/// # Errors
+/// The value does not fit the format: fields for `raw`, a field the
+/// template names is missing, or bytes that are not text.
+pub fn render(out: &Output, value: &SecretValue) -> Result<SecretBytes, Error> {
     let bytes = match &out.format {
-        Format::Raw => match v {
-            SecretValue::Raw(b) => b.expose().to_vec(),
-            SecretValue::Fields(m) => {
-                return Err(format!(
-                    "format raw needs a single value, but this secret has fields ({}); use json, env or template",
-                    m.keys().cloned().collect::<Vec<_>>().join(", ")
-                ));
+        Format::Raw => match value {
+            SecretValue::Raw(raw) => raw.expose().to_vec(),
+            SecretValue::Fields(fields) => {
+                return Err(Error::RawNeedsOneValue {
+                    fields: fields.keys().cloned().collect(),
+                });
             }
         },
         Format::Json => {
-            let j = Zeroizing::new(json_value(v)?.to_string());
-            j.as_bytes().to_vec()
+            let json = Zeroizing::new(json_value(value)?.to_string());
+            json.as_bytes().to_vec()
         }
         Format::Env => {
-            let mut s = Zeroizing::new(String::new());
-            match v {
-                SecretValue::Raw(b) => {
-                    s.push_str(&format!(
-                        "{}={}\n",
-                        out.env_name,
-                        env_quote(text(b.expose())?)
-                    ));
+            let mut env = Zeroizing::new(String::new());
+            match value {
+                SecretValue::Raw(raw) => {
+                    let _ = writeln!(env, "{}={}", out.env_name, env_quote(text(raw.expose())?));
                 }
-                SecretValue::Fields(m) => {
-                    for (k, val) in m {
-                        let key: String = k
+                SecretValue::Fields(fields) => {
+                    for (name, val) in fields {
+                        let key: String = name
                             .chars()
                             .map(|c| {
                                 if c.is_ascii_alphanumeric() {
@@ -88,38 +92,37 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
                                 }
                             })
                             .collect();
-                        s.push_str(&format!("{key}={}\n", env_quote(val.expose())));
+                        let _ = writeln!(env, "{key}={}", env_quote(val.expose()));
                     }
                 }
             }
-            s.as_bytes().to_vec()
+            env.as_bytes().to_vec()
         }
-        Format::Template(t) => {
-            let f = fields(v)?;
+        Format::Template(template) => {
+            let have = fields(value)?;
             let mut missing = Vec::new();
-            for name in template_fields(t)? {
-                if !f.contains_key(name.as_str()) {
+            for name in template_fields(template)? {
+                if !have.contains_key(name.as_str()) {
                     missing.push(name);
                 }
             }
             if !missing.is_empty() {
-                return Err(format!(
-                    "the template names field(s) the value lacks: {} (it has: {})",
-                    missing.join(", "),
-                    f.keys().copied().collect::<Vec<_>>().join(", ")
-                ));
+                return Err(Error::MissingFields {
+                    missing,
+                    has: have.keys().map(|k| (*k).to_string()).collect(),
+                });
             }
-            let mut s = Zeroizing::new(String::with_capacity(t.len() + 64));
-            let mut rest = t.as_str();
-            while let Some(i) = rest.find("{{") {
-                s.push_str(&rest[..i]);
-                let after = &rest[i + 2..];
-                let j = after.find("}}").unwrap_or(after.len());
-                s.push_str(f.get(after[..j].trim()).copied().unwrap_or_default());
-                rest = after.get(j + 2..).unwrap_or_default();
+            let mut doc = Zeroizing::new(String::with_capacity(template.len() + 64));
+            let mut rest = template.as_str();
+            while let Some(open) = rest.find("{{") {
+                doc.push_str(&rest[..open]);
+                let after = &rest[open + 2..];
+                let close = after.find("}}").unwrap_or(after.len());
+                doc.push_str(have.get(after[..close].trim()).copied().unwrap_or_default());
+                rest = after.get(close + 2..).unwrap_or_default();
             }
-            s.push_str(rest);
-            s.as_bytes().to_vec()
+            doc.push_str(rest);
+            doc.as_bytes().to_vec()
         }
     };
     Ok(SecretBytes::new(bytes))
@@ -127,14 +130,17 @@ pub fn render(out: &Output, v: &SecretValue) -> Result<SecretBytes, String> {
 
 /// A keyring file: `{"current": {"version": N, "value": ...}, "previous":
 /// {...} | null}`. Apps that must still decrypt old data read both keys.
+///
+/// # Errors
+/// [`Error::NotText`] for a raw value that is not UTF-8.
 pub fn render_keyring(
     current: (u64, &SecretValue),
     previous: Option<(u64, &SecretValue)>,
-) -> Result<SecretBytes, String> {
-    let entry = |(n, v): (u64, &SecretValue)| -> Result<Value, String> {
+) -> Result<SecretBytes, Error> {
+    let entry = |(n, v): (u64, &SecretValue)| -> Result<Value, Error> {
         let value = match v {
             SecretValue::Raw(b) => Value::String(text(b.expose())?.to_string()),
-            other => json_value(other)?,
+            fields @ SecretValue::Fields(_) => json_value(fields)?,
         };
         Ok(serde_json::json!({"version": n, "value": value}))
     };
@@ -178,6 +184,10 @@ mod tests {
         )
     }
 
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "takes what render returns, to keep the assertions short"
+    )]
     fn s(b: SecretBytes) -> String {
         String::from_utf8(b.expose().to_vec()).unwrap()
     }
@@ -212,11 +222,15 @@ mod tests {
 
     #[test]
     fn errors_name_fields_not_values() {
-        let e = render(&out(Format::Raw), &db()).unwrap_err();
+        let e = render(&out(Format::Raw), &db()).unwrap_err().to_string();
         assert!(e.contains("username") && !e.contains("app_a"), "{e}");
         let t = out(Format::Template("{{user}}@{{host}}".into()));
-        let e = render(&t, &db()).unwrap_err();
-        assert!(e.contains("user") && !e.contains("p\"w"), "{e}");
+        let e = render(&t, &db()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("the template names field(s) the value lacks: user (it has: "),
+            "{e}"
+        );
+        assert!(!e.contains("p\"w"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use rekey_keyring::SecretValue;
 
 use crate::config::Output;
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::{render, validate, write};
@@ -158,7 +159,7 @@ impl State {
             return false;
         }
         let v = offered.current.version;
-        let fail = |outcome: &str, err: String| {
+        let fail = |outcome: &str, err: &Error| {
             tracing::warn!(secret = id, version = v, error = %err, "version not served");
             self.metrics.delivered(id, outcome);
             self.update(id, |e| e.error = Some(format!("v{v}: {err}")));
@@ -169,7 +170,7 @@ impl State {
         } else {
             match render::render(out, &offered.current.value) {
                 Ok(b) => Some(b),
-                Err(e) => return fail("render_failed", e),
+                Err(e) => return fail("render_failed", &e),
             }
         };
         let keyring = match &out.keyring_path {
@@ -178,7 +179,7 @@ impl State {
                 offered.previous.as_ref().map(|p| (p.version, &p.value)),
             ) {
                 Ok(b) => Some(b),
-                Err(e) => return fail("render_failed", e),
+                Err(e) => return fail("render_failed", &e),
             },
             None => None,
         };
@@ -187,7 +188,7 @@ impl State {
                 validate::validate(&out.validate, &offered.current.value, out.validate_timeout)
                     .await
         {
-            return fail("validation_failed", format!("validation failed: {e}"));
+            return fail("validation_failed", &Error::Rejected(Box::new(e)));
         }
         if let Some(b) = &main {
             let r = match &out.directory {
@@ -201,17 +202,22 @@ impl State {
                 }
                 None => write::write_file(&out.path, b.expose(), out.mode, out.owner),
             };
-            if let Err(e) = r {
-                return fail(
-                    "write_failed",
-                    format!("cannot write {}: {e}", out.path.display()),
-                );
+            if let Err(reason) = r {
+                let e = Error::Write {
+                    path: out.path.clone(),
+                    reason,
+                };
+                return fail("write_failed", &e);
             }
         }
         if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)
-            && let Err(e) = write::write_file(p, b.expose(), out.mode, out.owner)
+            && let Err(reason) = write::write_file(p, b.expose(), out.mode, out.owner)
         {
-            return fail("write_failed", format!("cannot write {}: {e}", p.display()));
+            let e = Error::Write {
+                path: p.clone(),
+                reason,
+            };
+            return fail("write_failed", &e);
         }
         if let Some(t) = published_at_ms {
             let now = std::time::SystemTime::now()

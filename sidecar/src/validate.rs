@@ -1,29 +1,32 @@
 //! Proves a new value works before it is served: connect to Postgres or
-//! Redis with it, or ask an HTTP endpoint. Errors say what failed, never
-//! with the value.
+//! Redis with it, or ask an HTTP endpoint with it as a bearer token. The
+//! checks themselves are `rekey_probe`'s, shared with the backend's
+//! rotation kinds; this module picks the parts of the value they need.
+//! Errors say what failed, never with the value.
 
 use std::time::Duration;
 
-use rekey_keyring::SecretValue;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use rekey_keyring::{SecretString, SecretValue};
+use rekey_probe::http::Method;
 
 use crate::config::Validate;
+use crate::error::Error;
 
 fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
     match v {
-        SecretValue::Fields(m) => m.get(name).map(|s| s.expose()),
+        SecretValue::Fields(m) => m.get(name).map(SecretString::expose),
         SecretValue::Raw(b) if name == "url" => std::str::from_utf8(b.expose()).ok(),
         SecretValue::Raw(_) => None,
     }
 }
 
 /// Checks `value` as `how` says, within `timeout`.
-pub async fn validate(
-    how: &Validate,
-    value: &SecretValue,
-    timeout: Duration,
-) -> Result<(), String> {
+///
+/// # Errors
+/// The value lacks what the check needs, the check failed
+/// ([`Error::Probe`], [`Error::HttpStatus`]), or it did not finish in
+/// time ([`Error::ValidationTimeout`]).
+pub async fn validate(how: &Validate, value: &SecretValue, timeout: Duration) -> Result<(), Error> {
     let fut = async {
         match how {
             Validate::None => Ok(()),
@@ -34,138 +37,74 @@ pub async fn validate(
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(format!("validation timed out after {timeout:?}")),
+        Err(_) => Err(Error::ValidationTimeout { after: timeout }),
     }
 }
 
-async fn postgres(v: &SecretValue) -> Result<(), String> {
-    use sqlx::Connection;
-    let url = field(v, "url").ok_or("postgres validation needs a url field")?;
-    let mut c = sqlx::PgConnection::connect(url)
-        .await
-        .map_err(|e| format!("postgres: cannot connect: {}", scrub(&e.to_string(), v)))?;
-    sqlx::query("SELECT 1")
-        .execute(&mut c)
-        .await
-        .map_err(|e| format!("postgres: SELECT 1 failed: {}", scrub(&e.to_string(), v)))?;
-    let _ = c.close().await;
+async fn postgres(v: &SecretValue) -> Result<(), Error> {
+    use rekey_probe::postgres;
+    let url = field(v, "url").ok_or(Error::NoUrl { check: "postgres" })?;
+    // The caller's timeout bounds the check; the probe's own is the
+    // backend's connect timeout.
+    postgres::check(url, postgres::DEFAULT_PROBE, postgres::DEFAULT_TIMEOUT).await?;
     Ok(())
 }
 
-/// Removes any part of the value from a driver's message.
-fn scrub(msg: &str, v: &SecretValue) -> String {
-    let mut out = msg.to_string();
-    if let SecretValue::Fields(m) = v {
-        for s in m.values() {
-            if s.expose().len() >= 4 {
-                out = out.replace(s.expose(), "[redacted]");
-            }
-        }
-    }
-    out
-}
-
-/// `redis://[user[:password]@]host[:port]` split into its parts.
-fn redis_target(v: &SecretValue) -> Result<(String, Option<String>, Option<String>), String> {
-    let url = field(v, "url").ok_or("redis validation needs a url field")?;
-    let rest = url
-        .strip_prefix("redis://")
-        .ok_or("redis validation supports redis:// URLs")?;
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (Some(a), h),
-        None => (None, rest),
-    };
-    let host = host.split('/').next().unwrap_or(host);
-    let addr = if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:6379")
-    };
-    let (mut user, mut pass) = match auth {
-        Some(a) => match a.split_once(':') {
-            Some((u, p)) => (
-                Some(u.to_string()).filter(|u| !u.is_empty()),
-                Some(p.to_string()),
-            ),
-            None => (None, Some(a.to_string())),
-        },
-        None => (None, None),
-    };
+/// Where to check a Redis credential: the URL's address and credentials,
+/// with `username` and `password` fields taking precedence.
+fn redis_target(v: &SecretValue) -> Result<(String, Option<String>, Option<SecretString>), Error> {
+    let url = field(v, "url").ok_or(Error::NoUrl { check: "redis" })?;
+    let (addr, mut user, mut pass) =
+        rekey_probe::redis::parse_url(url).ok_or(Error::NotARedisUrl)?;
     if let Some(u) = field(v, "username") {
         user = Some(u.to_string());
     }
     if let Some(p) = field(v, "password") {
-        pass = Some(p.to_string());
+        pass = Some(SecretString::new(p.to_string()));
     }
     Ok((addr, user, pass))
 }
 
-async fn redis(v: &SecretValue) -> Result<(), String> {
+async fn redis(v: &SecretValue) -> Result<(), Error> {
     let (addr, user, pass) = redis_target(v)?;
-    let s = TcpStream::connect(&addr)
-        .await
-        .map_err(|e| format!("redis: cannot connect to {addr}: {e}"))?;
-    let mut s = BufReader::new(s);
-    let cmd = |args: &[&str]| {
-        let mut out = format!("*{}\r\n", args.len());
-        for a in args {
-            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        zeroize::Zeroizing::new(out)
-    };
-    if let Some(p) = &pass {
-        let c = match &user {
-            Some(u) => cmd(&["AUTH", u, p]),
-            None => cmd(&["AUTH", p]),
-        };
-        s.get_mut()
-            .write_all(c.as_bytes())
-            .await
-            .map_err(|e| format!("redis: {e}"))?;
-        let mut line = String::new();
-        s.read_line(&mut line)
-            .await
-            .map_err(|e| format!("redis: {e}"))?;
-        if !line.starts_with("+OK") {
-            return Err(format!("redis: AUTH refused: {}", line.trim()));
-        }
-    }
-    s.get_mut()
-        .write_all(cmd(&["PING"]).as_bytes())
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-    let mut line = String::new();
-    s.read_line(&mut line)
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
-    if line.starts_with("+PONG") {
-        Ok(())
-    } else {
-        Err(format!("redis: PING answered {}", line.trim()))
-    }
+    rekey_probe::redis::check(
+        &addr,
+        user.as_deref(),
+        pass.as_ref().map(SecretString::expose),
+    )
+    .await?;
+    Ok(())
 }
 
-async fn http(url: &str, v: &SecretValue) -> Result<(), String> {
+async fn http(url: &str, v: &SecretValue) -> Result<(), Error> {
     let token = match v {
-        SecretValue::Raw(b) => {
-            std::str::from_utf8(b.expose()).map_err(|_| "the value is not text")?
-        }
+        SecretValue::Raw(b) => std::str::from_utf8(b.expose()).map_err(|_| Error::NotText)?,
         SecretValue::Fields(_) => field(v, "password")
             .or(field(v, "token"))
-            .ok_or("http validation needs a single value, or a password or token field")?,
+            .ok_or(Error::NoToken)?,
     };
-    let status = crate::http_client::request("GET", url, Some(token), b"").await?;
-    if (200..300).contains(&status) {
+    let status = rekey_probe::http::request(
+        &Method::GET,
+        url,
+        Some(token),
+        b"",
+        rekey_probe::http::DEFAULT_TIMEOUT,
+    )
+    .await?;
+    if status.is_success() {
         Ok(())
     } else {
-        Err(format!("http: {url} answered {status}"))
+        Err(Error::HttpStatus {
+            target: rekey_probe::http::target(url),
+            status: status.as_u16(),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rekey_keyring::{SecretBytes, SecretString};
+    use rekey_keyring::SecretBytes;
 
     #[test]
     fn redis_urls() {
@@ -182,9 +121,22 @@ mod tests {
         let (addr, user, pass) = redis_target(&v).unwrap();
         assert_eq!(addr, "cache:6380");
         assert_eq!(user.as_deref(), Some("app"));
-        assert_eq!(pass.as_deref(), Some("new"), "the password field wins");
+        assert_eq!(
+            pass.as_ref().map(SecretString::expose),
+            Some("new"),
+            "the password field wins"
+        );
         let raw = SecretValue::Raw(SecretBytes::new(b"redis://localhost".to_vec()));
-        assert_eq!(redis_target(&raw).unwrap().0, "localhost:6379");
+        let (addr, user, pass) = redis_target(&raw).unwrap();
+        assert_eq!((addr.as_str(), user, pass), ("localhost:6379", None, None));
+        let raw = SecretValue::Raw(SecretBytes::new(b"redis://:pw@localhost".to_vec()));
+        let pass = redis_target(&raw).unwrap().2;
+        assert_eq!(pass.as_ref().map(SecretString::expose), Some("pw"));
+        let e = redis_target(&SecretValue::Raw(SecretBytes::new(b"http://x".to_vec())));
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "redis validation supports redis:// URLs"
+        );
     }
 
     #[tokio::test]
@@ -198,8 +150,8 @@ mod tests {
         let bad = SecretValue::Raw(SecretBytes::new(
             b"redis://nobody:wrong-pass-123@127.0.0.1:6379".to_vec(),
         ));
-        let e = redis(&bad).await.unwrap_err();
-        assert!(e.contains("AUTH refused"), "{e}");
+        let e = redis(&bad).await.unwrap_err().to_string();
+        assert!(e.starts_with("redis: AUTH refused"), "{e}");
         assert!(!e.contains("wrong-pass-123"), "{e}");
     }
 
@@ -209,7 +161,7 @@ mod tests {
             SecretValue::Fields(
                 [(
                     "url".to_string(),
-                    SecretString::new(format!("postgres://postgres@127.0.0.1:5432/{db}")),
+                    SecretString::new(format!("postgres://postgres:pw-1234@127.0.0.1:5432/{db}")),
                 )]
                 .into(),
             )
@@ -227,26 +179,62 @@ mod tests {
             Duration::from_secs(10),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("postgres: cannot connect"), "{e}");
+        assert!(!e.contains("pw-1234"), "{e}");
         let e = validate(
             &Validate::Postgres,
             &SecretValue::Raw(SecretBytes::new(b"x".to_vec())),
             Duration::from_secs(1),
         )
         .await
-        .unwrap_err();
-        assert!(e.contains("postgres"), "{e}");
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "postgres: the URL is not a postgres:// URL");
+        let e = validate(
+            &Validate::Postgres,
+            &SecretValue::Fields([].into()),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "postgres validation needs a url field");
     }
 
-    #[test]
-    fn scrub_removes_values() {
-        let v = SecretValue::Fields(
-            [("password".to_string(), SecretString::new("hunter22".into()))].into(),
-        );
+    #[tokio::test]
+    async fn a_slow_check_times_out() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", l.local_addr().unwrap());
+        let e = validate(
+            &Validate::Http(url),
+            &SecretValue::Raw(SecretBytes::new(b"tok".to_vec())),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.to_string(), "validation timed out after 200ms");
+        drop(l);
+    }
+
+    #[tokio::test]
+    async fn an_http_value_that_would_inject_is_refused() {
+        // No listener is needed: nothing may be sent.
+        let v = SecretValue::Raw(SecretBytes::new(
+            b"tok\r\n\r\nPOST /admin/delete-all HTTP/1.1".to_vec(),
+        ));
+        let e = validate(
+            &Validate::Http("http://127.0.0.1:9/check".into()),
+            &v,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert_eq!(
-            scrub("auth failed for hunter22", &v),
-            "auth failed for [redacted]"
+            e,
+            "http: the bearer token holds bytes not allowed in a header; nothing was sent"
         );
     }
 }
