@@ -221,7 +221,7 @@ async fn postgres_failures_stop_before_finish_and_current_keeps_working() {
     let o = b.cli(&["rotate", "prod/db"]);
     fails_with(
         &o,
-        "set failed for prod/db: cannot connect to Postgres as the admin",
+        "set failed for prod/db: postgres: cannot connect to postgres@127.0.0.1",
     );
     assert!(!stderr(&o).contains("wrong@"), "no URL in errors");
     let st = b.cli_json(&["status", "prod/db"]);
@@ -251,7 +251,10 @@ async fn postgres_failures_stop_before_finish_and_current_keeps_working() {
     )
     .unwrap();
     let o = b.cli(&["rotate", "prod/db"]);
-    fails_with(&o, "cannot connect to Postgres as the admin");
+    fails_with(
+        &o,
+        "set failed for prod/db: postgres: cannot connect to postgres@127.0.0.1",
+    );
 
     // Fixed: a manual rotation works, and --cancel has nothing to clear.
     std::fs::write(&admin, pg.admin_url("appdb")).unwrap();

@@ -21,7 +21,6 @@ pub(crate) mod exec;
 mod options;
 pub(crate) mod postgres;
 pub(crate) mod redis;
-mod resp;
 
 pub(crate) use options::KindOptions;
 

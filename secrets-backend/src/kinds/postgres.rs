@@ -14,9 +14,9 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use base64::Engine as _;
 use rekey_keyring::{SecretString, SecretValue};
+use rekey_probe::postgres::pg_error;
 use ring::{digest, hmac, pbkdf2};
 use serde::{Deserialize, Serialize};
-use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
@@ -90,48 +90,18 @@ fn read_admin_url(
         })
 }
 
-/// Connects without statement logging; errors never include the URL.
+/// Connects without statement logging, within 10 s; errors never include
+/// the URL or a password.
 fn connect<'a>(
     secret: &'a str,
     step_name: &'static str,
     url: &'a str,
-    who: &'a str,
 ) -> BoxFut<'a, Result<PgConnection>> {
     Box::pin(async move {
-        let opts = PgConnectOptions::from_str(url)
-            .map_err(|_| {
-                step(
-                    secret,
-                    step_name,
-                    format!("the {who} URL is not a postgres:// URL"),
-                )
-            })?
-            .disable_statement_logging();
-        tokio::time::timeout(std::time::Duration::from_secs(10), opts.connect())
+        rekey_probe::postgres::connect(url, rekey_probe::postgres::DEFAULT_TIMEOUT)
             .await
-            .map_err(|_| {
-                step(
-                    secret,
-                    step_name,
-                    format!("Postgres did not answer within 10s ({who})"),
-                )
-            })?
-            .map_err(|e| {
-                step(
-                    secret,
-                    step_name,
-                    format!("cannot connect to Postgres as {who}: {}", pg_error(&e)),
-                )
-            })
+            .map_err(|e| step(secret, step_name, e.to_string()))
     })
-}
-
-fn pg_error(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
-        sqlx::Error::Io(io) => io.to_string(),
-        other => other.to_string(),
-    }
 }
 
 type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -233,7 +203,7 @@ async fn enable(
         ));
     }
     let url = read_admin_url(secret, step_name, &o.admin_url_file)?;
-    let mut c = connect(secret, step_name, &url, "the admin").await?;
+    let mut c = connect(secret, step_name, &url).await?;
     ensure_roles(secret, step_name, &mut c, o).await?;
     let verifier = scram_verifier(pw)?;
     exec(
@@ -372,7 +342,7 @@ impl Kind for Postgres {
         let o = ctx.options.postgres(ctx.id)?;
         let url = field(new, "url").ok_or_else(|| step(ctx.id, "test", "the value lacks url"))?;
         let user = field(new, "username").unwrap_or_default().to_string();
-        let mut c = connect(ctx.id, "test", url, &user).await?;
+        let mut c = connect(ctx.id, "test", url).await?;
         exec(ctx.id, "test", &mut c, o.probe.clone())
             .await
             .map_err(|e| {
@@ -395,7 +365,7 @@ impl Kind for Postgres {
             ));
         }
         let url = read_admin_url(ctx.id, "revoke", &o.admin_url_file)?;
-        let mut c = connect(ctx.id, "revoke", &url, "the admin").await?;
+        let mut c = connect(ctx.id, "revoke", &url).await?;
         exec(
             ctx.id,
             "revoke",

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use rekey_keyring::{SecretString, SecretValue};
 use serde::{Deserialize, Serialize};
 
-use super::resp::{self, Conn, Reply};
 use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
 use crate::error::{Error, Result};
+use rekey_probe::redis::{self as resp, Conn, Reply};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -48,17 +48,13 @@ async fn admin(secret: &str, step_name: &'static str, o: &RedisOptions) -> Resul
     );
     let (addr, user, pass) = resp::parse_url(&url)
         .ok_or_else(|| step(secret, step_name, "the admin URL is not a redis:// URL"))?;
-    let mut c = Conn::connect(&addr).await.map_err(|e| {
-        step(
-            secret,
-            step_name,
-            format!("cannot connect to Redis at {addr}: {e}"),
-        )
-    })?;
+    let mut c = Conn::connect(&addr)
+        .await
+        .map_err(|e| step(secret, step_name, e.to_string()))?;
     if let Some(p) = pass {
-        c.auth(user.as_deref(), &p)
+        c.auth(user.as_deref(), p.expose())
             .await
-            .map_err(|e| step(secret, step_name, format!("Redis at {addr}: {e}")))?
+            .map_err(|e| step(secret, step_name, e.to_string()))?
             .map_err(|e| {
                 step(
                     secret,
@@ -79,7 +75,7 @@ async fn setuser(
     password: &str,
 ) -> Result<()> {
     let mut c = admin(secret, step_name, o).await?;
-    let io = |e: std::io::Error| step(secret, step_name, format!("Redis: {e}"));
+    let io = |e: rekey_probe::Error| step(secret, step_name, e.to_string());
     match c.call(&["ACL", "GETUSER", &o.username]).await.map_err(io)? {
         Reply::Nil => {
             return Err(step(
@@ -213,28 +209,9 @@ impl Kind for Redis {
         let o = ctx.options.redis(ctx.id)?;
         let pw = field(new, "password")
             .ok_or_else(|| step(ctx.id, "test", "the value lacks password"))?;
-        let mut c = Conn::connect(&o.address).await.map_err(|e| {
-            step(
-                ctx.id,
-                "test",
-                format!("cannot connect to Redis at {}: {e}", o.address),
-            )
-        })?;
-        let io = |e: std::io::Error| step(ctx.id, "test", format!("Redis: {e}"));
-        c.auth(Some(&o.username), pw)
+        resp::check(&o.address, Some(&o.username), Some(pw))
             .await
-            .map_err(io)?
-            .map_err(|e| {
-                step(
-                    ctx.id,
-                    "test",
-                    format!("AUTH as {} was refused: {e}", o.username),
-                )
-            })?;
-        match c.call(&["PING"]).await.map_err(io)? {
-            Reply::Status(s) if s == "PONG" => Ok(()),
-            other => Err(step(ctx.id, "test", format!("PING answered {other:?}"))),
-        }
+            .map_err(|e| step(ctx.id, "test", e.to_string()))
     }
 
     async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
