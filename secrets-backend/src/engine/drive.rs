@@ -187,16 +187,7 @@ impl Engine {
                     .set_value_ref(&mut tx, id, target, &value_ref)
                     .await?;
             }
-            self.store
-                .advance_rotation(
-                    &mut tx,
-                    id,
-                    target,
-                    RotationStep::Tested,
-                    RotationStep::Finished,
-                    "",
-                )
-                .await?;
+            self.store.finish_rotation(&mut tx, id, target).await?;
             let by = Actor {
                 identity: rot.actor.clone(),
                 request_id: rot.request_id.clone(),

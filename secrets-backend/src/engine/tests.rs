@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rekey_keyring::{SecretBytes, SecretValue};
 
 use super::*;
-use crate::kinds::{Kind, KindOptions, SecretCtx, ValueInput};
+use crate::kinds::{Kind, SecretCtx};
 use crate::provider::{Changes, OutsideChange, Stored, ValueProvider, Which};
 use crate::store::{RotationStep, VersionState};
 
@@ -24,12 +24,6 @@ struct Flaky {
 impl Kind for Flaky {
     fn name(&self) -> &'static str {
         "flaky"
-    }
-    fn check_options(&self, _: &KindOptions) -> Result<KindOptions> {
-        Ok(KindOptions::default())
-    }
-    fn value_input(&self) -> ValueInput {
-        ValueInput::Never
     }
     async fn create(
         &self,

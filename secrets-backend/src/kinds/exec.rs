@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{Kind, KindOptions, SecretCtx, ValueInput, step};
+use super::{Kind, KindOptions, SecretCtx, step};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -160,14 +160,7 @@ impl Kind for Exec {
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems.join("; ")));
         }
-        Ok(KindOptions {
-            exec: Some(o),
-            ..KindOptions::default()
-        })
-    }
-
-    fn value_input(&self) -> ValueInput {
-        ValueInput::Never
+        Ok(o.into())
     }
 
     async fn create(

@@ -48,6 +48,25 @@ pub(crate) fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
     }
 }
 
+/// The admin URL in `--admin-url-file`, read once at create time to check
+/// it and to default where apps connect; a problem is added to `problems`.
+pub(crate) fn admin_url_option(
+    file: &str,
+    problems: &mut Vec<String>,
+) -> Option<zeroize::Zeroizing<String>> {
+    if file.is_empty() {
+        problems.push("--admin-url-file is required".to_string());
+        return None;
+    }
+    match std::fs::read_to_string(file) {
+        Ok(u) => Some(zeroize::Zeroizing::new(u.trim().to_string())),
+        Err(e) => {
+            problems.push(format!("cannot read --admin-url-file {file}: {e}"));
+            None
+        }
+    }
+}
+
 /// Whether a kind takes a value from the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ValueInput {
@@ -64,10 +83,16 @@ pub(crate) trait Kind: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Validates create-time options and returns the kind's own, completed
-    /// with defaults, to store.
-    fn check_options(&self, raw: &KindOptions) -> Result<KindOptions>;
+    /// with defaults, to store. Kinds without options store none.
+    fn check_options(&self, _raw: &KindOptions) -> Result<KindOptions> {
+        Ok(KindOptions::default())
+    }
 
-    fn value_input(&self) -> ValueInput;
+    /// Whether the operator supplies values; by default the kind makes
+    /// its own.
+    fn value_input(&self) -> ValueInput {
+        ValueInput::Never
+    }
 
     /// Validates a value supplied by the operator. Errors never echo it.
     fn check_value(&self, _ctx: &SecretCtx<'_>, _value: &SecretValue) -> Result<()> {
@@ -222,14 +247,7 @@ impl Kind for Random {
                 o.length
             )));
         }
-        Ok(KindOptions {
-            random: Some(o),
-            ..KindOptions::default()
-        })
-    }
-
-    fn value_input(&self) -> ValueInput {
-        ValueInput::Never
+        Ok(o.into())
     }
 
     async fn create(
@@ -282,10 +300,6 @@ pub(crate) struct EncryptionKey;
 impl Kind for EncryptionKey {
     fn name(&self) -> &'static str {
         "encryption-key"
-    }
-
-    fn check_options(&self, _raw: &KindOptions) -> Result<KindOptions> {
-        Ok(KindOptions::default())
     }
 
     fn value_input(&self) -> ValueInput {
@@ -358,10 +372,6 @@ pub(crate) struct Static;
 impl Kind for Static {
     fn name(&self) -> &'static str {
         "static"
-    }
-
-    fn check_options(&self, _raw: &KindOptions) -> Result<KindOptions> {
-        Ok(KindOptions::default())
     }
 
     fn value_input(&self) -> ValueInput {

@@ -28,6 +28,21 @@ pub(crate) struct KindOptions {
     pub(crate) exec: Option<ExecOptions>,
 }
 
+macro_rules! from_options {
+    ($($field:ident: $ty:ty),*) => {$(
+        impl From<$ty> for KindOptions {
+            fn from(o: $ty) -> Self {
+                KindOptions {
+                    $field: Some(o),
+                    ..KindOptions::default()
+                }
+            }
+        }
+    )*};
+}
+
+from_options!(random: RandomOptions, postgres: PgOptions, redis: RedisOptions, exec: ExecOptions);
+
 /// A stored secret's options of the kind it has; their absence means the
 /// row was written by something other than its kind's `check_options`.
 fn stored<'a, T>(o: Option<&'a T>, kind: &str, secret: &str) -> Result<&'a T> {

@@ -19,7 +19,7 @@ use ring::{digest, hmac, pbkdf2};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
-use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
+use super::{Encoding, Kind, KindOptions, SecretCtx, admin_url_option, field, generate, step};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -229,26 +229,16 @@ impl Kind for Postgres {
         let admin_url_file = p.admin_url_file.trim().to_string();
         let mut host = p.host.trim().to_string();
         let mut port = p.port;
-        if admin_url_file.is_empty() {
-            problems.push("--admin-url-file is required".to_string());
-        } else {
-            match std::fs::read_to_string(&admin_url_file) {
-                Ok(u) => match PgConnectOptions::from_str(u.trim()) {
-                    Ok(o) => {
-                        if host.is_empty() {
-                            host = o.get_host().to_string();
-                        }
-                        if port == 0 {
-                            port = o.get_port();
-                        }
-                    }
-                    Err(_) => {
-                        problems.push(format!("{admin_url_file} does not hold a postgres:// URL"));
-                    }
-                },
-                Err(e) => problems.push(format!(
-                    "cannot read --admin-url-file {admin_url_file}: {e}"
-                )),
+        if let Some(u) = admin_url_option(&admin_url_file, &mut problems) {
+            if let Ok(o) = PgConnectOptions::from_str(&u) {
+                if host.is_empty() {
+                    host = o.get_host().to_string();
+                }
+                if port == 0 {
+                    port = o.get_port();
+                }
+            } else {
+                problems.push(format!("{admin_url_file} does not hold a postgres:// URL"));
             }
         }
         let group_role = p.group_role.trim().to_string();
@@ -284,14 +274,7 @@ impl Kind for Postgres {
             probe,
             terminate_sessions: p.terminate_sessions,
         };
-        Ok(KindOptions {
-            postgres: Some(o),
-            ..KindOptions::default()
-        })
-    }
-
-    fn value_input(&self) -> ValueInput {
-        ValueInput::Never
+        Ok(o.into())
     }
 
     async fn create(

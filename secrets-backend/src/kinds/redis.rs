@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rekey_keyring::{SecretString, SecretValue};
 use serde::{Deserialize, Serialize};
 
-use super::{Encoding, Kind, KindOptions, SecretCtx, ValueInput, field, generate, step};
+use super::{Encoding, Kind, KindOptions, SecretCtx, admin_url_option, field, generate, step};
 use crate::error::{Error, Result};
 use rekey_probe::redis::{self as resp, Conn, Reply};
 
@@ -131,21 +131,11 @@ impl Kind for Redis {
         let mut problems = Vec::new();
         let admin_url_file = r.admin_url_file.trim().to_string();
         let mut address = r.address.trim().to_string();
-        if admin_url_file.is_empty() {
-            problems.push("--admin-url-file is required".to_string());
-        } else {
-            match std::fs::read_to_string(&admin_url_file) {
-                Ok(u) => match resp::parse_url(u.trim()) {
-                    Some((addr, _, _)) => {
-                        if address.is_empty() {
-                            address = addr;
-                        }
-                    }
-                    None => problems.push(format!("{admin_url_file} does not hold a redis:// URL")),
-                },
-                Err(e) => problems.push(format!(
-                    "cannot read --admin-url-file {admin_url_file}: {e}"
-                )),
+        if let Some(u) = admin_url_option(&admin_url_file, &mut problems) {
+            match resp::parse_url(&u) {
+                Some((addr, _, _)) if address.is_empty() => address = addr,
+                Some(_) => {}
+                None => problems.push(format!("{admin_url_file} does not hold a redis:// URL")),
             }
         }
         let username = r.username.trim().to_string();
@@ -157,18 +147,12 @@ impl Kind for Redis {
         if !problems.is_empty() {
             return Err(Error::InvalidArgument(problems.join("; ")));
         }
-        Ok(KindOptions {
-            redis: Some(RedisOptions {
-                admin_url_file,
-                username,
-                address,
-            }),
-            ..KindOptions::default()
-        })
-    }
-
-    fn value_input(&self) -> ValueInput {
-        ValueInput::Never
+        Ok(RedisOptions {
+            admin_url_file,
+            username,
+            address,
+        }
+        .into())
     }
 
     async fn create(

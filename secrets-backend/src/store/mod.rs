@@ -217,6 +217,20 @@ impl Store {
     }
 }
 
+/// The row `sql` selects by its two parameters, if there is one.
+async fn row_by<'q, R, A, B>(c: &mut Conn, sql: &'q str, a: A, b: B) -> Result<Option<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+    A: 'q + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Send,
+    B: 'q + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Send,
+{
+    Ok(sqlx::query_as(sql)
+        .bind(a)
+        .bind(b)
+        .fetch_optional(c)
+        .await?)
+}
+
 pub(crate) async fn meta_get(c: &mut Conn, key: &str) -> Result<Option<String>> {
     let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
         .bind(key)

@@ -48,6 +48,24 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Marks the rotation to `version` finished (from tested).
+    pub(crate) async fn finish_rotation(
+        &self,
+        c: &mut Conn,
+        secret_id: &str,
+        version: i64,
+    ) -> Result<bool> {
+        self.advance_rotation(
+            c,
+            secret_id,
+            version,
+            RotationStep::Tested,
+            RotationStep::Finished,
+            "",
+        )
+        .await
+    }
+
     pub(crate) async fn get_rotation(
         &self,
         c: &mut Conn,
@@ -58,11 +76,7 @@ impl Store {
             "SELECT {} FROM rotations WHERE secret_id = $1 AND target_version = $2",
             RotationRow::columns()
         );
-        Ok(sqlx::query_as(&q)
-            .bind(secret_id)
-            .bind(version)
-            .fetch_optional(c)
-            .await?)
+        super::row_by(c, &q, secret_id, version).await
     }
 
     /// The most recent rotation of a secret.
@@ -210,10 +224,6 @@ impl Store {
             "SELECT {} FROM reencryptions WHERE secret_id = $1 AND version = $2",
             ReencryptionRow::columns()
         );
-        Ok(sqlx::query_as(&q)
-            .bind(secret_id)
-            .bind(version)
-            .fetch_optional(c)
-            .await?)
+        super::row_by(c, &q, secret_id, version).await
     }
 }

@@ -54,11 +54,7 @@ impl Store {
             "SELECT {} FROM secrets WHERE provider = $1 AND provider_path = $2",
             SecretRow::columns()
         );
-        Ok(sqlx::query_as(&q)
-            .bind(provider)
-            .bind(path)
-            .fetch_optional(c)
-            .await?)
+        super::row_by(c, &q, provider, path).await
     }
 
     pub(crate) async fn insert_secret(&self, c: &mut Conn, s: &SecretRow) -> Result<()> {
@@ -192,11 +188,7 @@ impl Store {
             "SELECT {} FROM versions WHERE secret_id = $1 AND version = $2",
             VersionRow::columns()
         );
-        Ok(sqlx::query_as(&q)
-            .bind(secret_id)
-            .bind(version)
-            .fetch_optional(c)
-            .await?)
+        super::row_by(c, &q, secret_id, version).await
     }
 
     pub(crate) async fn require_version(
@@ -221,11 +213,7 @@ impl Store {
             "SELECT {} FROM versions WHERE secret_id = $1 AND value_ref = $2",
             VersionRow::columns()
         );
-        Ok(sqlx::query_as(&q)
-            .bind(secret_id)
-            .bind(value_ref)
-            .fetch_optional(c)
-            .await?)
+        super::row_by(c, &q, secret_id, value_ref).await
     }
 
     /// Newest first.
