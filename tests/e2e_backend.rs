@@ -326,7 +326,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     ok(&b.cli(&["audit", "--verify"]));
 
     // No backend at the address: a clear line, non-zero.
-    let o = std::process::Command::new(CLI)
+    let o = std::process::Command::new(cli_bin())
         .args(["--addr", "http://127.0.0.1:1", "--token", "x", "list"])
         .output()
         .unwrap();

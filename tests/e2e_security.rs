@@ -293,7 +293,7 @@ operations = ["create", "rotate", "read"]
     );
     let addr = b.grpc.replace("http://", "https://");
     let run = |cn: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new(CLI);
+        let mut cmd = Command::new(cli_bin());
         cmd.args(["--addr", &addr, "--ca-file", &p("ca.pem")]);
         if let Some(cn) = cn {
             cmd.args([

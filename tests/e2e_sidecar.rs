@@ -711,7 +711,7 @@ command = ["sh", "-c", "echo ran >> {ran}"]
 #[test]
 fn rekey_demo_rotates_under_load_without_a_failed_request() {
     let dir = TempDir::new("demo");
-    let o = std::process::Command::new(CLI)
+    let o = std::process::Command::new(cli_bin())
         .args([
             "demo",
             "--rotations",

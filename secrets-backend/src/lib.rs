@@ -1,21 +1,19 @@
-//! rekey's backend: versioned secrets, the rotation engine, the `rekey.v1`
-//! gRPC API, and the `rekey` operator CLI.
+//! rekey's backend: versioned secrets, the rotation engine and the
+//! `rekey.v1` gRPC API. The operator CLI is a client of that API and lives
+//! in its own crate (`rekey-cli`).
 //!
-//! The binaries are thin: `rekey-backend` loads a [`config::Config`] and
-//! calls [`server::run`]; `rekey` calls [`cli::main`].
+//! The binary is thin: `rekey-backend` loads a [`config::Config`] and calls
+//! [`server::run`].
 
 pub mod audit;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod convert;
-pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod kinds;
 pub mod metrics;
-pub mod reencrypt_cmd;
 pub mod schedule;
 pub mod server;
 pub mod service;

@@ -75,7 +75,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use rekey_keyring::{MasterKey, hyvve};
 use rekey_reencrypt::Codec;
 use sqlx::Connection as _;
-use support::{CLI, PgDb};
+use support::{PgDb, cli_bin};
 use tokio::time::timeout;
 
 /// The command's default `--batch-size`.
@@ -475,7 +475,7 @@ async fn run_rekey(
     tick: f64,
 ) -> Result<Timed> {
     let Expect { rows, moved } = expect;
-    let mut cmd = tokio::process::Command::new(CLI);
+    let mut cmd = tokio::process::Command::new(cli_bin());
     cmd.args(["-o", "json", "reencrypt", "--column", "t.c", "--codec"])
         .arg(codec.name());
     if let Some(b) = batch {
@@ -490,7 +490,9 @@ async fn run_rekey(
         .kill_on_drop(true);
     let mark = CpuMark::now()?;
     let start = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot run {CLI}"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", cli_bin().display()))?;
     let out = match timeout(limit, child.wait_with_output()).await {
         Ok(r) => r.context("waiting for rekey reencrypt")?,
         // Dropping the child killed it.

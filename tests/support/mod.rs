@@ -17,12 +17,20 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub const BACKEND: &str = env!("CARGO_BIN_EXE_rekey-backend");
-pub const CLI: &str = env!("CARGO_BIN_EXE_rekey");
 
 /// `rekey-sidecar`, built beside the backend by `cargo test --workspace`
 /// (scripts/test).
 pub fn sidecar_bin() -> PathBuf {
-    let p = Path::new(BACKEND).with_file_name("rekey-sidecar");
+    beside_backend("rekey-sidecar")
+}
+
+/// `rekey`, built beside the backend by `cargo test --workspace`.
+pub fn cli_bin() -> PathBuf {
+    beside_backend("rekey")
+}
+
+fn beside_backend(name: &str) -> PathBuf {
+    let p = Path::new(BACKEND).with_file_name(name);
     assert!(
         p.exists(),
         "{} is missing: build the workspace first (scripts/test does)",
@@ -293,7 +301,7 @@ impl Backend {
 
     /// Runs `rekey` with a given token file (or none).
     pub fn cli_with(&self, args: &[&str], token_file: Option<&Path>) -> Output {
-        let mut cmd = Command::new(CLI);
+        let mut cmd = Command::new(cli_bin());
         cmd.arg("--addr").arg(&self.grpc);
         if let Some(t) = token_file {
             cmd.arg("--token-file").arg(t);
@@ -309,7 +317,7 @@ impl Backend {
     /// Starts the CLI with the admin token without waiting for it (to kill
     /// the backend while a call is in flight).
     pub fn spawn_cli(&self, args: &[&str]) -> Child {
-        Command::new(CLI)
+        Command::new(cli_bin())
             .arg("--addr")
             .arg(&self.grpc)
             .arg("--token-file")

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = rekey_backend::cli::Cli::parse();
+    let cli = rekey_cli::Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -17,5 +17,5 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(rekey_backend::cli::run(cli))
+    rt.block_on(rekey_cli::run(cli))
 }

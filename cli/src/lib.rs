@@ -18,6 +18,9 @@ use tonic::transport::Channel;
 
 use rekey_proto::format_time;
 
+pub mod demo;
+pub mod reencrypt;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "rekey",
@@ -75,7 +78,7 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Re-encrypt database columns from the old master key to the new one
     /// (the runbook's script; resumable, safe beside a running app).
-    Reencrypt(crate::reencrypt_cmd::ReencryptArgs),
+    Reencrypt(crate::reencrypt::ReencryptArgs),
     /// Create a secret and store version 1 as current.
     Create(Box<CreateArgs>),
     /// Rotate a secret: create, set, test and finish a new version.
@@ -516,12 +519,12 @@ async fn connect(
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     if let Command::Reencrypt(args) = &cli.command {
-        return match crate::reencrypt_cmd::run(args).await {
+        return match crate::reencrypt::run(args).await {
             Ok(summary) => {
                 if cli.output == Output::Json {
                     println!("{summary}");
                 } else {
-                    crate::reencrypt_cmd::print_table(&summary);
+                    crate::reencrypt::print_table(&summary);
                 }
                 ExitCode::SUCCESS
             }
