@@ -3,7 +3,7 @@
 //! address is a closed port, so a command that got as far as connecting
 //! exits 1 ("unavailable"), and a 2 proves the mistake was caught before.
 //! Refusals from a live backend or database (exit 1) are tested end to end
-//! in tests/e2e_backend.rs and tests/e2e_reencrypt.rs.
+//! in `tests/e2e_backend.rs` and `tests/e2e_reencrypt.rs`.
 
 use std::process::{Command, Output};
 
