@@ -86,4 +86,6 @@ ensure_redis() {
 ensure_tools() {
     have openssl || apt_install openssl
     have sha256sum || apt_install coreutils
+    # The stand-in for the Kubernetes Lease API (tests/testkit/lease_apiserver.py).
+    have python3 || apt_install python3
 }

@@ -2,13 +2,11 @@
 //! SQLite store: the CLI lifecycle, restarts, crashes mid-rotation, Watch,
 //! consumer reports and every bad input an operator is likely to type.
 
-mod support;
-
 use std::time::Duration;
 
 use rekey_proto::v1 as pb;
+use rekey_testkit::*;
 use serde_json::Value;
-use support::*;
 use tokio_stream::StreamExt;
 
 fn ok(o: &std::process::Output) {
@@ -326,7 +324,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     ok(&b.cli(&["audit", "--verify"]));
 
     // No backend at the address: a clear line, non-zero.
-    let o = std::process::Command::new(CLI)
+    let o = std::process::Command::new(CLI.path())
         .args(["--addr", "http://127.0.0.1:1", "--token", "x", "list"])
         .output()
         .unwrap();
@@ -338,7 +336,7 @@ async fn bad_config_and_unreadable_kek_stop_the_backend_before_it_listens() {
     let dir = TempDir::new("cfg");
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "listen = \"nowhere\"\n[store]\nurll = \"x\"\n").unwrap();
-    let o = std::process::Command::new(BACKEND)
+    let o = std::process::Command::new(BACKEND.path())
         .arg("--config")
         .arg(&cfg)
         .output()
@@ -353,7 +351,7 @@ async fn bad_config_and_unreadable_kek_stop_the_backend_before_it_listens() {
         "listen = \"nowhere\"\nmetrics_listen = \"also-nowhere\"\n",
     )
     .unwrap();
-    let o = std::process::Command::new(BACKEND)
+    let o = std::process::Command::new(BACKEND.path())
         .arg("--config")
         .arg(&cfg)
         .output()
@@ -375,7 +373,7 @@ async fn bad_config_and_unreadable_kek_stop_the_backend_before_it_listens() {
         ),
     )
     .unwrap();
-    let o = std::process::Command::new(BACKEND)
+    let o = std::process::Command::new(BACKEND.path())
         .arg("--config")
         .arg(&cfg)
         .output()
@@ -397,7 +395,7 @@ async fn bad_config_and_unreadable_kek_stop_the_backend_before_it_listens() {
         ),
     )
     .unwrap();
-    let o = std::process::Command::new(BACKEND)
+    let o = std::process::Command::new(BACKEND.path())
         .arg("--config")
         .arg(&cfg)
         .output()

@@ -4,13 +4,11 @@
 //! rollback, one rotation at a time, and every failure stopping a rotation
 //! before finish with current still working.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use rekey_testkit::*;
 use serde_json::Value;
-use support::*;
 
 fn write_exec(path: &Path, body: &str) {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();

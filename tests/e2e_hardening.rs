@@ -4,21 +4,18 @@
 //! logs, an audit chain anyone with database access could rewrite, a lost
 //! development KEK replaced by a new one, and metrics open to anyone.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rekey_proto::v1 as pb;
+use rekey_testkit::*;
 use serde_json::Value;
 use sqlx::Connection;
-use support::*;
 
-/// A sample of `/metrics` matching `series` exactly (name and labels).
-fn metric(b: &Backend, series: &str) -> Option<f64> {
-    http_get(&b.metrics, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+/// A sample of the backend's `/metrics` matching `series` exactly (name
+/// and labels).
+fn backend_metric(b: &Backend, series: &str) -> Option<f64> {
+    metric(&http_get(&b.metrics, "/metrics"), series)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -65,7 +62,7 @@ fn create_static(id: &str, value: pb::SecretValue) -> pb::CreateSecretRequest {
 fn start_refused(dir: &std::path::Path, config: &str) -> (Option<i32>, String) {
     let cfg = dir.join("refused.toml");
     std::fs::write(&cfg, config).unwrap();
-    let mut child = Command::new(BACKEND)
+    let mut child = Command::new(BACKEND.path())
         .arg("--config")
         .arg(&cfg)
         .stdin(Stdio::null())
@@ -135,8 +132,8 @@ async fn calls_without_a_token_are_counted_and_summarized_not_stored_one_by_one(
 
     let rotate = "rekey_unauthenticated_total{method=\"Rotate\"}";
     let reveal = "rekey_unauthenticated_total{method=\"GetSecret\"}";
-    assert_eq!(metric(&b, rotate), Some(300.0));
-    assert_eq!(metric(&b, reveal), Some(20.0));
+    assert_eq!(backend_metric(&b, rotate), Some(300.0));
+    assert_eq!(backend_metric(&b, reveal), Some(20.0));
 
     // A summary or two in the audit log, that together count every call.
     let summaries = eventually(Duration::from_secs(10), "the refusal summaries", || async {
@@ -365,7 +362,7 @@ async fn idle_watch_streams_share_one_copy_of_a_value() {
         grew_kib < 50 << 10,
         "100 idle streams on a 2 MiB event grew the backend by {grew_kib} KiB"
     );
-    assert_eq!(metric(&b, "rekey_watch_streams"), Some(101.0));
+    assert_eq!(backend_metric(&b, "rekey_watch_streams"), Some(101.0));
 }
 
 #[tokio::test]
@@ -435,7 +432,7 @@ async fn the_audit_chain_is_keyed_anchored_and_watched_by_the_running_backend() 
     // Every audit log line carries the head after it, and so do the metrics.
     assert!(b.log().contains(&format!("\"head\":\"5:{}\"", head.1)));
     let series = format!("rekey_audit_head{{mac=\"{}\"}}", head.1);
-    assert_eq!(metric(&b, &series), Some(5.0));
+    assert_eq!(backend_metric(&b, &series), Some(5.0));
 
     let db = format!("sqlite://{}", dir.path().join("data/rekey.db").display());
     let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
@@ -475,7 +472,7 @@ async fn the_audit_chain_is_keyed_anchored_and_watched_by_the_running_backend() 
         "{v:?}"
     );
     eventually(Duration::from_secs(5), "the tampered gauge", || async {
-        (metric(&b, "rekey_audit_tampered") == Some(1.0)).then_some(())
+        (backend_metric(&b, "rekey_audit_tampered") == Some(1.0)).then_some(())
     })
     .await;
 

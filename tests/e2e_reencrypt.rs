@@ -1,19 +1,17 @@
 //! End to end: `rekey reencrypt`, the drop-in for the runbook's script,
 //! against the platform's two tables on a fresh Postgres database.
 
-mod support;
-
 use rekey_keyring::{MasterKey, hyvve};
+use rekey_testkit::*;
 use serde_json::Value;
 use sqlx::Row;
-use support::*;
 
 const OLD: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const NEW: &str = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=";
 const OTHER: &str = "7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u7u4=";
 
 fn reencrypt(db: &PgDb, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(CLI);
+    let mut cmd = std::process::Command::new(CLI.path());
     cmd.arg("-o").arg("json").arg("reencrypt").args(args);
     cmd.env_remove("ENCRYPTION_MASTER_KEY_OLD")
         .env_remove("ENCRYPTION_MASTER_KEY_NEW")
@@ -134,7 +132,7 @@ async fn reencrypt_the_platform_columns_dry_run_then_for_real_then_again() {
     assert_eq!(j["columns"][0]["already_new"], 24);
 
     // Human output: one row per column.
-    let mut cmd = std::process::Command::new(CLI);
+    let mut cmd = std::process::Command::new(CLI.path());
     let o = cmd
         .args([
             "reencrypt",

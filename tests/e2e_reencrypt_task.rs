@@ -3,16 +3,14 @@
 //! machine's Postgres. The chaos test kills the leader with SIGKILL again
 //! and again while an app keeps writing.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rekey_keyring::MasterKey;
 use rekey_reencrypt::Codec;
+use rekey_testkit::*;
 use serde_json::Value;
 use sqlx::Row;
-use support::*;
 
 const SECRET: &str = "prod/enc/master";
 

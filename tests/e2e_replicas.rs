@@ -3,13 +3,11 @@
 //! crash recovery on the Postgres store. Each test gets a fresh database on
 //! the machine's server at 127.0.0.1:5432.
 
-mod support;
-
 use std::time::Duration;
 
 use rekey_proto::v1 as pb;
+use rekey_testkit::*;
 use serde_json::Value;
-use support::*;
 use tokio_stream::StreamExt;
 
 /// Two replicas sharing one database, KEK and admin token.

@@ -1,12 +1,10 @@
 //! End to end: no value in any log (at RUST_LOG=trace), in the database
 //! file, in metrics or in the audit log; tokens, policy and mTLS.
 
-mod support;
-
 use std::process::Command;
 
 use rekey_proto::v1 as pb;
-use support::*;
+use rekey_testkit::*;
 use tokio_stream::StreamExt;
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -293,7 +291,7 @@ operations = ["create", "rotate", "read"]
     );
     let addr = b.grpc.replace("http://", "https://");
     let run = |cn: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new(CLI);
+        let mut cmd = Command::new(CLI.path());
         cmd.args(["--addr", &addr, "--ca-file", &p("ca.pem")]);
         if let Some(cn) = cn {
             cmd.args([

@@ -3,12 +3,10 @@
 //! outage, the AWS Secrets Manager Agent read API, file sources swapped the
 //! way kubelet does, and start-up errors listed before the port is bound.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::*;
+use rekey_testkit::*;
 
 const API_TOKEN: &str = "api-token-for-tests-0123";
 
@@ -711,7 +709,7 @@ command = ["sh", "-c", "echo ran >> {ran}"]
 #[test]
 fn rekey_demo_rotates_under_load_without_a_failed_request() {
     let dir = TempDir::new("demo");
-    let o = std::process::Command::new(CLI)
+    let o = std::process::Command::new(CLI.path())
         .args([
             "demo",
             "--rotations",

@@ -4,16 +4,14 @@
 //! No query may fail; every rotation must converge and be decommissioned;
 //! afterwards every old password must be refused.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rekey_testkit::*;
 use serde_json::Value;
-use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 

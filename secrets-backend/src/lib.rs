@@ -1,16 +1,15 @@
-//! rekey's backend: versioned secrets, the rotation engine, the `rekey.v1`
-//! gRPC API, and the `rekey` operator CLI.
+//! rekey's backend: versioned secrets, the rotation engine and the
+//! `rekey.v1` gRPC API. The operator CLI is a client of that API and lives
+//! in its own crate (`rekey-cli`).
 //!
-//! The binaries are thin: `rekey-backend` loads a [`config::Config`] and
-//! calls [`server::run`]; `rekey` calls [`cli::main`].
+//! The binary is thin: `rekey-backend` loads a [`config::Config`] and calls
+//! [`server::run`].
 
 mod audit;
 mod auth;
-pub mod cli;
 mod clock;
 pub mod config;
 mod convert;
-pub mod demo;
 mod engine;
 mod error;
 mod front;
@@ -19,7 +18,6 @@ mod kinds;
 mod limits;
 mod metrics;
 mod provider;
-pub mod reencrypt_cmd;
 mod schedule;
 pub mod server;
 mod service;

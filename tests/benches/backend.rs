@@ -14,7 +14,7 @@
 //!    connections and streams are opened and once all streams are open and
 //!    idle; (after - before) / S.
 //!
-//! Run (release build): `cargo bench -p rekey-backend --bench backend`
+//! Run (release build): `cargo bench -p rekey-e2e --bench backend`
 //!
 //! Environment overrides (defaults in brackets):
 //! `REKEY_BENCH_ROTATES` (200) Rotate calls per store,
@@ -23,17 +23,12 @@
 //! `REKEY_BENCH_ROTATIONS` (20) fan-out rotations,
 //! `REKEY_BENCH_POSTGRES` (1; 0 skips the Postgres run).
 //! A quick smoke run:
-//! `REKEY_BENCH_ROTATES=20 REKEY_BENCH_STREAMS=200 REKEY_BENCH_ROTATIONS=3 cargo bench -p rekey-backend --bench backend`
+//! `REKEY_BENCH_ROTATES=20 REKEY_BENCH_STREAMS=200 REKEY_BENCH_ROTATIONS=3 cargo bench -p rekey-e2e --bench backend`
 //!
 //! The program prints a table and exits 0, or prints what failed and exits
 //! non-zero. Every wait is bounded.
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "bench_common/mod.rs"]
-mod bench_common;
-use bench_common::{Stats, env_usize, ms, stats};
+use rekey_testkit::bench::{Stats, Table, env_usize, ms, stats};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use rekey_proto::v1 as pb;
-use support::{Backend, BackendOpts, Client, PgDb, TempDir};
+use rekey_testkit::{Backend, BackendOpts, Client, PgDb, TempDir};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -91,31 +86,12 @@ impl Settings {
 }
 
 fn main() {
-    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+    rekey_testkit::bench::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
         run(&s).await
     });
 }
 
 // ---------------------------------------------------------------- statistics
-
-fn stats_row(label: &str, s: &Stats) -> String {
-    format!(
-        "{label:<44} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        s.n,
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.mean),
-        ms(s.min),
-        ms(s.max)
-    )
-}
-
-fn stats_header(first: &str) -> String {
-    format!(
-        "{first:<44} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "samples", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms"
-    )
-}
 
 // ------------------------------------------------------------------ helpers
 
@@ -140,9 +116,12 @@ fn mib(kib: u64) -> String {
 
 /// A new HTTP/2 connection to the backend, with the admin token.
 async fn connect(b: &Backend, token: &str) -> Result<Client> {
-    timeout(Duration::from_secs(10), support::client(&b.grpc, token))
-        .await
-        .with_context(|| format!("connecting to {} timed out", b.grpc))
+    timeout(
+        Duration::from_secs(10),
+        rekey_testkit::client(&b.grpc, token),
+    )
+    .await
+    .with_context(|| format!("connecting to {} timed out", b.grpc))
 }
 
 async fn create_random(c: &mut Client, id: &str) -> Result<u64> {
@@ -570,26 +549,23 @@ async fn run(s: &Settings) -> Result<String> {
         "Rotate latency, client side ({} sequential calls per store after {ROTATE_WARMUP} warm-up calls; random kind, 32 bytes hex)\n",
         s.rotates
     ));
-    out.push_str(&stats_header("store"));
-    out.push_str(&stats_row("sqlite", &sqlite));
+    let mut t = Table::stats("store");
+    t.stats_row("sqlite", &sqlite);
     match &postgres {
-        Some(p) => out.push_str(&stats_row("postgres", p)),
-        None => out.push_str(
-            "postgres                                     skipped (REKEY_BENCH_POSTGRES=0)\n",
-        ),
+        Some(p) => t.stats_row("postgres", p),
+        None => t.note("postgres: skipped (REKEY_BENCH_POSTGRES=0)"),
     }
+    out.push_str(&t.render());
     out.push_str(&format!(
         "\nWatch fan-out: {} streams on one secret over {} HTTP/2 connections, SQLite store, {} rotations after {FANOUT_WARMUP} warm-up\n",
         f.streams, f.connections, f.rotations
     ));
-    out.push_str(&stats_header("from just before Rotate is sent until"));
-    out.push_str(&stats_row("  the last stream has the version", &f.last));
-    out.push_str(&stats_row("  the first stream has the version", &f.first));
-    out.push_str(&stats_row(
-        "  each stream has it (all rotations pooled)",
-        &f.each,
-    ));
-    out.push_str(&stats_row("  the Rotate call returns", &f.rotate_rpc));
+    let mut t = Table::stats("from just before Rotate is sent until");
+    t.stats_row("  the last stream has the version", &f.last);
+    t.stats_row("  the first stream has the version", &f.first);
+    t.stats_row("  each stream has it (all rotations pooled)", &f.each);
+    t.stats_row("  the Rotate call returns", &f.rotate_rpc);
+    out.push_str(&t.render());
     out.push_str(&format!(
         "opening all streams and receiving every initial snapshot: {:.2} s\n",
         f.open_time.as_secs_f64()
@@ -599,32 +575,29 @@ async fn run(s: &Settings) -> Result<String> {
         f.missed, f.duplicates, f.gauge
     ));
     out.push_str("\nBackend memory (VmRSS)\n");
-    out.push_str(&format!(
-        "{:<44} {:>12}\n",
-        "before connections and streams",
-        mib(f.rss_before)
-    ));
-    out.push_str(&format!(
-        "{:<44} {:>12}\n",
+    let mut t = Table::new("when").right("VmRSS");
+    t.row([
+        "before connections and streams".to_string(),
+        mib(f.rss_before),
+    ]);
+    t.row([
         format!("after {} connections", f.connections),
-        mib(f.rss_connected)
-    ));
-    out.push_str(&format!(
-        "{:<44} {:>12}\n",
+        mib(f.rss_connected),
+    ]);
+    t.row([
         format!("after {} streams open and idle", f.streams),
-        mib(f.rss_open)
-    ));
-    out.push_str(&format!(
-        "{:<44} {:>12}\n",
+        mib(f.rss_open),
+    ]);
+    t.row([
         format!("after {} rotations", FANOUT_WARMUP + f.rotations),
-        mib(f.rss_after)
-    ));
+        mib(f.rss_after),
+    ]);
     let per = f.rss_open.saturating_sub(f.rss_before) as f64 / f.streams as f64;
-    out.push_str(&format!(
-        "{:<44} {:>8.2} KiB\n",
+    t.row([
         format!("per stream: (open - before) / {}", f.streams),
-        per
-    ));
+        format!("{per:.2} KiB"),
+    ]);
+    out.push_str(&t.render());
     out.push('\n');
     if f.missed > 0 || f.duplicates > 0 {
         print!("{out}");

@@ -11,7 +11,7 @@
 //! and then stays silent, so the fleet never converges: after its first
 //! pass the leader keeps leading while it waits for the final sweep, which
 //! is the state every sample starts from. The Lease cases use
-//! `tests/support/lease_apiserver.py`, a stand-in for the API server's
+//! `tests/testkit/lease_apiserver.py`, a stand-in for the API server's
 //! Lease endpoints over HTTPS (no Kubernetes API server runs on this
 //! machine), with the Lease's `duration` set to
 //! `REKEY_BENCH_LEASE_SECONDS`.
@@ -26,7 +26,7 @@
 //! is the time from the signal to that observation. A new sidecar then
 //! replaces the stopped one, and the next sample starts once it answers.
 //!
-//! Run (release build): `cargo bench -p rekey-backend --bench failover`
+//! Run (release build): `cargo bench -p rekey-e2e --bench failover`
 //!
 //! Environment overrides (defaults in brackets):
 //! `REKEY_BENCH_FAILOVER_SAMPLES` (5) samples per case,
@@ -37,12 +37,7 @@
 //! openssl). The program prints a table and exits 0, or prints what failed
 //! and exits non-zero. Every wait is bounded.
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "bench_common/mod.rs"]
-mod bench_common;
-use bench_common::{Stats, env_usize, ms, stats};
+use rekey_testkit::bench::{Stats, Table, env_usize, ms, stats};
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +45,7 @@ use anyhow::{Context, Result, bail};
 use rekey_keyring::MasterKey;
 use rekey_proto::v1 as pb;
 use rekey_reencrypt::Codec;
-use support::*;
+use rekey_testkit::*;
 
 const OVERALL_TIMEOUT: Duration = Duration::from_secs(1800);
 
@@ -75,7 +70,7 @@ enum Stop {
 }
 
 fn main() {
-    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+    rekey_testkit::bench::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
         let dir = TempDir::new("failover");
         let b = Backend::start(
             dir.path(),
@@ -229,22 +224,26 @@ async fn case(
 }
 
 fn report(s: &Settings, rows: &[(&str, Stop, Stats)]) -> String {
-    let mut out = format!(
-        "Leader failover, {} samples per case; Lease duration {}s; poll 1s\n\n\
-         | election | leader stopped by | samples | mean ms | p50 ms | min ms | max ms |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
-        s.samples, s.lease_seconds
-    );
+    let mut t = ["samples", "mean ms", "p50 ms", "min ms", "max ms"]
+        .iter()
+        .fold(Table::new("election").left("leader stopped by"), |t, h| {
+            t.right(h)
+        });
     for (method, stop, st) in rows {
-        out.push_str(&format!(
-            "| {method} | {} | {} | {} | {} | {} | {} |\n",
-            stop_name(*stop),
-            st.n,
+        t.row([
+            (*method).to_string(),
+            stop_name(*stop).to_string(),
+            st.n.to_string(),
             ms(st.mean),
             ms(st.p50),
             ms(st.min),
-            ms(st.max)
-        ));
+            ms(st.max),
+        ]);
     }
-    out
+    format!(
+        "Leader failover, {} samples per case; Lease duration {}s; poll 1s\n\n{}",
+        s.samples,
+        s.lease_seconds,
+        t.render_markdown()
+    )
 }

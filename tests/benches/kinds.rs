@@ -39,7 +39,7 @@
 //! After each part, for `postgres` and `redis`: the current credential logs
 //! in and the last revoked one is refused.
 //!
-//! Run (release build): `cargo bench -p rekey-backend --bench kinds`
+//! Run (release build): `cargo bench -p rekey-e2e --bench kinds`
 //!
 //! Environment overrides (defaults in brackets):
 //! `REKEY_BENCH_KIND_ROTATIONS` (50) measured rotations per kind,
@@ -48,18 +48,13 @@
 //! the kinds to run, comma-separated,
 //! `REKEY_BENCH_TICK_MS` (10) the scheduler tick of the second backend.
 //! A quick smoke run:
-//! `REKEY_BENCH_KIND_ROTATIONS=5 REKEY_BENCH_CYCLES=3 cargo bench -p rekey-backend --bench kinds`
+//! `REKEY_BENCH_KIND_ROTATIONS=5 REKEY_BENCH_CYCLES=3 cargo bench -p rekey-e2e --bench kinds`
 //!
 //! The program prints tables and exits 0, or prints what failed and exits
 //! non-zero. Every wait is bounded; the backends, the private Postgres server
 //! and the Redis users are removed when it ends.
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "bench_common/mod.rs"]
-mod bench_common;
-use bench_common::{Stats, env_usize, ms, stats};
+use rekey_testkit::bench::{Stats, Table, env_usize, ms, stats, stats_cells};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -67,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rekey_proto::v1 as pb;
-use support::{Backend, BackendOpts, Client, PgServer, TempDir};
+use rekey_testkit::{Backend, BackendOpts, Client, PgServer, TempDir};
 use tokio::time::timeout;
 
 const KINDS: [&str; 6] = [
@@ -143,31 +138,12 @@ impl Settings {
 }
 
 fn main() {
-    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+    rekey_testkit::bench::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
         run(&s).await
     });
 }
 
 // ---------------------------------------------------------------- statistics
-
-fn stats_cells(s: &Stats) -> String {
-    format!(
-        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        s.n,
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.mean),
-        ms(s.min),
-        ms(s.max)
-    )
-}
-
-fn stats_header(first: &str) -> String {
-    format!(
-        "{first:<16} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "samples", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms"
-    )
-}
 
 // ------------------------------------------------------------------ helpers
 
@@ -1001,26 +977,29 @@ async fn run(s: &Settings) -> Result<String> {
         "1. One Rotate call (create, set, test, finish), client side; {} rotations per kind after {ROTATE_WARMUP} warm-up; validation window 30 min\n",
         s.rotations
     ));
-    out.push_str(&format!(
-        "{}  {:>13}\n",
-        stats_header("kind"),
-        "one at a time"
-    ));
+    let mut t = Table::stats("kind").right("one at a time");
     for k in &rot {
-        out.push_str(&format!(
-            "{:<16} {}  {:>13}\n",
-            k.kind,
-            stats_cells(&k.rotate),
-            if k.serial { "yes" } else { "no" }
-        ));
+        t.row(
+            std::iter::once(k.kind.to_string())
+                .chain(stats_cells(&k.rotate))
+                .chain([if k.serial { "yes" } else { "no" }.to_string()]),
+        );
     }
+    out.push_str(&t.render());
     out.push_str(
         "\nBackend step times during those rotations (rekey_rotation_step_seconds, mean ms), and the forced revoke between rotations (client side; not in the times above)\n",
     );
-    out.push_str(&format!(
-        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>13} {:>14} {:>14}\n",
-        "kind", "create", "set", "test", "finish", "revoke step", "Revoke p50 ms", "Revoke p99 ms"
-    ));
+    let mut t = [
+        "create",
+        "set",
+        "test",
+        "finish",
+        "revoke step",
+        "Revoke p50 ms",
+        "Revoke p99 ms",
+    ]
+    .iter()
+    .fold(Table::new("kind"), |t, h| t.right(h));
     for k in &rot {
         let step = |name: &str| {
             k.steps
@@ -1033,53 +1012,49 @@ async fn run(s: &Settings) -> Result<String> {
             .map_or(("-".to_string(), "-".to_string()), |r| {
                 (ms(r.p50), ms(r.p99))
             });
-        out.push_str(&format!(
-            "{:<16} {:>9} {:>9} {:>9} {:>9} {:>13} {:>14} {:>14}\n",
-            k.kind,
+        t.row([
+            k.kind.to_string(),
             step("create"),
             step("set"),
             step("test"),
             step("finish"),
             step("revoke"),
             p50,
-            p99
-        ));
+            p99,
+        ]);
     }
+    out.push_str(&t.render());
     out.push_str(&format!(
         "\n2. Rotate sent -> previous revoked by the backend's own decommission; validation window 0; scheduler tick {} ms; {} cycles per kind after {CYCLE_WARMUP} warm-up; GetSecret polled every {} ms\n",
         s.tick_ms,
         s.cycles,
         POLL_INTERVAL.as_millis()
     ));
-    out.push_str(&format!(
-        "{}  {:>10} {:>10}  {:>10} {:>10}  {:>7}\n",
-        stats_header("kind"),
-        "ret p50",
-        "ret p99",
-        "be p50",
-        "be p99",
-        "polls"
-    ));
+    let mut t = ["ret p50", "ret p99", "be p50", "be p99", "polls"]
+        .iter()
+        .fold(Table::stats("kind"), |t, h| t.right(h));
     for k in &cyc {
         match &k.cycles {
-            Cycles::Measured(c) => out.push_str(&format!(
-                "{:<16} {}  {:>10} {:>10}  {:>10} {:>10}  {:>7.1}\n",
-                k.kind,
-                stats_cells(&c.whole),
-                ms(c.after_return.p50),
-                ms(c.after_return.p99),
-                c.backend.p50.as_millis(),
-                c.backend.p99.as_millis(),
-                c.polls_per_cycle
-            )),
-            Cycles::Blocked { blockers } => out.push_str(&format!(
-                "{:<16} not decommissioned {} s after Rotate returned: {}\n",
+            Cycles::Measured(c) => t.row(
+                std::iter::once(k.kind.to_string())
+                    .chain(stats_cells(&c.whole))
+                    .chain([
+                        ms(c.after_return.p50),
+                        ms(c.after_return.p99),
+                        c.backend.p50.as_millis().to_string(),
+                        c.backend.p99.as_millis().to_string(),
+                        format!("{:.1}", c.polls_per_cycle),
+                    ]),
+            ),
+            Cycles::Blocked { blockers } => t.note(&format!(
+                "{}: not decommissioned {} s after Rotate returned: {}",
                 k.kind,
                 BLOCKED_AFTER.as_secs(),
                 blockers.join("; ")
             )),
         }
     }
+    out.push_str(&t.render());
     out.push_str(
         "ret: Rotate returned -> previous revoked (client); be: finish -> revoked on the backend's clock (whole ms); polls: GetSecret calls per cycle\n",
     );

@@ -45,7 +45,7 @@
 //! baseline's from this program's own) and the whole machine's busy time
 //! from `/proc/stat` over the same window (the rest is mostly Postgres).
 //!
-//! Run (release build): `cargo bench -p rekey-backend --bench reencrypt`
+//! Run (release build): `cargo bench -p rekey-e2e --bench reencrypt`
 //!
 //! Environment overrides (defaults in brackets):
 //! `REKEY_BENCH_HYVVE_ROWS` (2000) rows of the hyvve cases,
@@ -53,7 +53,7 @@
 //! `REKEY_BENCH_PBKDF2_SAMPLES` (9) derivations timed (and per core at once),
 //! `REKEY_BENCH_BASELINE` (1) `0` skips the row-at-a-time baseline.
 //! A quick smoke run:
-//! `REKEY_BENCH_HYVVE_ROWS=40 REKEY_BENCH_REKEY_ROWS=2000 REKEY_BENCH_PBKDF2_SAMPLES=3 cargo bench -p rekey-backend --bench reencrypt`
+//! `REKEY_BENCH_HYVVE_ROWS=40 REKEY_BENCH_REKEY_ROWS=2000 REKEY_BENCH_PBKDF2_SAMPLES=3 cargo bench -p rekey-e2e --bench reencrypt`
 //!
 //! Requirements: Postgres on 127.0.0.1:5432 that accepts user `postgres`
 //! without a password (or `REKEY_TEST_PG_URL`), and `psql` on the `PATH`
@@ -61,12 +61,7 @@
 //! prints what failed and exits non-zero. Every wait is bounded; a `rekey`
 //! process still running when a bound passes is killed.
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "bench_common/mod.rs"]
-mod bench_common;
-use bench_common::env_usize;
+use rekey_testkit::bench::{Table, env_usize};
 
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
@@ -74,8 +69,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rekey_keyring::{MasterKey, hyvve};
 use rekey_reencrypt::Codec;
+use rekey_testkit::{CLI, PgDb};
 use sqlx::Connection as _;
-use support::{CLI, PgDb};
 use tokio::time::timeout;
 
 /// The command's default `--batch-size`.
@@ -117,7 +112,7 @@ impl Settings {
 }
 
 fn main() {
-    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+    rekey_testkit::bench::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
         run(&s).await
     });
 }
@@ -475,7 +470,7 @@ async fn run_rekey(
     tick: f64,
 ) -> Result<Timed> {
     let Expect { rows, moved } = expect;
-    let mut cmd = tokio::process::Command::new(CLI);
+    let mut cmd = tokio::process::Command::new(CLI.path());
     cmd.args(["-o", "json", "reencrypt", "--column", "t.c", "--codec"])
         .arg(codec.name());
     if let Some(b) = batch {
@@ -490,7 +485,9 @@ async fn run_rekey(
         .kill_on_drop(true);
     let mark = CpuMark::now()?;
     let start = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot run {CLI}"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", CLI.path().display()))?;
     let out = match timeout(limit, child.wait_with_output()).await {
         Ok(r) => r.context("waiting for rekey reencrypt")?,
         // Dropping the child killed it.
@@ -717,23 +714,35 @@ async fn server_info() -> Result<Server> {
     })
 }
 
-fn run_header(first: &str) -> String {
-    format!(
-        "{first:<40} {:>7} {:>9} {:>10} {:>11} {:>11} {:>9}\n",
-        "rows", "wall s", "rows/s", "proc CPU s", "machine CPU", "iowait s"
-    )
+/// A table of timed runs; `extra` headers follow the common columns.
+fn run_table(first: &str, extra: &[&str]) -> Table {
+    [
+        "rows",
+        "wall s",
+        "rows/s",
+        "proc CPU s",
+        "machine CPU",
+        "iowait s",
+    ]
+    .iter()
+    .chain(extra)
+    .fold(Table::new(first), |t, h| t.right(h))
 }
 
-fn run_row(label: &str, t: &Timed) -> String {
-    format!(
-        "{label:<40} {:>7} {:>9.2} {:>10.1} {:>11.2} {:>11.2} {:>9.2}\n",
-        t.rows,
-        t.wall.as_secs_f64(),
-        t.rows_per_s(),
-        t.cpu.process_s,
-        t.cpu.machine_s,
-        t.cpu.iowait_s
-    )
+/// The common cells of a timed run (after its label).
+fn run_cells(t: &Timed) -> [String; 6] {
+    [
+        t.rows.to_string(),
+        format!("{:.2}", t.wall.as_secs_f64()),
+        format!("{:.1}", t.rows_per_s()),
+        format!("{:.2}", t.cpu.process_s),
+        format!("{:.2}", t.cpu.machine_s),
+        format!("{:.2}", t.cpu.iowait_s),
+    ]
+}
+
+fn run_row(t: &mut Table, label: &str, timed: &Timed) {
+    t.row(std::iter::once(label.to_string()).chain(run_cells(timed)));
 }
 
 // --------------------------------------------------------------------- run
@@ -896,18 +905,21 @@ async fn run(s: &Settings) -> Result<String> {
         "\nhyvve codec, {} rows (proc CPU: the re-encrypting process; machine CPU: all CPUs busy)\n",
         s.hyvve_rows
     ));
-    out.push_str(&run_header("run"));
-    out.push_str(&run_row(
+    let mut t = run_table("run", &[]);
+    run_row(
+        &mut t,
         &format!("rekey reencrypt (batch {DEFAULT_BATCH}, {n_cores} workers)"),
         &hyvve_run,
-    ));
-    out.push_str(&run_row(
+    );
+    run_row(
+        &mut t,
         "again, every row already under the new key",
         &hyvve_rerun,
-    ));
+    );
     if let Some(b) = &baseline {
-        out.push_str(&run_row("baseline: one thread, one UPDATE per row", b));
+        run_row(&mut t, "baseline: one thread, one UPDATE per row", b);
     }
+    out.push_str(&t.render());
     out.push_str(&format!(
         "rekey reencrypt / limit: {:.3}\n",
         hyvve_run.rows_per_s() / limit
@@ -931,17 +943,7 @@ async fn run(s: &Settings) -> Result<String> {
     out.push_str("every row opened with the new key to its plaintext after each run\n");
 
     out.push_str(&format!("\nrekey codec, {} rows\n", s.rekey_rows));
-    out.push_str(&format!(
-        "{:<40} {:>7} {:>9} {:>10} {:>11} {:>11} {:>9} {:>9}\n",
-        "batch size",
-        "rows",
-        "wall s",
-        "rows/s",
-        "proc CPU s",
-        "machine CPU",
-        "iowait s",
-        "ms/batch"
-    ));
+    let mut t = run_table("batch size", &["ms/batch"]);
     for (batch, r, _, _) in &rekey_runs {
         let size = batch.unwrap_or(DEFAULT_BATCH);
         let label = match batch {
@@ -949,32 +951,31 @@ async fn run(s: &Settings) -> Result<String> {
             Some(_) => format!("{size} (--batch-size {size})"),
         };
         let batches = s.rekey_rows.div_ceil(size);
-        let line = run_row(&label, r);
-        out.push_str(&format!(
-            "{} {:>9.2}\n",
-            line.trim_end(),
+        t.row(std::iter::once(label).chain(run_cells(r)).chain([format!(
+            "{:.2}",
             r.wall.as_secs_f64() * 1e3 / batches as f64
-        ));
+        )]));
     }
+    out.push_str(&t.render());
     out.push_str("every row opened with the new key to its plaintext after each run\n");
     out.push_str(
         "\nthe batch writes on table t: plan of the first one (EXPLAIN before the run), and sequential scans of t during the run (pg_stat_user_tables)\n",
     );
-    out.push_str(&format!(
-        "{:<40} {:<28} {:>9} {:>14} {:>12}\n",
-        "batch size", "first write's plan", "seq scans", "rows seq-read", "rows updated"
-    ));
+    let mut t = Table::new("batch size")
+        .left("first write's plan")
+        .right("seq scans")
+        .right("rows seq-read")
+        .right("rows updated");
     for (batch, _, p, st) in &rekey_runs {
-        let size = batch.unwrap_or(DEFAULT_BATCH);
-        out.push_str(&format!(
-            "{:<40} {:<28} {:>9} {:>14} {:>12}\n",
-            size,
+        t.row([
+            batch.unwrap_or(DEFAULT_BATCH).to_string(),
             format!("{}, {} on t", p.join, p.scan),
-            st.seq_scan,
-            st.seq_tup_read,
-            st.n_tup_upd
-        ));
+            st.seq_scan.to_string(),
+            st.seq_tup_read.to_string(),
+            st.n_tup_upd.to_string(),
+        ]);
     }
+    out.push_str(&t.render());
     out.push('\n');
     Ok(out)
 }

@@ -33,13 +33,9 @@
 //!    consumers, all converged; then SIGTERM to every sidecar (each must exit
 //!    0).
 //!
-//! Run (release build; `cargo bench -p rekey-backend` builds only this
-//! package's binaries, so build the sidecar first):
-//!
-//! ```sh
-//! cargo build --release -p rekey-sidecar
-//! cargo bench -p rekey-backend --bench sidecar
-//! ```
+//! Run (release build; the testkit builds `rekey-backend` and
+//! `rekey-sidecar` in the same profile when they are missing or stale):
+//! `cargo bench -p rekey-e2e --bench sidecar`
 //!
 //! Environment overrides (defaults in brackets):
 //! `REKEY_BENCH_SIDECARS` (100,250) comma-separated fleet sizes,
@@ -49,18 +45,13 @@
 //! `REKEY_BENCH_GAP_MS` (500) pause after each rotation has reached every
 //! file.
 //! A quick smoke run:
-//! `REKEY_BENCH_SIDECARS=5 REKEY_BENCH_ROTATIONS=3 REKEY_BENCH_IDLE_SECS=2 cargo bench -p rekey-backend --bench sidecar`
+//! `REKEY_BENCH_SIDECARS=5 REKEY_BENCH_ROTATIONS=3 REKEY_BENCH_IDLE_SECS=2 cargo bench -p rekey-e2e --bench sidecar`
 //!
 //! The program prints a report and exits 0, or prints what failed and exits
 //! non-zero. Every wait is bounded; sidecars still running when it fails are
 //! killed.
 
-#[path = "../support/mod.rs"]
-mod support;
-
-#[path = "bench_common/mod.rs"]
-mod bench_common;
-use bench_common::{Stats, env_usize, ms, stats};
+use rekey_testkit::bench::{Stats, Table, env_usize, ms, stats};
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -68,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use rekey_proto::v1 as pb;
-use support::{Backend, BackendOpts, Client, Sidecar, TempDir};
+use rekey_testkit::{Backend, BackendOpts, Client, Sidecar, TempDir};
 use tokio::time::timeout;
 
 /// The secret every sidecar watches.
@@ -127,31 +118,12 @@ impl Settings {
 }
 
 fn main() {
-    bench_common::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
+    rekey_testkit::bench::main_with(Settings::from_env(), OVERALL_TIMEOUT, |s| async move {
         run(&s).await
     });
 }
 
 // ---------------------------------------------------------------- statistics
-
-fn stats_row(label: &str, s: &Stats) -> String {
-    format!(
-        "{label:<46} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        s.n,
-        ms(s.p50),
-        ms(s.p99),
-        ms(s.mean),
-        ms(s.min),
-        ms(s.max)
-    )
-}
-
-fn stats_header(first: &str) -> String {
-    format!(
-        "{first:<46} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "samples", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms"
-    )
-}
 
 // ------------------------------------------------------------------ helpers
 
@@ -860,21 +832,16 @@ fn report(f: &FleetRun) -> String {
         f.n,
         f.start_time.as_secs_f64()
     ));
-    out.push_str(&stats_header("from the Rotate call returning until"));
-    out.push_str(&stats_row(
-        "  the last sidecar's file has the value",
-        &f.last,
-    ));
-    out.push_str(&stats_row("  the first sidecar's file has it", &f.first));
-    out.push_str(&stats_row(
-        "  each file has it (all rotations pooled)",
-        &f.each,
-    ));
-    out.push_str(&stats_row(
+    let mut t = Table::stats("from the Rotate call returning until");
+    t.stats_row("  the last sidecar's file has the value", &f.last);
+    t.stats_row("  the first sidecar's file has it", &f.first);
+    t.stats_row("  each file has it (all rotations pooled)", &f.each);
+    t.stats_row(
         "from just before Rotate is sent: last file",
         &f.last_from_send,
-    ));
-    out.push_str(&stats_row("the Rotate call itself", &f.rotate_rpc));
+    );
+    t.stats_row("the Rotate call itself", &f.rotate_rpc);
+    out.push_str(&t.render());
     out.push_str(&format!(
         "polling: {:.1} sweeps per rotation, a sweep (stat of the files not yet changed) took {} ms on average, then 1 ms sleep\n",
         f.sweeps_per_rotation,
@@ -897,10 +864,9 @@ fn report(f: &FleetRun) -> String {
         f.n
     ));
     out.push_str("\nMemory (VmRSS)\n");
-    out.push_str(&format!(
-        "{:<46} {:>12} {:>12} {:>12} {:>14} {:>12}\n",
-        "", "mean", "min", "max", "RssAnon mean", "all sidecars"
-    ));
+    let mut t = ["mean", "min", "max", "RssAnon mean", "all sidecars"]
+        .iter()
+        .fold(Table::new(""), |t, h| t.right(h));
     for (label, x) in [
         ("per sidecar, idle (before rotations)", &f.rss_idle),
         (
@@ -908,15 +874,16 @@ fn report(f: &FleetRun) -> String {
             &f.rss_after,
         ),
     ] {
-        out.push_str(&format!(
-            "{label:<46} {:>12} {:>12} {:>12} {:>14} {:>12}\n",
+        t.row([
+            label.to_string(),
             mib(x.mean),
             mib(x.min as f64),
             mib(x.max as f64),
             mib(x.anon_mean),
-            mib(x.total as f64)
-        ));
+            mib(x.total as f64),
+        ]);
     }
+    out.push_str(&t.render());
     out.push_str(&format!(
         "backend: {} before the sidecars, {} with {} idle sidecars, {} after the rotations\n",
         mib(f.backend_rss_before as f64),
@@ -928,10 +895,10 @@ fn report(f: &FleetRun) -> String {
         "\nCPU time: utime + stime from /proc/<pid>/stat ({:.0} ms ticks), and the scheduler's run time from /proc/<pid>/task/*/schedstat\n",
         ms_per_tick()
     ));
-    out.push_str(&format!(
-        "{:<40} {:>9} {:>12} {:>12} {:>12} {:>12}  {}\n",
-        "", "window s", "stat ms", "stat per", "sched ms", "sched per", "per"
-    ));
+    let mut t = ["window s", "stat ms", "stat per", "sched ms", "sched per"]
+        .iter()
+        .fold(Table::new(""), |t, h| t.right(h))
+        .left("per");
     let rot_label = format!("rotations ({})", f.rotations);
     // (who, when, window s, CPU ms, divisor, per what)
     let rows: [(&str, &str, f64, CpuMs, f64, &str); 5] = [
@@ -979,16 +946,17 @@ fn report(f: &FleetRun) -> String {
     for (who, when, secs, (stat, sched), div, per) in rows {
         let sched_s =
             |v: Option<f64>, d: f64| v.map_or("-".to_string(), |x| format!("{:.3}", x / d));
-        out.push_str(&format!(
-            "{:<40} {:>9.1} {:>12.0} {:>12.3} {:>12} {:>12}  {per}\n",
+        t.row([
             format!("{who}, {when}"),
-            secs,
-            stat,
-            stat / div,
+            format!("{secs:.1}"),
+            format!("{stat:.0}"),
+            format!("{:.3}", stat / div),
             sched.map_or("-".to_string(), |x| format!("{x:.0}")),
             sched_s(sched, div),
-        ));
+            per.to_string(),
+        ]);
     }
+    out.push_str(&t.render());
     out
 }
 
@@ -1005,7 +973,7 @@ async fn run(s: &Settings) -> Result<String> {
     }
     progress(&format!(
         "sidecar binary: {}",
-        support::sidecar_bin().display()
+        rekey_testkit::SIDECAR.path().display()
     ));
     let mut out = format!(
         "\nrekey-sidecar propagation benchmark: backend, sidecars and this program on one machine ({} CPUs)\n",

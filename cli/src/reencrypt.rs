@@ -1,7 +1,9 @@
 //! `rekey reencrypt`: the runbook's re-encryption script as a safe,
-//! resumable command. Reads ENCRYPTION_MASTER_KEY_OLD,
-//! ENCRYPTION_MASTER_KEY_NEW and DATABASE_URL (or the matching flags),
+//! resumable command. Reads `ENCRYPTION_MASTER_KEY_OLD`,
+//! `ENCRYPTION_MASTER_KEY_NEW` and `DATABASE_URL` (or the matching flags),
 //! re-encrypts every configured column, and prints a summary per column.
+//! Keys, flags and columns are checked before the database is contacted
+//! (usage errors); what the database reports is a failure.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,7 +12,13 @@ use std::sync::Arc;
 use rekey_keyring::MasterKey;
 use rekey_reencrypt::{Codec, Column, Options};
 
+use crate::error::CliError;
+
 #[derive(Debug, Clone, clap::Args)]
+#[allow(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments verbatim as --help text"
+)]
 pub struct ReencryptArgs {
     /// File holding the old master key (base64 of 32 bytes); default: the
     /// ENCRYPTION_MASTER_KEY_OLD environment variable.
@@ -43,29 +51,45 @@ pub struct ReencryptArgs {
     pub codec: String,
 }
 
-fn key(flag: &str, env: &str, file: Option<&PathBuf>) -> Result<MasterKey, String> {
+/// A master key from `file`, else from the environment variable `env`.
+fn key(flag: &str, env: &str, file: Option<&PathBuf>) -> Result<MasterKey, CliError> {
     let (text, from) = match file {
         Some(p) => (
-            zeroize::Zeroizing::new(
-                std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?,
-            ),
+            zeroize::Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
+                CliError::usage(format!("cannot read {flag} {}: {e}", p.display()))
+            })?),
             format!("{flag} {}", p.display()),
         ),
         None => (
             zeroize::Zeroizing::new(
-                std::env::var(env).map_err(|_| format!("set {env} or {flag}"))?,
+                std::env::var(env).map_err(|_| CliError::usage(format!("set {env} or {flag}")))?,
             ),
             env.to_string(),
         ),
     };
-    MasterKey::from_base64(&text).map_err(|e| format!("{from}: {e}"))
+    MasterKey::from_base64(&text).map_err(|e| CliError::usage(format!("{from}: {e}")))
 }
 
-/// Runs the command; `Ok(json)` is the summary to print.
-pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
+/// A failure of the run itself (database, rows).
+fn failed(e: impl std::fmt::Display) -> CliError {
+    CliError::failed(format!("reencrypt: {e}"))
+}
+
+/// Runs the command and prints its summary (a table, or JSON).
+pub async fn run(args: &ReencryptArgs, json: bool) -> Result<(), CliError> {
+    let summary = reencrypt(args).await?;
+    if json {
+        println!("{summary}");
+    } else {
+        print_table(&summary);
+    }
+    Ok(())
+}
+
+/// Re-encrypts every column; the summary to print.
+async fn reencrypt(args: &ReencryptArgs) -> Result<serde_json::Value, CliError> {
     if args.batch_size == 0 || args.batch_size > 10_000 {
-        return Err("--batch-size must be between 1 and 10000".into());
+        return Err(CliError::usage("--batch-size must be between 1 and 10000"));
     }
     let old = key(
         "--old-key-file",
@@ -78,23 +102,28 @@ pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
         args.new_key_file.as_ref(),
     )?;
     if old.id_hex() == new.id_hex() {
-        return Err("the old and new keys are identical; nothing to re-encrypt".into());
+        return Err(CliError::usage(
+            "the old and new keys are identical; nothing to re-encrypt",
+        ));
     }
     let url = zeroize::Zeroizing::new(match &args.database_url {
         Some(u) => u.clone(),
         None => std::env::var("DATABASE_URL")
-            .map_err(|_| "set DATABASE_URL or --database-url".to_string())?,
+            .map_err(|_| CliError::usage("set DATABASE_URL or --database-url"))?,
     });
     let columns: Vec<Column> = if args.preset.is_some() {
         rekey_reencrypt::hyvve_preset()
     } else {
-        let codec: Codec = args.codec.parse()?;
+        let codec: Codec = args
+            .codec
+            .parse()
+            .map_err(|e| CliError::usage(format!("--codec: {e}")))?;
         args.column
             .iter()
             .map(|tc| {
-                let (t, c) = tc
-                    .split_once('.')
-                    .ok_or_else(|| format!("--column {tc:?}: expected TABLE.COLUMN"))?;
+                let (t, c) = tc.split_once('.').ok_or_else(|| {
+                    CliError::usage(format!("--column {tc:?}: expected TABLE.COLUMN"))
+                })?;
                 Ok(Column {
                     table: t.into(),
                     column: c.into(),
@@ -102,7 +131,7 @@ pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
                     codec,
                 })
             })
-            .collect::<Result<_, String>>()?
+            .collect::<Result<_, CliError>>()?
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
@@ -110,17 +139,17 @@ pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
         .connect(&url)
         .await
         .map_err(|e| {
-            format!(
+            failed(format!(
                 "cannot connect to the database: {}",
                 match e {
                     sqlx::Error::Database(d) => d.message().to_string(),
                     other => other.to_string(),
                 }
-            )
+            ))
         })?;
     let types = rekey_reencrypt::check_columns(&pool, &columns)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(failed)?;
     let (old, new) = (Arc::new(old), Arc::new(new));
     let opts = Options {
         batch_size: args.batch_size,
@@ -144,7 +173,7 @@ pub async fn run(args: &ReencryptArgs) -> Result<serde_json::Value, String> {
             &mut progress,
         )
         .await
-        .map_err(|e| e.to_string());
+        .map_err(failed);
         if progress.tty {
             eprintln!();
         }
@@ -186,7 +215,7 @@ impl rekey_reencrypt::Hook for Progress {
 }
 
 /// Prints the summary as a table.
-pub fn print_table(summary: &serde_json::Value) {
+fn print_table(summary: &serde_json::Value) {
     let dry = summary["dry_run"].as_bool().unwrap_or(false);
     println!(
         "{:<24} {:<20} {:>8} {:>8} {:>11} {:>6}",

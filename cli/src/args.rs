@@ -1,0 +1,245 @@
+//! The command line: global options and one argument struct per
+//! subcommand. Parsing only; what each subcommand does is in
+//! `commands/`, `demo/` and `reencrypt.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::demo::{AppArgs, DemoArgs};
+use crate::reencrypt::ReencryptArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rekey",
+    version,
+    about = "Rotate secrets with zero downtime: the rekey operator CLI"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "table",
+        global = true
+    )]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach and authenticate to `rekey-backend`.
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Backend address.
+    #[arg(
+        long,
+        env = "REKEY_ADDR",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
+    pub addr: String,
+    /// Bearer token. Default: the file ./rekey-data/admin.token when present.
+    #[arg(long, env = "REKEY_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Read the bearer token from this file.
+    #[arg(long, env = "REKEY_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the backend's certificate, for
+    /// https:// addresses.
+    #[arg(long, env = "REKEY_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; its common name is your identity.
+    #[arg(long, env = "REKEY_CERT_FILE", global = true, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, env = "REKEY_KEY_FILE", global = true, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a backend, two sidecars and two apps, rotate under load and
+    /// print a timeline. The first thing to run.
+    Demo(DemoArgs),
+    /// The demo's app (started by `rekey demo`, one per pod).
+    #[command(hide = true)]
+    DemoApp(AppArgs),
+    /// Re-encrypt database columns from the old master key to the new one
+    /// (the runbook's script; resumable, safe beside a running app).
+    Reencrypt(ReencryptArgs),
+    /// Create a secret and store version 1 as current.
+    Create(Box<CreateArgs>),
+    /// Rotate a secret: create, set, test and finish a new version.
+    Rotate(RotateArgs),
+    /// Show one version (current by default); its value only with --reveal.
+    Get(GetArgs),
+    /// List every version of a secret, newest first.
+    Versions { secret: String },
+    /// List secrets, optionally under a prefix.
+    List { prefix: Option<String> },
+    /// Make the previous version current again.
+    Rollback { secret: String },
+    /// Revoke a version (not the current one).
+    Revoke(RevokeArgs),
+    /// Stages, rotation state, consumers and what holds decommission back.
+    Status { secret: Option<String> },
+    /// Show the audit log, or verify its hash chain.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    pub secret: String,
+    /// Makes retries safe: the same token returns the same version.
+    #[arg(long)]
+    pub request_token: Option<String>,
+    /// The new value (static and encryption-key secrets); `-` for stdin.
+    #[arg(long)]
+    pub value_file: Option<PathBuf>,
+    /// Clear a rotation parked as needs-attention (or abort one in
+    /// flight) instead of rotating.
+    #[arg(long, conflicts_with_all = ["request_token", "value_file", "wait"])]
+    pub cancel: bool,
+    /// If previous is not decommissioned yet, wait until it is, then
+    /// rotate.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub secret: String,
+    #[arg(long, value_enum, conflicts_with = "version")]
+    pub stage: Option<StageArg>,
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Print the value (audited).
+    #[arg(long)]
+    pub reveal: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    pub secret: String,
+    #[arg(long)]
+    pub version: u64,
+    /// Revoke previous before the decommission conditions hold.
+    #[arg(long, requires = "reason")]
+    pub force: bool,
+    /// Why (recorded in the audit log); required with --force.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only events of this secret.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Recompute the hash chain and report the first break.
+    #[arg(long)]
+    pub verify: bool,
+    /// At most this many events.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StageArg {
+    Current,
+    Previous,
+    Pending,
+}
+
+#[derive(Debug, Args)]
+#[allow(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments verbatim as --help text"
+)]
+pub struct CreateArgs {
+    pub secret: String,
+    #[arg(long, value_parser = ["random", "encryption-key", "static", "postgres", "redis", "exec"])]
+    pub kind: String,
+    /// random: bytes of entropy (characters for alnum). Default 32.
+    #[arg(long)]
+    pub length: Option<u32>,
+    /// random: hex, base64, base64url (default) or alnum.
+    #[arg(long)]
+    pub encoding: Option<String>,
+    /// Version 1's value (static, encryption-key); `-` for stdin.
+    #[arg(long)]
+    pub value_file: Option<PathBuf>,
+    /// "manual", an interval ("30d", "every 12h") or cron ("0 3 * * 1", UTC).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Validation window: how long previous stays valid after a rotation.
+    #[arg(long, default_value = "30m")]
+    pub window: String,
+    /// Scheduled rotations happen at a random point within this window.
+    #[arg(long)]
+    pub rotation_window: Option<String>,
+    /// Extra random delay for scheduled rotations.
+    #[arg(long)]
+    pub jitter: Option<String>,
+    /// Never rotate on schedule sooner than this after the last rotation.
+    #[arg(long)]
+    pub min_interval: Option<String>,
+    /// One-off time of the next scheduled rotation (RFC 3339).
+    #[arg(long)]
+    pub next_rotation_at: Option<String>,
+    /// postgres, redis: a file holding the admin connection URL.
+    #[arg(long)]
+    pub admin_url_file: Option<PathBuf>,
+    /// postgres: the role that owns the app's objects.
+    #[arg(long)]
+    pub group_role: Option<String>,
+    /// postgres: login roles are BASE_a and BASE_b.
+    #[arg(long)]
+    pub role_base: Option<String>,
+    /// postgres: the database apps connect to.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// postgres: host apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// postgres: port apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// postgres: SQL the test step runs as the new role (default SELECT 1).
+    #[arg(long)]
+    pub probe: Option<String>,
+    /// postgres: terminate the old role's sessions at decommission.
+    #[arg(long)]
+    pub terminate_sessions: bool,
+    /// redis: the ACL user whose passwords rotate.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// redis: address apps connect to (default: the admin URL's).
+    #[arg(long)]
+    pub address: Option<String>,
+    /// exec: hook that prints a new value.
+    #[arg(long)]
+    pub hook_create: Option<PathBuf>,
+    /// exec: hook that makes the new value valid where it is used.
+    #[arg(long)]
+    pub hook_set: Option<PathBuf>,
+    /// exec: hook that proves the new value works.
+    #[arg(long)]
+    pub hook_test: Option<PathBuf>,
+    /// exec: hook that makes an old value stop working.
+    #[arg(long)]
+    pub hook_revoke: Option<PathBuf>,
+    /// exec: time limit per hook run.
+    #[arg(long)]
+    pub hook_timeout: Option<String>,
+}

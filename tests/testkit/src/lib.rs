@@ -1,0 +1,41 @@
+//! What rekey's end-to-end tests and benchmarks share (package
+//! `rekey-e2e`), as linkerd2-proxy keeps its integration-test support in a
+//! crate of its own rather than a module compiled into every test binary.
+//!
+//! - [`bins`]: the real `rekey-backend`, `rekey` and `rekey-sidecar`
+//!   binaries, found in the running test's target directory and rebuilt
+//!   once when missing or older than their sources.
+//! - [`Backend`] and [`Sidecar`]: those binaries started on free ports with
+//!   their own data, logs and configuration; [`Backend::cli`] runs the real
+//!   CLI against a backend.
+//! - [`PgDb`], [`PgServer`], [`RedisUsers`]: the machine's Postgres and
+//!   Redis, and a private Postgres with password authentication.
+//! - [`server_pki`], [`issue_cert`], [`LeaseApiServer`]: certificates and a
+//!   stand-in for the Kubernetes Lease API.
+//! - [`bench`]: the benchmarks' frame, statistics and table printer.
+//! - Small helpers: [`TempDir`], [`eventually`], [`wait_for`],
+//!   [`http_get`], [`free_port`] and the like.
+//!
+//! Everything panics with a message instead of returning errors: a test
+//! that cannot set up its world has failed.
+
+pub mod bench;
+pub mod bins;
+
+mod backend;
+mod lease;
+mod pg;
+mod pki;
+mod process;
+mod sidecar;
+
+pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
+pub use bins::{BACKEND, Binary, CLI, SIDECAR};
+pub use lease::LeaseApiServer;
+pub use pg::{PgDb, PgServer, RedisUsers, pg_admin_url};
+pub use pki::{issue_cert, openssl, server_pki};
+pub use process::{
+    TempDir, eventually, free_port, http_get, http_request, metric, rand_u32, sha256_hex,
+    spawn_until_first_line, stderr, stdout, succeed, terminate, wait_for,
+};
+pub use sidecar::{Sidecar, reencrypt_sidecar_config};

@@ -1,0 +1,291 @@
+//! Small helpers for running processes and talking to them: a temporary
+//! directory per test, starting a process and waiting for its first line,
+//! commands that must succeed, the text of an output, polling until
+//! something holds, plain HTTP/1.1 requests, free ports.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Numbers the directories and log files this process creates.
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The next number of this process's sequence (unique per process).
+pub(crate) fn next_seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A fresh directory under the system temp dir, removed on drop (kept
+/// when the test failed and `REKEY_TEST_KEEP` is set).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// # Panics
+    ///
+    /// When the directory cannot be created.
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "rekey-{tag}-{}-{}-{}",
+            std::process::id(),
+            next_seq(),
+            rand_u32()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // REKEY_TEST_KEEP=1 keeps the logs and data of a failed test.
+        if std::thread::panicking() && std::env::var_os("REKEY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Four random bytes from the kernel, for names that must not collide
+/// between processes.
+#[must_use]
+pub fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Spawns `cmd` (stdout piped) and waits up to `secs` for the first line
+/// it prints; the rest of stdout is drained so the child never blocks.
+///
+/// # Panics
+///
+/// When it cannot start or prints nothing in time (with `log` attached).
+#[must_use]
+pub fn spawn_until_first_line(
+    mut cmd: Command,
+    log: &Path,
+    what: &str,
+    secs: u64,
+) -> (Child, String) {
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    if let Ok(l) = rx.recv_timeout(Duration::from_secs(secs)) {
+        (child, l)
+    } else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "{what} did not start; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// SIGTERM, then up to 20 s for the exit (SIGKILL after that); the exit
+/// code (`None` when killed).
+#[must_use]
+pub fn terminate(mut c: Child) -> Option<i32> {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to its end.
+///
+/// # Panics
+///
+/// When it cannot run or fails; with its output.
+pub fn succeed(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Text of a run's stderr.
+#[must_use]
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Text of a run's stdout.
+#[must_use]
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`.
+///
+/// # Panics
+///
+/// After `timeout`, naming `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() <= deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `f` every 5 ms until it holds, blocking the thread.
+///
+/// # Panics
+///
+/// After `timeout`, naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a plain TCP socket; the whole response.
+///
+/// # Panics
+///
+/// When the connection fails.
+#[must_use]
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// GET with extra headers: (status, body).
+///
+/// # Panics
+///
+/// When the connection fails.
+#[must_use]
+pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::fmt::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        let _ = write!(req, "{k}: {v}\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Hex SHA-256 of a token, as `[[auth.tokens]]` wants it.
+///
+/// # Panics
+///
+/// When `sha256sum` cannot run.
+#[must_use]
+pub fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_string()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+///
+/// # Panics
+///
+/// When no port can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The value of the first sample of a Prometheus text exposition whose
+/// line starts with `name` (name plus labels, e.g. `rekey_up{a="b"}`).
+#[must_use]
+pub fn metric(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_finds_the_sample_by_its_full_name() {
+        let m = "# HELP x_total x\nx_total 3\nx_total_other 9\ny{a=\"b\"} 1.5\n";
+        assert_eq!(metric(m, "x_total"), Some(3.0));
+        assert_eq!(metric(m, "y{a=\"b\"}"), Some(1.5));
+        assert_eq!(metric(m, "y"), None);
+    }
+}
