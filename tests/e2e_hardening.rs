@@ -551,3 +551,94 @@ fn audit_log_lines_name_the_head() {
         format!("1:{}", json["hash"].as_str().unwrap())
     );
 }
+
+#[tokio::test]
+async fn the_cli_prints_any_audit_row_safely_and_checks_a_recorded_head() {
+    let dir = TempDir::new("cli-audit");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/a", "--kind", "random"]);
+    let out = b.cli(&["audit", "--verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    let head = said
+        .trim()
+        .rsplit_once("head ")
+        .map(|(_, h)| h.to_string())
+        .unwrap();
+    assert!(
+        said.starts_with("audit log intact: 1 events verified; head 1:"),
+        "{said}"
+    );
+
+    // Rows such as a database writer, or an older release, could leave:
+    // terminal escapes, and far more text than a message may carry at once.
+    let db = format!("sqlite://{}", dir.path().join("data/rekey.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    for seq in 2..=400i64 {
+        let detail = if seq == 2 {
+            "\u{1b}[2K\rforged prompt".to_string()
+        } else {
+            "d".repeat(200_000)
+        };
+        sqlx::query("INSERT INTO audit (seq, time_ms, actor, action, secret_id, version, outcome, request_id, detail, prev_hash, hash) VALUES ($1, 0, 'x', 'y', 'prod/a', 0, 'ok', 'r', $2, '', '')")
+            .bind(seq)
+            .bind(detail)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    drop(conn);
+    let out = b.cli(&["audit", "--limit", "400"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\r'),
+        "escapes reach the terminal"
+    );
+    assert!(text.contains("\\u{1b}[2K\\rforged prompt"));
+    assert!(
+        text.lines().all(|l| l.chars().count() < 300),
+        "cells are cut"
+    );
+    let json = b.cli_json(&["audit", "--limit", "400"]);
+    assert_eq!(
+        json.as_array().unwrap().len(),
+        400,
+        "80 MB of events, a page at a time"
+    );
+
+    // The rows above broke the chain; the head recorded earlier shows the
+    // same log was not merely cut short.
+    let out = b.cli(&["audit", "--verify", "--expect-head", &head]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: audit log broken at event 2"),
+        "{err}"
+    );
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    let out = b.cli(&["audit", "--verify", "--expect-head", "7:nothex"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+}
+
+#[tokio::test]
+async fn the_cli_says_error_once_for_a_failure_inside_the_backend() {
+    let dir = TempDir::new("cli-error");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/a", "--kind", "random"]);
+    b.cli_json(&["rotate", "prod/a"]);
+    let db = format!("sqlite://{}", dir.path().join("data/rekey.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+    sqlx::query("UPDATE rotations SET step = 'half-done'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let out = b.cli(&["status", "prod/a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "error: failed: internal error; see the backend log"
+    );
+}

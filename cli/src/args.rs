@@ -146,10 +146,15 @@ pub struct AuditArgs {
     /// Only events of this secret.
     #[arg(long)]
     pub secret: Option<String>,
-    /// Recompute the hash chain and report the first break.
+    /// Recompute the chain's MACs and report the first break; prints the
+    /// head (SEQ:MAC) to keep elsewhere.
     #[arg(long)]
     pub verify: bool,
-    /// At most this many events.
+    /// With --verify: a head recorded earlier (SEQ:MAC, from a log line,
+    /// /metrics or an earlier --verify) that must still be in the log.
+    #[arg(long, requires = "verify", value_name = "SEQ:MAC")]
+    pub expect_head: Option<String>,
+    /// At most this many events (fetched a page at a time).
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
 }

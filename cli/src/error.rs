@@ -49,7 +49,12 @@ impl From<tonic::Status> for CliError {
             Code::PermissionDenied => "permission denied",
             Code::Unavailable => "unavailable",
             Code::DeadlineExceeded => "deadline exceeded",
-            _ => "error",
+            Code::ResourceExhausted => "resource exhausted",
+            Code::OutOfRange => "out of range",
+            Code::Unimplemented => "unimplemented",
+            Code::Aborted => "aborted",
+            Code::Cancelled => "cancelled",
+            Code::Internal | Code::Unknown | Code::DataLoss | Code::Ok => "failed",
         };
         CliError::Failed(format!("{what}: {}", s.message()))
     }
@@ -66,6 +71,11 @@ mod tests {
         assert_eq!(e.exit_code(), ExitCode::from(1));
         let e = CliError::from(tonic::Status::unauthenticated("no bearer token"));
         assert_eq!(e.to_string(), "unauthenticated: no bearer token");
+        // Never a second "error:" after the one main prints.
+        let e = CliError::from(tonic::Status::internal(
+            "internal error; see the backend log",
+        ));
+        assert_eq!(e.to_string(), "failed: internal error; see the backend log");
         // The backend's own "invalid argument" is a refusal, not a usage
         // error: the command line parsed, the backend said no.
         let e = CliError::from(tonic::Status::invalid_argument("length"));

@@ -7,10 +7,51 @@ use rekey_proto::format_time;
 use rekey_proto::v1 as pb;
 use serde_json::{Value, json};
 
-/// Prints rows as aligned columns.
+/// The widest a table cell gets; longer text ends in `…`.
+const MAX_CELL: usize = 80;
+
+/// Text that came from the backend (ids, reasons, errors a sidecar
+/// reported), made safe for a terminal: control characters are escaped
+/// (`\n`, `\u{1b}`), so stored data can neither forge a line nor move the
+/// cursor.
+pub fn safe(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_debug().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect()
+    } else {
+        text.to_string()
+    }
+}
+
+/// A table cell: safe for a terminal, and at most [`MAX_CELL`] characters.
+fn cell(text: &str) -> String {
+    let text = safe(text);
+    if text.chars().count() > MAX_CELL {
+        let mut cut: String = text.chars().take(MAX_CELL - 1).collect();
+        cut.push('…');
+        cut
+    } else {
+        text
+    }
+}
+
+/// Prints rows as aligned columns; cells are made safe and cut to
+/// [`MAX_CELL`] characters.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| cell(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
@@ -24,7 +65,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
         println!("{}", s.join("  ").trim_end());
     };
     line(&headers.iter().map(ToString::to_string).collect::<Vec<_>>());
-    for r in rows {
+    for r in &rows {
         line(r);
     }
 }
@@ -176,6 +217,16 @@ mod tests {
             value: Some(pb::secret_value::Value::Raw(vec![0xff, 0xfe])),
         };
         assert_eq!(value_json(&bin), json!({"base64": "//4="}));
+    }
+
+    #[test]
+    fn stored_text_cannot_drive_the_terminal_and_cells_are_cut() {
+        assert_eq!(safe("ok"), "ok");
+        assert_eq!(safe("a\u{1b}[2K\rb"), "a\\u{1b}[2K\\rb");
+        assert_eq!(safe("two\nlines"), "two\\nlines");
+        let long = cell(&"x".repeat(5000));
+        assert_eq!(long.chars().count(), MAX_CELL);
+        assert!(long.ends_with('…'));
     }
 
     #[test]

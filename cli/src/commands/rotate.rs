@@ -81,7 +81,7 @@ async fn wait_for_decommission(client: &mut Client, secret: &str) -> Result<(), 
             eprintln!(
                 "waiting: previous v{} of {secret} is not decommissioned yet ({})",
                 sec.previous_version,
-                s.decommission_blockers.join("; ")
+                crate::output::safe(&s.decommission_blockers.join("; "))
             );
             said = true;
         }

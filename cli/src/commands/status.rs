@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 use crate::error::CliError;
+use crate::output::safe;
 use crate::output::{print_json, secret_json, version_json, version_label};
 
 pub async fn status(cx: &Ctx, secret: Option<&str>) -> Result<(), CliError> {
@@ -102,7 +103,7 @@ fn print_status(st: &pb::SecretStatus) {
             .find(|v| v.version == n)
             .map_or_else(|| "-".into(), version_label)
     };
-    println!("{} ({})", s.id, s.kind);
+    println!("{} ({})", safe(&s.id), safe(&s.kind));
     println!("  current:   {}", label(s.current_version));
     println!("  previous:  {}", label(s.previous_version));
     if s.pending_version > 0 {
@@ -119,14 +120,18 @@ fn print_status(st: &pb::SecretStatus) {
     } else {
         String::new()
     };
-    println!("  schedule:  {spec}{next}");
+    println!("  schedule:  {}{next}", safe(spec));
     if let Some(rot) = &st.rotation {
         let error = if rot.error.is_empty() {
             String::new()
         } else {
-            format!(": {}", rot.error)
+            format!(": {}", safe(&rot.error))
         };
-        println!("  rotation:  v{} {}{error}", rot.target_version, rot.step);
+        println!(
+            "  rotation:  v{} {}{error}",
+            rot.target_version,
+            safe(&rot.step)
+        );
     }
     println!(
         "  consumers: {}/{} live on current",
@@ -135,15 +140,15 @@ fn print_status(st: &pb::SecretStatus) {
     for k in &st.consumers {
         println!(
             "    {} {}/{} v{}{}{}",
-            k.consumer_id,
-            k.namespace,
-            k.pod,
+            safe(&k.consumer_id),
+            safe(&k.namespace),
+            safe(&k.pod),
             k.version,
             if k.live { "" } else { " (not live)" },
             if k.error.is_empty() {
                 String::new()
             } else {
-                format!(" error: {}", k.error)
+                format!(" error: {}", safe(&k.error))
             }
         );
     }
@@ -158,7 +163,7 @@ fn print_status(st: &pb::SecretStatus) {
             eta(r)
                 .map(|e| format!(", ETA {e:.0} s"))
                 .unwrap_or_default(),
-            r.phase,
+            safe(&r.phase),
             if r.finished { " (finished)" } else { "" }
         );
     }
@@ -168,7 +173,7 @@ fn print_status(st: &pb::SecretStatus) {
         } else {
             println!("  decommission held back by:");
             for b in &st.decommission_blockers {
-                println!("    - {b}");
+                println!("    - {}", safe(b));
             }
         }
     }
