@@ -31,9 +31,8 @@ async fn audit_events(b: &Backend) -> Vec<pb::AuditEvent> {
     b.client()
         .await
         .list_audit(pb::ListAuditRequest {
-            secret_id: String::new(),
-            after_seq: 0,
             limit: 10_000,
+            ..Default::default()
         })
         .await
         .unwrap()

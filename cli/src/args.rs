@@ -154,7 +154,8 @@ pub struct AuditArgs {
     /// /metrics or an earlier --verify) that must still be in the log.
     #[arg(long, requires = "verify", value_name = "SEQ:MAC")]
     pub expect_head: Option<String>,
-    /// At most this many events (fetched a page at a time).
+    /// The newest this many events (fetched a page at a time), shown
+    /// oldest first.
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
 }

@@ -236,6 +236,28 @@ pub(crate) fn log_event(e: &Event) {
     tracing::info!(target: "rekey::audit", "{line}");
 }
 
+/// Up to `limit` events before `before_seq` (0: from the newest), newest
+/// first; every secret's when `secret_id` is empty.
+pub(crate) async fn list_newest(
+    c: &mut Conn,
+    secret_id: &str,
+    before_seq: i64,
+    limit: i64,
+) -> Result<Vec<Event>> {
+    let before = if before_seq > 0 { before_seq } else { i64::MAX };
+    let rows = sqlx::query(&format!(
+        "SELECT {COLS} FROM audit WHERE ($1 = '' OR secret_id = $1) AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    ))
+    .bind(secret_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(c)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Up to `limit` events after `after_seq`, oldest first; every secret's
+/// when `secret_id` is empty.
 pub(crate) async fn list(
     c: &mut Conn,
     secret_id: &str,

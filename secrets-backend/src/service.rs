@@ -23,8 +23,8 @@ use crate::auth::{Auth, Identity, Operation};
 use crate::clock::now_ms;
 use crate::convert::{self, signed};
 use crate::engine::{
-    self, Actor, CreateSpec, Engine, Outcome, ReencryptionReport, Selector, ServedReport,
-    validate_id,
+    self, Actor, AuditPage, CreateSpec, Engine, Outcome, ReencryptionReport, Selector,
+    ServedReport, validate_id,
 };
 use crate::error::{Error, Result};
 use crate::front::WatchFrames;
@@ -565,9 +565,14 @@ impl Rekey for RekeyService {
         } else {
             r.limit.min(10_000)
         };
+        let page = if r.newest_first {
+            AuditPage::NewestBefore(signed(r.before_seq))
+        } else {
+            AuditPage::After(signed(r.after_seq))
+        };
         let events = self
             .engine
-            .list_audit(&r.secret_id, signed(r.after_seq), i64::from(limit))
+            .list_audit(&r.secret_id, page, i64::from(limit))
             .await?;
         Ok(Response::new(pb::ListAuditResponse {
             events: events.into_iter().map(convert::audit_event).collect(),

@@ -534,8 +534,8 @@ async fn revokes_by(c: &mut Client, id: &str, actor: &str) -> Result<usize> {
         CALL_TIMEOUT,
         c.list_audit(pb::ListAuditRequest {
             secret_id: id.into(),
-            after_seq: 0,
             limit: 10_000,
+            ..Default::default()
         }),
     )
     .await

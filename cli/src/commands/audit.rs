@@ -22,27 +22,32 @@ pub async fn audit(cx: &Ctx, a: &AuditArgs) -> Result<(), CliError> {
     if a.verify {
         return verify(cx, a.expect_head.as_deref()).await;
     }
+    // The newest `limit` events, read newest first a page at a time and
+    // shown oldest first.
     let mut client = cx.connect().await?;
     let mut events: Vec<pb::AuditEvent> = Vec::new();
-    let mut after = 0;
+    let mut before = 0;
     while events.len() < a.limit as usize {
         let want = PAGE.min(a.limit - u32::try_from(events.len()).unwrap_or(u32::MAX));
         let page = client
             .list_audit(pb::ListAuditRequest {
                 secret_id: a.secret.clone().unwrap_or_default(),
-                after_seq: after,
                 limit: want,
+                newest_first: true,
+                before_seq: before,
+                ..Default::default()
             })
             .await?
             .into_inner()
             .events;
         let done = page.len() < want as usize;
-        after = page.last().map_or(after, |e| e.seq);
+        before = page.last().map_or(before, |e| e.seq);
         events.extend(page);
-        if done {
+        if done || before <= 1 {
             break;
         }
     }
+    events.reverse();
     if cx.json {
         print_json(&Value::Array(events.iter().map(event_json).collect()));
         return Ok(());

@@ -60,7 +60,7 @@ use crate::metrics::Metrics;
 use crate::provider::{Location, Providers, Stored, ValueProvider, Which};
 use crate::store::{SecretRow, Store, Tx, VersionRow};
 
-pub(crate) use status::{ReencryptionReport, SecretStatus, Selector, ServedReport};
+pub(crate) use status::{AuditPage, ReencryptionReport, SecretStatus, Selector, ServedReport};
 
 /// Who asked, for the audit log.
 #[derive(Debug, Clone)]

@@ -45,6 +45,15 @@ pub(crate) struct ReencryptionReport {
     pub(crate) phase: String,
 }
 
+/// Where a page of the audit log starts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AuditPage {
+    /// Oldest first, after this sequence number.
+    After(i64),
+    /// Newest first, before this sequence number (0: from the newest).
+    NewestBefore(i64),
+}
+
 /// Which version a read names.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Selector {
@@ -301,16 +310,20 @@ impl Engine {
         }
     }
 
-    /// Audit events after `after_seq`, oldest first; every secret's when
+    /// Audit events after `after_seq`, oldest first, or with `newest` the
+    /// newest before `before_seq`, newest first; every secret's when
     /// `secret_id` is empty.
     pub(crate) async fn list_audit(
         &self,
         secret_id: &str,
-        after_seq: i64,
+        page: AuditPage,
         limit: i64,
     ) -> Result<Vec<audit::Event>> {
         let mut c = self.store.conn().await?;
-        audit::list(&mut c, secret_id, after_seq, limit).await
+        match page {
+            AuditPage::After(seq) => audit::list(&mut c, secret_id, seq, limit).await,
+            AuditPage::NewestBefore(seq) => audit::list_newest(&mut c, secret_id, seq, limit).await,
+        }
     }
 
     /// Walks the audit chain, and checks that it still holds `expected`

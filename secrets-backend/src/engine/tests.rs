@@ -277,7 +277,10 @@ async fn a_failed_step_rolls_the_rotation_back_and_keeps_current() {
     let rot = st.rotation.unwrap();
     assert_eq!(rot.step, RotationStep::NeedsAttention);
     assert!(rot.error.contains("refused the new password"));
-    let events = e.list_audit("prod/db", 0, 100).await.unwrap();
+    let events = e
+        .list_audit("prod/db", AuditPage::After(0), 100)
+        .await
+        .unwrap();
     assert_eq!(events.last().unwrap().outcome, "failed");
     // A retry with the same token reports the same failure, creates nothing.
     let again = e
@@ -484,7 +487,10 @@ async fn outside_changes_become_current_once_are_delivered_and_audited() {
     assert!(rx.has_changed().unwrap(), "watchers get the new value");
     let snap = rx.borrow_and_update().clone().unwrap();
     assert_eq!(snap.versions(), (2, 1));
-    let events = e.list_audit("prod/key", 0, 100).await.unwrap();
+    let events = e
+        .list_audit("prod/key", AuditPage::After(0), 100)
+        .await
+        .unwrap();
     let took = events
         .iter()
         .find(|ev| ev.action == "outside-change" && ev.outcome == "ok")
