@@ -7,7 +7,7 @@ use crate::clock::now_ms;
 use crate::convert;
 use crate::error::Result;
 use crate::hub::{Receiver, Snapshot};
-use crate::store::VersionState;
+use crate::store::{SecretRow, VersionState};
 
 impl Engine {
     /// A receiver that yields the secret's current snapshot at once, then
@@ -43,30 +43,46 @@ impl Engine {
         }
     }
 
+    /// The secret's current and previous values as one consistent event:
+    /// the secret row and its version rows are read by separate
+    /// statements, so a change committed in between (a rotation finishing
+    /// on another replica, revoking the old previous) would tear the
+    /// snapshot; it is read again until the row's revision held still.
     async fn snapshot(&self, id: &str) -> Result<Snapshot> {
-        let s = self.require_secret(id).await?;
-        let (cur_row, cur_val) = self.version_and_value(&s, s.current_version).await?;
+        let mut attempts = 0;
+        loop {
+            let s = self.require_secret(id).await?;
+            let event = self.event_of(&s).await?;
+            attempts += 1;
+            if attempts >= 5 || self.require_secret(id).await?.revision == s.revision {
+                return Ok(Snapshot::new(event));
+            }
+        }
+    }
+
+    async fn event_of(&self, s: &SecretRow) -> Result<rekey_proto::v1::WatchEvent> {
+        let (cur_row, cur_val) = self.version_and_value(s, s.current_version).await?;
         let previous = match s.previous_version {
             0 => None,
             n => {
                 let row = {
                     let mut c = self.store.conn().await?;
-                    self.store.require_version(&mut c, id, n).await?
+                    self.store.require_version(&mut c, &s.id, n).await?
                 };
                 if row.state == VersionState::Active {
-                    let value = self.value_of(&s, &row).await?;
-                    Some(convert::version(&s, &row, Some(&value)))
+                    let value = self.value_of(s, &row).await?;
+                    Some(convert::version(s, &row, Some(&value)))
                 } else {
                     None
                 }
             }
         };
-        Ok(Snapshot::new(rekey_proto::v1::WatchEvent {
-            secret: Some(convert::secret(&s)),
-            current: Some(convert::version(&s, &cur_row, Some(&cur_val))),
+        Ok(rekey_proto::v1::WatchEvent {
+            secret: Some(convert::secret(s)),
+            current: Some(convert::version(s, &cur_row, Some(&cur_val))),
             previous,
             snapshot: false,
             published_at_ms: now_ms(),
-        }))
+        })
     }
 }
