@@ -15,6 +15,16 @@ use crate::error::Error;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2773";
 pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:7700";
+/// Default `max_event_bytes`. The backend's largest event is two values
+/// at its `limits.max_value_bytes` ceiling (4 MiB each: current and
+/// previous) plus metadata; this leaves room to spare.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 16 << 20;
+/// Smallest `max_event_bytes`: an event's metadata alone takes a few
+/// hundred bytes.
+const MIN_MAX_EVENT_BYTES: usize = 4 << 10;
+/// Largest `max_event_bytes`: an event is held in memory whole while it is
+/// decoded, so the limit is also how much a backend can make a pod hold.
+const MAX_MAX_EVENT_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,10 +39,21 @@ pub struct RawConfig {
     pub report_interval: Option<String>,
     pub debounce: Option<String>,
     pub backoff_max: Option<String>,
+    /// A number of bytes, or text such as `"16MiB"` (as `REKEY_*`
+    /// variables always are).
+    pub max_event_bytes: Option<RawSize>,
     pub secrets: Vec<RawSecret>,
     pub file_sources: Vec<RawFileSource>,
     pub reload: Vec<RawReload>,
     pub reencrypt: Vec<RawReencrypt>,
+}
+
+/// A size in bytes as TOML gives it: `16777216` or `"16MiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 /// Re-encryption of database columns when an encryption key rotates.
@@ -242,6 +263,9 @@ pub struct Config {
     pub report_interval: Duration,
     pub debounce: Duration,
     pub backoff_max: Duration,
+    /// The largest Watch event the sidecar decodes (bytes). A larger one
+    /// ends the stream with [`Error::EventTooLarge`].
+    pub max_event_bytes: usize,
     pub secrets: Vec<SecretConfig>,
     pub file_sources: Vec<FileSource>,
     pub reloads: Vec<Reload>,
@@ -274,6 +298,7 @@ const ENV: &[(&str, &str)] = &[
     ("REKEY_REPORT_INTERVAL", "report_interval"),
     ("REKEY_DEBOUNCE", "debounce"),
     ("REKEY_BACKOFF_MAX", "backoff_max"),
+    ("REKEY_MAX_EVENT_BYTES", "max_event_bytes"),
 ];
 
 /// Signals a reload action may send.
@@ -321,6 +346,48 @@ fn parse_duration(
             ));
             default
         }),
+    }
+}
+
+/// `max_event_bytes`: bytes, or a number with `KiB`, `MiB` or `GiB`.
+fn parse_event_size(v: Option<&RawSize>, errors: &mut Vec<String>) -> usize {
+    let parsed = match v {
+        None => return DEFAULT_MAX_EVENT_BYTES,
+        Some(RawSize::Bytes(n)) => usize::try_from(*n).ok(),
+        Some(RawSize::Text(t)) => {
+            let t = t.trim();
+            let (digits, unit) = t
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or((t, ""), |i| t.split_at(i));
+            let shift = match unit.trim() {
+                "" => Some(0),
+                "KiB" => Some(10),
+                "MiB" => Some(20),
+                "GiB" => Some(30),
+                _ => None,
+            };
+            shift.and_then(|s| {
+                digits
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(1 << s))
+            })
+        }
+    };
+    match parsed {
+        Some(n) if (MIN_MAX_EVENT_BYTES..=MAX_MAX_EVENT_BYTES).contains(&n) => n,
+        Some(_) => {
+            errors.push(format!(
+                "max_event_bytes: between {MIN_MAX_EVENT_BYTES} (4KiB) and {MAX_MAX_EVENT_BYTES} (256MiB)"
+            ));
+            DEFAULT_MAX_EVENT_BYTES
+        }
+        None => {
+            errors.push(
+                "max_event_bytes: not a size such as 16777216 or \"16MiB\" (KiB, MiB, GiB)".into(),
+            );
+            DEFAULT_MAX_EVENT_BYTES
+        }
     }
 }
 
@@ -934,6 +1001,7 @@ fn validate(
             Duration::from_secs(30),
             errors,
         ),
+        max_event_bytes: parse_event_size(raw.max_event_bytes.as_ref(), errors),
         secrets,
         file_sources,
         reloads,
@@ -1026,6 +1094,53 @@ pid_file = "/run/app.pid"
         ] {
             assert!(s.contains(needle), "missing {needle:?} in {s}");
         }
+    }
+
+    #[test]
+    fn max_event_bytes_takes_bytes_or_units_and_is_bounded() {
+        let size = |v: Option<RawSize>| {
+            let mut errors = vec![];
+            let n = parse_event_size(v.as_ref(), &mut errors);
+            (n, errors)
+        };
+        assert_eq!(size(None), (16 << 20, vec![]));
+        assert_eq!(size(Some(RawSize::Bytes(65_536))), (65_536, vec![]));
+        assert_eq!(
+            size(Some(RawSize::Text("32MiB".into()))),
+            (32 << 20, vec![])
+        );
+        assert_eq!(
+            size(Some(RawSize::Text(" 64 KiB".into()))),
+            (64 << 10, vec![])
+        );
+        assert_eq!(size(Some(RawSize::Text("20000".into()))), (20_000, vec![]));
+        for bad in ["16MB", "lots", "-1", ""] {
+            let (_, e) = size(Some(RawSize::Text(bad.into())));
+            assert!(
+                e[0].starts_with("max_event_bytes: not a size"),
+                "{bad}: {e:?}"
+            );
+        }
+        for out_of_range in [RawSize::Bytes(1000), RawSize::Text("1GiB".into())] {
+            let (_, e) = size(Some(out_of_range));
+            assert!(e[0].starts_with("max_event_bytes: between 4096"), "{e:?}");
+        }
+
+        // From the environment, where every value is text.
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let c = Config::load(
+            None,
+            Flags {
+                token_file: Some(tok),
+                secrets: vec![format!("prod/a:{}", d.join("a").display())],
+                ..Default::default()
+            },
+            vec![("REKEY_MAX_EVENT_BYTES".into(), "8MiB".into())],
+        )
+        .unwrap();
+        assert_eq!(c.max_event_bytes, 8 << 20);
     }
 
     #[test]
