@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::write::Dirs;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2773";
 pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:7700";
@@ -42,6 +43,8 @@ pub struct RawConfig {
     /// A number of bytes, or text such as `"16MiB"` (as `REKEY_*`
     /// variables always are).
     pub max_event_bytes: Option<RawSize>,
+    /// Follow symlinks on the way to output directories (default false).
+    pub allow_symlinked_dirs: Option<bool>,
     pub secrets: Vec<RawSecret>,
     pub file_sources: Vec<RawFileSource>,
     pub reload: Vec<RawReload>,
@@ -217,6 +220,8 @@ pub struct Output {
     pub validate: Validate,
     pub validate_timeout: Duration,
     pub reload: Vec<String>,
+    /// Whether symlinks on the way to the output are followed.
+    pub dirs: Dirs,
 }
 
 #[derive(Debug, Clone)]
@@ -529,37 +534,48 @@ fn check_writable(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
-fn output(
+/// Refuses `dir` (where an output is created) when it or a directory on
+/// the way to it is a symlink, unless `dirs` allows that. Returns whether
+/// the directory may be used (and so probed for writing).
+fn check_symlinks(setting: &str, dir: &Path, dirs: Dirs, errors: &mut Vec<String>) -> bool {
+    if dirs == Dirs::FollowSymlinks {
+        return true;
+    }
+    match crate::write::first_symlink(dir) {
+        Ok(None) => true,
+        Ok(Some(link)) => {
+            let target = std::fs::read_link(&link)
+                .map(|t| format!(" (to {})", t.display()))
+                .unwrap_or_default();
+            let real = std::fs::canonicalize(dir)
+                .map(|r| format!("give the real directory, {}, or ", r.display()))
+                .unwrap_or_default();
+            errors.push(format!(
+                "{setting}: {} is a symlink{target}; whoever can change it decides where the secret goes. {real}set allow_symlinked_dirs = true if only trusted parties can change it",
+                link.display()
+            ));
+            false
+        }
+        Err(e) => {
+            errors.push(format!("{setting}: cannot examine {}: {e}", dir.display()));
+            false
+        }
+    }
+}
+
+/// Where an output goes: `(path, directory)` from the `path`, `directory`
+/// and `keyring_path` settings, each directory checked for symlinks and
+/// for being writable.
+fn output_paths(
     setting: &str,
     id: &str,
-    raw: RawOutput,
-    reload_names: &BTreeSet<String>,
+    raw_path: Option<PathBuf>,
+    raw_directory: Option<PathBuf>,
+    keyring_path: Option<&Path>,
+    dirs: Dirs,
     errors: &mut Vec<String>,
-) -> Output {
-    let format = match (raw.format.as_deref(), raw.template) {
-        (Some("template") | None, Some(t)) => {
-            if let Err(e) = template_fields(&t) {
-                errors.push(format!("{setting}.template: {e}"));
-            }
-            Format::Template(t)
-        }
-        (Some("template"), None) => {
-            errors.push(format!(
-                "{setting}.template: format template needs a template"
-            ));
-            Format::Raw
-        }
-        (None | Some("raw"), None) => Format::Raw,
-        (Some("json"), None) => Format::Json,
-        (Some("env"), None) => Format::Env,
-        (Some(f), _) => {
-            errors.push(format!(
-                "{setting}.format: unknown format {f:?} (expected raw, json, env or template)"
-            ));
-            Format::Raw
-        }
-    };
-    let (path, directory) = match (raw.path, raw.directory) {
+) -> (PathBuf, Option<PathBuf>) {
+    let (path, directory) = match (raw_path, raw_directory) {
         (Some(p), Some(d)) => {
             if p.components().count() != 1 {
                 errors.push(format!(
@@ -579,44 +595,40 @@ fn output(
         .or_else(|| path.parent().map(Path::to_path_buf))
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    // Symlinks first: the writability probe must not go through one.
+    let dir_setting = if directory.is_some() {
+        format!("{setting}.directory")
+    } else {
+        format!("{setting}.path")
+    };
     if !path.as_os_str().is_empty()
+        && check_symlinks(&dir_setting, &dir, dirs, errors)
         && let Err(e) = check_writable(&dir)
     {
         errors.push(format!("{setting}.path: {e}"));
     }
-    if let Some(k) = &raw.keyring_path {
+    if let Some(k) = keyring_path {
         let kd = k
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        if let Err(e) = check_writable(kd) {
-            errors.push(format!("{setting}.keyring_path: {e}"));
+        let setting = format!("{setting}.keyring_path");
+        if check_symlinks(&setting, kd, dirs, errors)
+            && let Err(e) = check_writable(kd)
+        {
+            errors.push(format!("{setting}: {e}"));
         }
     }
-    let mode = match raw.mode.as_deref() {
-        None => 0o400,
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .unwrap_or_else(|| {
-                errors.push(format!(
-                    "{setting}.mode: {m:?} is not an octal mode such as 0400"
-                ));
-                0o400
-            }),
-    };
-    let owner = raw.owner.as_deref().and_then(|o| {
-        let parsed = o
-            .split_once(':')
-            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
-        if parsed.is_none() {
-            errors.push(format!(
-                "{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"
-            ));
-        }
-        parsed
-    });
-    let (validate, validate_timeout) = match raw.validate {
+    (path, directory)
+}
+
+/// The `validate` setting of an output and its timeout (default 5s).
+fn validation(
+    setting: &str,
+    raw: Option<RawValidate>,
+    errors: &mut Vec<String>,
+) -> (Validate, Duration) {
+    match raw {
         None => (Validate::None, Duration::from_secs(5)),
         Some(v) => {
             let t = parse_duration(
@@ -645,7 +657,73 @@ fn output(
             };
             (k, t)
         }
+    }
+}
+
+fn output(
+    setting: &str,
+    id: &str,
+    raw: RawOutput,
+    reload_names: &BTreeSet<String>,
+    dirs: Dirs,
+    errors: &mut Vec<String>,
+) -> Output {
+    let format = match (raw.format.as_deref(), raw.template) {
+        (Some("template") | None, Some(t)) => {
+            if let Err(e) = template_fields(&t) {
+                errors.push(format!("{setting}.template: {e}"));
+            }
+            Format::Template(t)
+        }
+        (Some("template"), None) => {
+            errors.push(format!(
+                "{setting}.template: format template needs a template"
+            ));
+            Format::Raw
+        }
+        (None | Some("raw"), None) => Format::Raw,
+        (Some("json"), None) => Format::Json,
+        (Some("env"), None) => Format::Env,
+        (Some(f), _) => {
+            errors.push(format!(
+                "{setting}.format: unknown format {f:?} (expected raw, json, env or template)"
+            ));
+            Format::Raw
+        }
     };
+    let (path, directory) = output_paths(
+        setting,
+        id,
+        raw.path,
+        raw.directory,
+        raw.keyring_path.as_deref(),
+        dirs,
+        errors,
+    );
+    let mode = match raw.mode.as_deref() {
+        None => 0o400,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .unwrap_or_else(|| {
+                errors.push(format!(
+                    "{setting}.mode: {m:?} is not an octal mode such as 0400"
+                ));
+                0o400
+            }),
+    };
+    let owner = raw.owner.as_deref().and_then(|o| {
+        let parsed = o
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        if parsed.is_none() {
+            errors.push(format!(
+                "{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"
+            ));
+        }
+        parsed
+    });
+    let (validate, validate_timeout) = validation(setting, raw.validate, errors);
     for r in &raw.reload {
         if !reload_names.contains(r) {
             errors.push(format!(
@@ -664,6 +742,7 @@ fn output(
         validate,
         validate_timeout,
         reload: raw.reload,
+        dirs,
     }
 }
 
@@ -834,6 +913,11 @@ fn validate(
         });
     }
 
+    let dirs = if raw.allow_symlinked_dirs.unwrap_or(false) {
+        Dirs::FollowSymlinks
+    } else {
+        Dirs::NoSymlinks
+    };
     let mut ids = BTreeSet::new();
     let mut secrets = Vec::new();
     for (i, s) in raw.secrets.into_iter().enumerate() {
@@ -845,7 +929,7 @@ fn validate(
             errors.push(format!("{setting}: the secret is listed twice"));
         }
         secrets.push(SecretConfig {
-            out: output(&setting, &s.id, s.out, &reload_names, errors),
+            out: output(&setting, &s.id, s.out, &reload_names, dirs, errors),
             id: s.id,
         });
     }
@@ -862,7 +946,7 @@ fn validate(
             ));
         }
         file_sources.push(FileSource {
-            out: output(&setting, &f.id, f.out, &reload_names, errors),
+            out: output(&setting, &f.id, f.out, &reload_names, dirs, errors),
             id: f.id,
             source: f.source,
         });
@@ -1141,6 +1225,56 @@ pid_file = "/run/app.pid"
         )
         .unwrap();
         assert_eq!(c.max_event_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn a_symlinked_output_directory_is_refused_unless_allowed() {
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let real = d.join("real");
+        std::fs::create_dir_all(real.join("keys")).unwrap();
+        std::os::unix::fs::symlink(&real, d.join("link")).unwrap();
+        let load = |extra: &str| {
+            let p = d.join("c.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "token_file = \"{tok}\"\n{extra}\n[[secrets]]\nid = \"a\"\npath = \"{link}/a\"\n\
+                     [[secrets]]\nid = \"b\"\ndirectory = \"{link}/keys\"\npath = \"b\"\n\
+                     [[secrets]]\nid = \"c\"\npath = \"{real}/c\"\nkeyring_path = \"{link}/keys/c.json\"\n",
+                    tok = tok.display(),
+                    link = d.join("link").display(),
+                    real = real.display(),
+                ),
+            )
+            .unwrap();
+            Config::load(Some(&p), Flags::default(), vec![])
+        };
+        let e = load("").unwrap_err().to_string();
+        let link = d.join("link");
+        for setting in [
+            "secrets[0] (a).path",
+            "secrets[1] (b).directory",
+            "secrets[2] (c).keyring_path",
+        ] {
+            assert!(
+                e.contains(&format!(
+                    "{setting}: {} is a symlink (to {}); whoever can change it decides where the secret goes. give the real directory, {}",
+                    link.display(),
+                    real.display(),
+                    real.display()
+                )),
+                "{setting}: {e}"
+            );
+        }
+        assert!(e.contains("set allow_symlinked_dirs = true"), "{e}");
+        assert_eq!(e.matches("is a symlink").count(), 3, "{e}");
+        // Nothing was written through the link while checking.
+        assert_eq!(std::fs::read_dir(&real).unwrap().count(), 1, "only keys/");
+
+        let c = load("allow_symlinked_dirs = true").unwrap();
+        assert!(c.secrets.iter().all(|s| s.out.dirs == Dirs::FollowSymlinks));
     }
 
     #[test]

@@ -91,11 +91,27 @@ pub enum Error {
     Rejected(Box<Error>),
 
     // Writing.
-    #[error("cannot write {path}: {reason}")]
+    #[error("cannot write {}: {reason}", path.display())]
     Write {
         path: PathBuf,
         reason: std::io::Error,
     },
+    /// A directory on the way to an output is a symlink, and
+    /// `allow_symlinked_dirs` is off: it may have been swapped to send the
+    /// secret elsewhere.
+    #[error(
+        "cannot write {}: {} is a symlink, which is not followed (allow_symlinked_dirs is off)",
+        path.display(),
+        dir.display()
+    )]
+    SymlinkedDir { path: PathBuf, dir: PathBuf },
+    /// A kubelet-style directory whose `..data` is not a link to a
+    /// generation beside it.
+    #[error(
+        "cannot write in {}: its ..data is not a link to a generation in it; not followed",
+        dir.display()
+    )]
+    DataLink { dir: PathBuf },
 
     // Reload actions.
     #[error("cannot read pid file {path}: {reason}")]
@@ -131,6 +147,7 @@ impl Error {
     /// as opposed to the backend answering with something the sidecar
     /// cannot use (a refusal, an event over `max_event_bytes`). A broken
     /// HTTP/2 connection surfaces as INTERNAL or UNKNOWN.
+    #[must_use]
     pub fn is_unreachable(&self) -> bool {
         match self {
             Error::BackendUnreachable { .. } | Error::BackendSilent { .. } => true,

@@ -222,25 +222,17 @@ impl State {
                         .file_name()
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_default();
-                    write::write_in_data_dir(dir, &name, b.expose(), out.mode, out.owner)
+                    write::write_in_data_dir(dir, &name, b.expose(), out.mode, out.owner, out.dirs)
                 }
-                None => write::write_file(&out.path, b.expose(), out.mode, out.owner),
+                None => write::write_file(&out.path, b.expose(), out.mode, out.owner, out.dirs),
             };
-            if let Err(reason) = r {
-                let e = Error::Write {
-                    path: out.path.clone(),
-                    reason,
-                };
+            if let Err(e) = r {
                 return fail("write_failed", &e);
             }
         }
         if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)
-            && let Err(reason) = write::write_file(p, b.expose(), out.mode, out.owner)
+            && let Err(e) = write::write_file(p, b.expose(), out.mode, out.owner, out.dirs)
         {
-            let e = Error::Write {
-                path: p.clone(),
-                reason,
-            };
             return fail("write_failed", &e);
         }
         if let Some(t) = published_at_ms {
