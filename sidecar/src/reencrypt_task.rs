@@ -620,8 +620,8 @@ async fn wait_for_fleet(
             return Ok(());
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = crate::stopped(shutdown) => return Err(ReencryptError::ShuttingDown),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = crate::stopped(shutdown) => return Err(ReencryptError::ShuttingDown),
         }
     }
 }
