@@ -3,8 +3,15 @@
 //! exponential backoff and jitter. While the backend is unreachable the
 //! sidecar keeps serving what it has (fail static); on reconnect the
 //! snapshot of an unchanged secret causes no write and no reload.
+//!
+//! The backoff starts over only once a stream has delivered every
+//! secret's snapshot: a stream that is accepted and then fails (an event
+//! over `max_event_bytes`, a protocol error, a refusal under the backend's
+//! stream limits) counts as a failed attempt, so a fleet facing a backend
+//! it cannot read slows down instead of reconnecting several times a
+//! second.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +79,24 @@ pub async fn connect(cfg: &Config) -> Result<Client, Error> {
             backend: cfg.backend.clone(),
             reason,
         })?;
-    Ok(RekeyClient::with_interceptor(channel, Auth(header)))
+    Ok(RekeyClient::with_interceptor(channel, Auth(header))
+        .max_decoding_message_size(cfg.max_event_bytes))
+}
+
+/// What tonic says when a message's length prefix is over the decoding
+/// limit (tonic 0.14, `codec/decode.rs`); a unit test pins it.
+const TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// An error from the Watch stream: an event over the decoding limit
+/// becomes [`Error::EventTooLarge`] with the size its prefix declared.
+fn stream_error(s: &tonic::Status, max: usize) -> Error {
+    if s.code() == Code::OutOfRange
+        && let Some(rest) = s.message().strip_prefix(TOO_LARGE)
+    {
+        let size = rest.split(' ').next().and_then(|n| n.parse::<usize>().ok());
+        return Error::EventTooLarge { size, max };
+    }
+    Error::from(s.clone())
 }
 
 fn value(v: Option<pb::SecretValue>) -> Option<SecretValue> {
@@ -175,7 +199,12 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
                 | Code::NotFound
                 | Code::Unauthenticated
                 | Code::InvalidArgument => errors.push(format!("secret {id}: {}", Error::from(st))),
-                _ => return Ok(Probe::Unreachable(st.into())),
+                // Not a start-up error: an oversized event is a mismatch
+                // with the backend's limits that /readyz names while the
+                // sidecar retries (the value may shrink, the setting grow).
+                _ => {
+                    return Ok(Probe::Unreachable(stream_error(&st, cfg.max_event_bytes)));
+                }
             },
         }
     }
@@ -207,31 +236,53 @@ pub async fn run(
     }
     let mut attempt = 0u32;
     loop {
+        let mut synced = false;
         let r = session(
             &cfg,
             &state,
             &outputs,
             &reloader,
             &mut shutdown,
-            &mut attempt,
+            &mut synced,
         )
         .await;
         state.set_connected(false);
         if *shutdown.borrow() {
             return;
         }
-        match r {
-            Ok(()) => tracing::warn!("the backend closed the Watch stream; reconnecting"),
-            Err(e) => {
-                tracing::warn!(error = %e, attempt, "backend unavailable; serving the last good versions")
-            }
+        if synced {
+            // This stream worked: the next failure starts the backoff over.
+            attempt = 0;
         }
         let delay = backoff(attempt, cfg.backoff_max);
+        match &r {
+            Ok(()) => {
+                state.set_backend_problem(None);
+                tracing::warn!("the backend closed the Watch stream; reconnecting");
+            }
+            Err(e @ Error::EventTooLarge { .. }) => {
+                state.set_backend_problem(Some(e.to_string()));
+                tracing::error!(
+                    error = %e,
+                    attempt,
+                    retry_in = ?delay,
+                    "an event from the backend is over max_event_bytes; raise it (REKEY_MAX_EVENT_BYTES) to more than twice the backend's limits.max_value_bytes; serving the last good versions"
+                );
+            }
+            Err(e) => {
+                state.set_backend_problem(Some(if e.is_unreachable() {
+                    format!("unreachable ({e})")
+                } else {
+                    e.to_string()
+                }));
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "backend unavailable; serving the last good versions");
+            }
+        }
         attempt = attempt.saturating_add(1);
         state.metrics.reconnects.inc();
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = crate::stopped(&mut shutdown) => return,
+            () = tokio::time::sleep(delay) => {}
+            () = crate::stopped(&mut shutdown) => return,
         }
     }
 }
@@ -261,22 +312,23 @@ async fn report(cfg: &Config, state: &State, client: &mut Client) {
     }
 }
 
+/// One Watch stream, until it ends. `synced` is set once every watched
+/// secret's first event (its snapshot) has been delivered.
 async fn session(
     cfg: &Config,
     state: &State,
     outputs: &BTreeMap<String, Output>,
     reloader: &Reloader,
     shutdown: &mut watch::Receiver<bool>,
-    attempt: &mut u32,
+    synced: &mut bool,
 ) -> Result<(), Error> {
     let mut client = connect(cfg).await?;
     let ids: Vec<String> = cfg.secrets.iter().map(|s| s.id.clone()).collect();
+    let mut awaiting: BTreeSet<String> = ids.iter().cloned().collect();
     let mut stream = client
         .watch(pb::WatchRequest { secret_ids: ids })
         .await?
         .into_inner();
-    state.set_connected(true);
-    *attempt = 0;
     tracing::info!(backend = %cfg.backend, "watching secrets");
     let mut tick = tokio::time::interval(cfg.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -284,6 +336,10 @@ async fn session(
         tokio::select! {
             msg = stream.message() => match msg {
                 Ok(Some(ev)) => {
+                    // The stream delivers: connected, even if this one
+                    // event does not render or validate.
+                    state.set_connected(true);
+                    let id = ev.secret.as_ref().map(|s| s.id.clone());
                     if let Some((id, served, published)) = offered(ev)
                         && let Some(out) = outputs.get(&id)
                     {
@@ -292,12 +348,19 @@ async fn session(
                             report(cfg, state, &mut client).await;
                         }
                     }
+                    if let Some(id) = id
+                        && awaiting.remove(&id)
+                        && awaiting.is_empty()
+                    {
+                        *synced = true;
+                        state.set_backend_problem(None);
+                    }
                 }
                 Ok(None) => return Ok(()),
-                Err(s) => return Err(s.into()),
+                Err(s) => return Err(stream_error(&s, cfg.max_event_bytes)),
             },
             _ = tick.tick() => report(cfg, state, &mut client).await,
-            _ = crate::stopped(shutdown) => return Ok(()),
+            () = crate::stopped(shutdown) => return Ok(()),
         }
     }
 }
@@ -305,6 +368,72 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_over_the_limit_is_named_with_its_size() {
+        // The message tonic 0.14 gives when a length prefix is over the
+        // decoding limit; if an upgrade changes it, this test says so.
+        let st = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 2621500 bytes, the limit is: 1048576 bytes",
+        );
+        let e = stream_error(&st, 1_048_576);
+        assert!(
+            matches!(
+                e,
+                Error::EventTooLarge {
+                    size: Some(2_621_500),
+                    max: 1_048_576
+                }
+            ),
+            "{e:?}"
+        );
+        let other = stream_error(&tonic::Status::out_of_range("elsewhere"), 10);
+        assert!(matches!(other, Error::Backend { .. }), "{other:?}");
+    }
+
+    /// Takes every message whole and keeps nothing of it.
+    struct Discard;
+
+    impl tonic::codec::Decoder for Discard {
+        type Item = ();
+        type Error = tonic::Status;
+        fn decode(
+            &mut self,
+            src: &mut tonic::codec::DecodeBuf<'_>,
+        ) -> Result<Option<()>, tonic::Status> {
+            use hyper::body::Buf;
+            src.advance(src.remaining());
+            Ok(Some(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn tonic_refuses_a_message_over_the_limit_with_that_message() {
+        // One gRPC frame of 300 bytes, decoded with a 100-byte limit the
+        // way the Watch client decodes events.
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&300u32.to_be_bytes());
+        frame.extend_from_slice(&[0u8; 300]);
+        let mut s = tonic::codec::Streaming::new_response(
+            Discard,
+            http_body_util::Full::new(hyper::body::Bytes::from(frame)),
+            hyper::StatusCode::OK,
+            None,
+            Some(100),
+        );
+        let st = s.message().await.unwrap_err();
+        let e = stream_error(&st, 100);
+        assert!(
+            matches!(
+                e,
+                Error::EventTooLarge {
+                    size: Some(300),
+                    max: 100
+                }
+            ),
+            "{st:?}"
+        );
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

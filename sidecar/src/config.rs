@@ -12,9 +12,20 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::write::Dirs;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2773";
 pub const DEFAULT_BACKEND: &str = "http://127.0.0.1:7700";
+/// Default `max_event_bytes`. The backend's largest event is two values
+/// at its `limits.max_value_bytes` ceiling (4 MiB each: current and
+/// previous) plus metadata; this leaves room to spare.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 16 << 20;
+/// Smallest `max_event_bytes`: an event's metadata alone takes a few
+/// hundred bytes.
+const MIN_MAX_EVENT_BYTES: usize = 4 << 10;
+/// Largest `max_event_bytes`: an event is held in memory whole while it is
+/// decoded, so the limit is also how much a backend can make a pod hold.
+const MAX_MAX_EVENT_BYTES: usize = 256 << 20;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,10 +40,23 @@ pub struct RawConfig {
     pub report_interval: Option<String>,
     pub debounce: Option<String>,
     pub backoff_max: Option<String>,
+    /// A number of bytes, or text such as `"16MiB"` (as `REKEY_*`
+    /// variables always are).
+    pub max_event_bytes: Option<RawSize>,
+    /// Follow symlinks on the way to output directories (default false).
+    pub allow_symlinked_dirs: Option<bool>,
     pub secrets: Vec<RawSecret>,
     pub file_sources: Vec<RawFileSource>,
     pub reload: Vec<RawReload>,
     pub reencrypt: Vec<RawReencrypt>,
+}
+
+/// A size in bytes as TOML gives it: `16777216` or `"16MiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 /// Re-encryption of database columns when an encryption key rotates.
@@ -196,6 +220,8 @@ pub struct Output {
     pub validate: Validate,
     pub validate_timeout: Duration,
     pub reload: Vec<String>,
+    /// Whether symlinks on the way to the output are followed.
+    pub dirs: Dirs,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +268,9 @@ pub struct Config {
     pub report_interval: Duration,
     pub debounce: Duration,
     pub backoff_max: Duration,
+    /// The largest Watch event the sidecar decodes (bytes). A larger one
+    /// ends the stream with [`Error::EventTooLarge`].
+    pub max_event_bytes: usize,
     pub secrets: Vec<SecretConfig>,
     pub file_sources: Vec<FileSource>,
     pub reloads: Vec<Reload>,
@@ -274,6 +303,7 @@ const ENV: &[(&str, &str)] = &[
     ("REKEY_REPORT_INTERVAL", "report_interval"),
     ("REKEY_DEBOUNCE", "debounce"),
     ("REKEY_BACKOFF_MAX", "backoff_max"),
+    ("REKEY_MAX_EVENT_BYTES", "max_event_bytes"),
 ];
 
 /// Signals a reload action may send.
@@ -321,6 +351,48 @@ fn parse_duration(
             ));
             default
         }),
+    }
+}
+
+/// `max_event_bytes`: bytes, or a number with `KiB`, `MiB` or `GiB`.
+fn parse_event_size(v: Option<&RawSize>, errors: &mut Vec<String>) -> usize {
+    let parsed = match v {
+        None => return DEFAULT_MAX_EVENT_BYTES,
+        Some(RawSize::Bytes(n)) => usize::try_from(*n).ok(),
+        Some(RawSize::Text(t)) => {
+            let t = t.trim();
+            let (digits, unit) = t
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or((t, ""), |i| t.split_at(i));
+            let shift = match unit.trim() {
+                "" => Some(0),
+                "KiB" => Some(10),
+                "MiB" => Some(20),
+                "GiB" => Some(30),
+                _ => None,
+            };
+            shift.and_then(|s| {
+                digits
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(1 << s))
+            })
+        }
+    };
+    match parsed {
+        Some(n) if (MIN_MAX_EVENT_BYTES..=MAX_MAX_EVENT_BYTES).contains(&n) => n,
+        Some(_) => {
+            errors.push(format!(
+                "max_event_bytes: between {MIN_MAX_EVENT_BYTES} (4KiB) and {MAX_MAX_EVENT_BYTES} (256MiB)"
+            ));
+            DEFAULT_MAX_EVENT_BYTES
+        }
+        None => {
+            errors.push(
+                "max_event_bytes: not a size such as 16777216 or \"16MiB\" (KiB, MiB, GiB)".into(),
+            );
+            DEFAULT_MAX_EVENT_BYTES
+        }
     }
 }
 
@@ -462,37 +534,48 @@ fn check_writable(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
-fn output(
+/// Refuses `dir` (where an output is created) when it or a directory on
+/// the way to it is a symlink, unless `dirs` allows that. Returns whether
+/// the directory may be used (and so probed for writing).
+fn check_symlinks(setting: &str, dir: &Path, dirs: Dirs, errors: &mut Vec<String>) -> bool {
+    if dirs == Dirs::FollowSymlinks {
+        return true;
+    }
+    match crate::write::first_symlink(dir) {
+        Ok(None) => true,
+        Ok(Some(link)) => {
+            let target = std::fs::read_link(&link)
+                .map(|t| format!(" (to {})", t.display()))
+                .unwrap_or_default();
+            let real = std::fs::canonicalize(dir)
+                .map(|r| format!("give the real directory, {}, or ", r.display()))
+                .unwrap_or_default();
+            errors.push(format!(
+                "{setting}: {} is a symlink{target}; whoever can change it decides where the secret goes. {real}set allow_symlinked_dirs = true if only trusted parties can change it",
+                link.display()
+            ));
+            false
+        }
+        Err(e) => {
+            errors.push(format!("{setting}: cannot examine {}: {e}", dir.display()));
+            false
+        }
+    }
+}
+
+/// Where an output goes: `(path, directory)` from the `path`, `directory`
+/// and `keyring_path` settings, each directory checked for symlinks and
+/// for being writable.
+fn output_paths(
     setting: &str,
     id: &str,
-    raw: RawOutput,
-    reload_names: &BTreeSet<String>,
+    raw_path: Option<PathBuf>,
+    raw_directory: Option<PathBuf>,
+    keyring_path: Option<&Path>,
+    dirs: Dirs,
     errors: &mut Vec<String>,
-) -> Output {
-    let format = match (raw.format.as_deref(), raw.template) {
-        (Some("template") | None, Some(t)) => {
-            if let Err(e) = template_fields(&t) {
-                errors.push(format!("{setting}.template: {e}"));
-            }
-            Format::Template(t)
-        }
-        (Some("template"), None) => {
-            errors.push(format!(
-                "{setting}.template: format template needs a template"
-            ));
-            Format::Raw
-        }
-        (None | Some("raw"), None) => Format::Raw,
-        (Some("json"), None) => Format::Json,
-        (Some("env"), None) => Format::Env,
-        (Some(f), _) => {
-            errors.push(format!(
-                "{setting}.format: unknown format {f:?} (expected raw, json, env or template)"
-            ));
-            Format::Raw
-        }
-    };
-    let (path, directory) = match (raw.path, raw.directory) {
+) -> (PathBuf, Option<PathBuf>) {
+    let (path, directory) = match (raw_path, raw_directory) {
         (Some(p), Some(d)) => {
             if p.components().count() != 1 {
                 errors.push(format!(
@@ -512,44 +595,40 @@ fn output(
         .or_else(|| path.parent().map(Path::to_path_buf))
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    // Symlinks first: the writability probe must not go through one.
+    let dir_setting = if directory.is_some() {
+        format!("{setting}.directory")
+    } else {
+        format!("{setting}.path")
+    };
     if !path.as_os_str().is_empty()
+        && check_symlinks(&dir_setting, &dir, dirs, errors)
         && let Err(e) = check_writable(&dir)
     {
         errors.push(format!("{setting}.path: {e}"));
     }
-    if let Some(k) = &raw.keyring_path {
+    if let Some(k) = keyring_path {
         let kd = k
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        if let Err(e) = check_writable(kd) {
-            errors.push(format!("{setting}.keyring_path: {e}"));
+        let setting = format!("{setting}.keyring_path");
+        if check_symlinks(&setting, kd, dirs, errors)
+            && let Err(e) = check_writable(kd)
+        {
+            errors.push(format!("{setting}: {e}"));
         }
     }
-    let mode = match raw.mode.as_deref() {
-        None => 0o400,
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .unwrap_or_else(|| {
-                errors.push(format!(
-                    "{setting}.mode: {m:?} is not an octal mode such as 0400"
-                ));
-                0o400
-            }),
-    };
-    let owner = raw.owner.as_deref().and_then(|o| {
-        let parsed = o
-            .split_once(':')
-            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
-        if parsed.is_none() {
-            errors.push(format!(
-                "{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"
-            ));
-        }
-        parsed
-    });
-    let (validate, validate_timeout) = match raw.validate {
+    (path, directory)
+}
+
+/// The `validate` setting of an output and its timeout (default 5s).
+fn validation(
+    setting: &str,
+    raw: Option<RawValidate>,
+    errors: &mut Vec<String>,
+) -> (Validate, Duration) {
+    match raw {
         None => (Validate::None, Duration::from_secs(5)),
         Some(v) => {
             let t = parse_duration(
@@ -578,7 +657,73 @@ fn output(
             };
             (k, t)
         }
+    }
+}
+
+fn output(
+    setting: &str,
+    id: &str,
+    raw: RawOutput,
+    reload_names: &BTreeSet<String>,
+    dirs: Dirs,
+    errors: &mut Vec<String>,
+) -> Output {
+    let format = match (raw.format.as_deref(), raw.template) {
+        (Some("template") | None, Some(t)) => {
+            if let Err(e) = template_fields(&t) {
+                errors.push(format!("{setting}.template: {e}"));
+            }
+            Format::Template(t)
+        }
+        (Some("template"), None) => {
+            errors.push(format!(
+                "{setting}.template: format template needs a template"
+            ));
+            Format::Raw
+        }
+        (None | Some("raw"), None) => Format::Raw,
+        (Some("json"), None) => Format::Json,
+        (Some("env"), None) => Format::Env,
+        (Some(f), _) => {
+            errors.push(format!(
+                "{setting}.format: unknown format {f:?} (expected raw, json, env or template)"
+            ));
+            Format::Raw
+        }
     };
+    let (path, directory) = output_paths(
+        setting,
+        id,
+        raw.path,
+        raw.directory,
+        raw.keyring_path.as_deref(),
+        dirs,
+        errors,
+    );
+    let mode = match raw.mode.as_deref() {
+        None => 0o400,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .unwrap_or_else(|| {
+                errors.push(format!(
+                    "{setting}.mode: {m:?} is not an octal mode such as 0400"
+                ));
+                0o400
+            }),
+    };
+    let owner = raw.owner.as_deref().and_then(|o| {
+        let parsed = o
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        if parsed.is_none() {
+            errors.push(format!(
+                "{setting}.owner: {o:?} is not numeric UID:GID such as 1000:1000"
+            ));
+        }
+        parsed
+    });
+    let (validate, validate_timeout) = validation(setting, raw.validate, errors);
     for r in &raw.reload {
         if !reload_names.contains(r) {
             errors.push(format!(
@@ -597,6 +742,7 @@ fn output(
         validate,
         validate_timeout,
         reload: raw.reload,
+        dirs,
     }
 }
 
@@ -767,6 +913,11 @@ fn validate(
         });
     }
 
+    let dirs = if raw.allow_symlinked_dirs.unwrap_or(false) {
+        Dirs::FollowSymlinks
+    } else {
+        Dirs::NoSymlinks
+    };
     let mut ids = BTreeSet::new();
     let mut secrets = Vec::new();
     for (i, s) in raw.secrets.into_iter().enumerate() {
@@ -778,7 +929,7 @@ fn validate(
             errors.push(format!("{setting}: the secret is listed twice"));
         }
         secrets.push(SecretConfig {
-            out: output(&setting, &s.id, s.out, &reload_names, errors),
+            out: output(&setting, &s.id, s.out, &reload_names, dirs, errors),
             id: s.id,
         });
     }
@@ -795,7 +946,7 @@ fn validate(
             ));
         }
         file_sources.push(FileSource {
-            out: output(&setting, &f.id, f.out, &reload_names, errors),
+            out: output(&setting, &f.id, f.out, &reload_names, dirs, errors),
             id: f.id,
             source: f.source,
         });
@@ -934,6 +1085,7 @@ fn validate(
             Duration::from_secs(30),
             errors,
         ),
+        max_event_bytes: parse_event_size(raw.max_event_bytes.as_ref(), errors),
         secrets,
         file_sources,
         reloads,
@@ -1026,6 +1178,103 @@ pid_file = "/run/app.pid"
         ] {
             assert!(s.contains(needle), "missing {needle:?} in {s}");
         }
+    }
+
+    #[test]
+    fn max_event_bytes_takes_bytes_or_units_and_is_bounded() {
+        let size = |v: Option<RawSize>| {
+            let mut errors = vec![];
+            let n = parse_event_size(v.as_ref(), &mut errors);
+            (n, errors)
+        };
+        assert_eq!(size(None), (16 << 20, vec![]));
+        assert_eq!(size(Some(RawSize::Bytes(65_536))), (65_536, vec![]));
+        assert_eq!(
+            size(Some(RawSize::Text("32MiB".into()))),
+            (32 << 20, vec![])
+        );
+        assert_eq!(
+            size(Some(RawSize::Text(" 64 KiB".into()))),
+            (64 << 10, vec![])
+        );
+        assert_eq!(size(Some(RawSize::Text("20000".into()))), (20_000, vec![]));
+        for bad in ["16MB", "lots", "-1", ""] {
+            let (_, e) = size(Some(RawSize::Text(bad.into())));
+            assert!(
+                e[0].starts_with("max_event_bytes: not a size"),
+                "{bad}: {e:?}"
+            );
+        }
+        for out_of_range in [RawSize::Bytes(1000), RawSize::Text("1GiB".into())] {
+            let (_, e) = size(Some(out_of_range));
+            assert!(e[0].starts_with("max_event_bytes: between 4096"), "{e:?}");
+        }
+
+        // From the environment, where every value is text.
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let c = Config::load(
+            None,
+            Flags {
+                token_file: Some(tok),
+                secrets: vec![format!("prod/a:{}", d.join("a").display())],
+                ..Default::default()
+            },
+            vec![("REKEY_MAX_EVENT_BYTES".into(), "8MiB".into())],
+        )
+        .unwrap();
+        assert_eq!(c.max_event_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn a_symlinked_output_directory_is_refused_unless_allowed() {
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let real = d.join("real");
+        std::fs::create_dir_all(real.join("keys")).unwrap();
+        std::os::unix::fs::symlink(&real, d.join("link")).unwrap();
+        let load = |extra: &str| {
+            let p = d.join("c.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "token_file = \"{tok}\"\n{extra}\n[[secrets]]\nid = \"a\"\npath = \"{link}/a\"\n\
+                     [[secrets]]\nid = \"b\"\ndirectory = \"{link}/keys\"\npath = \"b\"\n\
+                     [[secrets]]\nid = \"c\"\npath = \"{real}/c\"\nkeyring_path = \"{link}/keys/c.json\"\n",
+                    tok = tok.display(),
+                    link = d.join("link").display(),
+                    real = real.display(),
+                ),
+            )
+            .unwrap();
+            Config::load(Some(&p), Flags::default(), vec![])
+        };
+        let e = load("").unwrap_err().to_string();
+        let link = d.join("link");
+        for setting in [
+            "secrets[0] (a).path",
+            "secrets[1] (b).directory",
+            "secrets[2] (c).keyring_path",
+        ] {
+            assert!(
+                e.contains(&format!(
+                    "{setting}: {} is a symlink (to {}); whoever can change it decides where the secret goes. give the real directory, {}",
+                    link.display(),
+                    real.display(),
+                    real.display()
+                )),
+                "{setting}: {e}"
+            );
+        }
+        assert!(e.contains("set allow_symlinked_dirs = true"), "{e}");
+        assert_eq!(e.matches("is a symlink").count(), 3, "{e}");
+        // Nothing was written through the link while checking.
+        assert_eq!(std::fs::read_dir(&real).unwrap().count(), 1, "only keys/");
+
+        let c = load("allow_symlinked_dirs = true").unwrap();
+        assert!(c.secrets.iter().all(|s| s.out.dirs == Dirs::FollowSymlinks));
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub enum Error {
     /// A gRPC status from the backend (its message names ids, not values).
     #[error("{}: {message}", code_name(*code))]
     Backend { code: Code, message: String },
+    /// A Watch event over `max_event_bytes`; `size` is what its length
+    /// prefix declared (the event itself is never read).
+    #[error(
+        "the backend sent an event of {} bytes; max_event_bytes is {max}",
+        size.map_or_else(|| format!("more than {max}"), |n| n.to_string())
+    )]
+    EventTooLarge { size: Option<usize>, max: usize },
 
     // Rendering.
     #[error("the value is not UTF-8 text")]
@@ -84,11 +91,27 @@ pub enum Error {
     Rejected(Box<Error>),
 
     // Writing.
-    #[error("cannot write {path}: {reason}")]
+    #[error("cannot write {}: {reason}", path.display())]
     Write {
         path: PathBuf,
         reason: std::io::Error,
     },
+    /// A directory on the way to an output is a symlink, and
+    /// `allow_symlinked_dirs` is off: it may have been swapped to send the
+    /// secret elsewhere.
+    #[error(
+        "cannot write {}: {} is a symlink, which is not followed (allow_symlinked_dirs is off)",
+        path.display(),
+        dir.display()
+    )]
+    SymlinkedDir { path: PathBuf, dir: PathBuf },
+    /// A kubelet-style directory whose `..data` is not a link to a
+    /// generation beside it.
+    #[error(
+        "cannot write in {}: its ..data is not a link to a generation in it; not followed",
+        dir.display()
+    )]
+    DataLink { dir: PathBuf },
 
     // Reload actions.
     #[error("cannot read pid file {path}: {reason}")]
@@ -119,6 +142,28 @@ pub enum Error {
     CommandFailed { program: String, status: ExitStatus },
 }
 
+impl Error {
+    /// Whether the backend could not be reached or the connection broke,
+    /// as opposed to the backend answering with something the sidecar
+    /// cannot use (a refusal, an event over `max_event_bytes`). A broken
+    /// HTTP/2 connection surfaces as INTERNAL or UNKNOWN.
+    #[must_use]
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::BackendUnreachable { .. } | Error::BackendSilent { .. } => true,
+            Error::Backend { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Internal
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
         Error::Backend {
@@ -136,6 +181,9 @@ pub fn code_name(c: Code) -> &'static str {
         Code::Unauthenticated => "unauthenticated",
         Code::InvalidArgument => "invalid argument",
         Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Internal => "internal error",
+        Code::OutOfRange => "out of range",
         _ => "error",
     }
 }
@@ -174,6 +222,22 @@ mod tests {
             }
             .to_string(),
             "the backend did not answer within 10s"
+        );
+        assert_eq!(
+            Error::EventTooLarge {
+                size: Some(2_621_500),
+                max: 1_048_576
+            }
+            .to_string(),
+            "the backend sent an event of 2621500 bytes; max_event_bytes is 1048576"
+        );
+        assert_eq!(
+            Error::EventTooLarge {
+                size: None,
+                max: 4096
+            }
+            .to_string(),
+            "the backend sent an event of more than 4096 bytes; max_event_bytes is 4096"
         );
     }
 }

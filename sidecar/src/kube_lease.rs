@@ -45,6 +45,128 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_BODY: usize = 1 << 20;
 
+/// Why a Lease cannot be used or a request about it failed. Messages name
+/// the API server, the Lease and the step; never the token.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    // The settings.
+    #[error("{api_server}: give an https:// or http:// address")]
+    NoScheme { api_server: String },
+    #[error("{api_server}: put an IPv6 address in brackets (https://[fd00::1]:443)")]
+    Ipv6Brackets { api_server: String },
+    #[error(
+        "{api_server}: a token is sent only over https, or over http to a loopback address (kubectl proxy)"
+    )]
+    TokenOverHttp { api_server: String },
+    #[error("an https API server needs ca_file")]
+    NoCaFile,
+    #[error("cannot read {}: {reason}", path.display())]
+    CaFile {
+        path: PathBuf,
+        reason: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    CaCertificate { path: PathBuf, reason: CaProblem },
+    #[error("{}: no certificate in it", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{api_server}: {reason}")]
+    ServerName {
+        api_server: String,
+        reason: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("no randomness for the lease identity")]
+    NoRandomness,
+
+    // One request.
+    /// `what` is `METHOD lease NAMESPACE/NAME`.
+    #[error("{what}: no answer within {after:?}")]
+    Timeout { what: String, after: Duration },
+    /// A request that failed before an answer; `reason` says where.
+    #[error("{what}: {reason}")]
+    Request {
+        what: String,
+        reason: Box<LeaseError>,
+    },
+    #[error("cannot connect to {api_server}: {reason}")]
+    Connect {
+        api_server: String,
+        reason: std::io::Error,
+    },
+    #[error("TLS with {api_server}: {reason}")]
+    Handshake {
+        api_server: String,
+        reason: std::io::Error,
+    },
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    BuildRequest(#[from] hyper::http::Error),
+    #[error("{0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("cannot read the token file {}: {reason}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+    #[error("the token in {} is not a valid header", path.display())]
+    TokenNotAHeader { path: PathBuf },
+    #[error("reading the answer: {reason}")]
+    ReadAnswer {
+        reason: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the Lease is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// The API server answered with an error status; `message` is its own.
+    #[error(
+        "{method} lease {namespace}/{name}: HTTP {code} {message}{}",
+        status_hint(*code)
+    )]
+    Status {
+        method: String,
+        namespace: String,
+        name: String,
+        code: u16,
+        message: String,
+    },
+    #[error("the Lease kept changing")]
+    KeptChanging,
+}
+
+/// What is wrong with a certificate in the CA file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaProblem {
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error(transparent)]
+    Rejected(#[from] rustls::Error),
+}
+
+/// What to check when the API server refuses.
+fn status_hint(code: u16) -> &'static str {
+    match code {
+        401 => " (is the service account token valid?)",
+        403 => " (grant the service account get, create and update on leases)",
+        _ => "",
+    }
+}
+
+/// Why a held Lease no longer makes this candidate the leader.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseLost {
+    #[error("the lease was not renewed in time")]
+    NotRenewed,
+    #[error("another candidate holds the lease now ({holder})")]
+    TakenOver { holder: String },
+    #[error("the Lease was deleted")]
+    Deleted,
+    /// Renewals failed until the lease ran out; `reason` is the last
+    /// failure as it was logged.
+    #[error("could not renew the lease in time: {reason}")]
+    RenewFailed { reason: String },
+}
+
 /// How to reach the API server and which Lease to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseConfig {
@@ -63,7 +185,10 @@ pub struct LeaseConfig {
 }
 
 /// Checks that the address parses and the CA file holds certificates.
-pub fn check(cfg: &LeaseConfig) -> Result<(), String> {
+///
+/// # Errors
+/// What is wrong with the address, the token's transport or the CA file.
+pub fn check(cfg: &LeaseConfig) -> Result<(), LeaseError> {
     Client::new(cfg.clone()).map(|_| ())
 }
 
@@ -158,23 +283,23 @@ struct Client {
 }
 
 impl Client {
-    fn new(cfg: LeaseConfig) -> Result<Self, String> {
+    fn new(cfg: LeaseConfig) -> Result<Self, LeaseError> {
+        use rustls::pki_types::pem::PemObject;
+        let api_server = || cfg.api_server.clone();
         let (tls, rest) = if let Some(r) = cfg.api_server.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = cfg.api_server.strip_prefix("http://") {
             (false, r)
         } else {
-            return Err(format!(
-                "{}: give an https:// or http:// address",
-                cfg.api_server
-            ));
+            return Err(LeaseError::NoScheme {
+                api_server: api_server(),
+            });
         };
         let authority = rest.trim_end_matches('/');
         if authority.matches(':').count() > 1 && !authority.starts_with('[') {
-            return Err(format!(
-                "{}: put an IPv6 address in brackets (https://[fd00::1]:443)",
-                cfg.api_server
-            ));
+            return Err(LeaseError::Ipv6Brackets {
+                api_server: api_server(),
+            });
         }
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && !p.contains(']') => {
@@ -183,32 +308,33 @@ impl Client {
             _ => (authority.to_string(), if tls { 443 } else { 80 }),
         };
         if !tls && cfg.token_file.is_some() && !is_loopback(&host) {
-            return Err(format!(
-                "{}: a token is sent only over https, or over http to a loopback address (kubectl proxy)",
-                cfg.api_server
-            ));
+            return Err(LeaseError::TokenOverHttp {
+                api_server: api_server(),
+            });
         }
         let tls = if tls {
-            let ca = cfg
-                .ca_file
-                .as_ref()
-                .ok_or("an https API server needs ca_file")?;
-            use rustls::pki_types::pem::PemObject;
+            let ca = cfg.ca_file.as_ref().ok_or(LeaseError::NoCaFile)?;
+            let bad_cert = |reason: CaProblem| LeaseError::CaCertificate {
+                path: ca.clone(),
+                reason,
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("cannot read {}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|reason| {
+                LeaseError::CaFile {
+                    path: ca.clone(),
+                    reason,
+                }
+            })? {
+                let c = c.map_err(|e| bad_cert(e.into()))?;
+                roots.add(c).map_err(|e| bad_cert(e.into()))?;
             }
             if roots.is_empty() {
-                return Err(format!("{}: no certificate in it", ca.display()));
+                return Err(LeaseError::NoCertificate { path: ca.clone() });
             }
             let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
             let name = rustls::pki_types::ServerName::try_from(
@@ -216,7 +342,10 @@ impl Client {
                     .trim_end_matches(']')
                     .to_string(),
             )
-            .map_err(|e| format!("{}: {e}", cfg.api_server))?;
+            .map_err(|reason| LeaseError::ServerName {
+                api_server: api_server(),
+                reason,
+            })?;
             Some((TlsConnector::from(Arc::new(config)), name))
         } else {
             None
@@ -251,12 +380,18 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), LeaseError> {
         let what = format!("{method} lease {}/{}", self.cfg.namespace, self.cfg.name);
-        tokio::time::timeout(TIMEOUT, self.send_inner(method, path, body))
-            .await
-            .map_err(|_| format!("{what}: no answer within {TIMEOUT:?}"))?
-            .map_err(|e| format!("{what}: {e}"))
+        match tokio::time::timeout(TIMEOUT, self.send_inner(method, path, body)).await {
+            Err(_) => Err(LeaseError::Timeout {
+                what,
+                after: TIMEOUT,
+            }),
+            Ok(r) => r.map_err(|e| LeaseError::Request {
+                what,
+                reason: Box::new(e),
+            }),
+        }
     }
 
     async fn send_inner(
@@ -264,25 +399,27 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), LeaseError> {
         let tcp = TcpStream::connect((
             self.host.trim_start_matches('[').trim_end_matches(']'),
             self.port,
         ))
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", self.cfg.api_server))?;
+        .map_err(|reason| LeaseError::Connect {
+            api_server: self.cfg.api_server.clone(),
+            reason,
+        })?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match &self.tls {
-            Some((c, name)) => Box::new(
-                c.connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS with {}: {e}", self.cfg.api_server))?,
-            ),
+            Some((c, name)) => Box::new(c.connect(name.clone(), tcp).await.map_err(|reason| {
+                LeaseError::Handshake {
+                    api_server: self.cfg.api_server.clone(),
+                    reason,
+                }
+            })?),
             None => Box::new(tcp),
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -300,41 +437,42 @@ impl Client {
             .header("accept", "application/json")
             .header("user-agent", "rekey-sidecar");
         if let Some(f) = &self.cfg.token_file {
-            let token = zeroize::Zeroizing::new(
-                std::fs::read_to_string(f)
-                    .map_err(|e| format!("cannot read the token file {}: {e}", f.display()))?,
-            );
-            let mut v =
-                hyper::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-                    .map_err(|_| format!("the token in {} is not a valid header", f.display()))?;
+            let token = zeroize::Zeroizing::new(std::fs::read_to_string(f).map_err(|reason| {
+                LeaseError::TokenFile {
+                    path: f.clone(),
+                    reason,
+                }
+            })?);
+            let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| LeaseError::TokenNotAHeader { path: f.clone() })?;
             v.set_sensitive(true);
             req = req.header("authorization", v);
         }
         let payload = match body {
             Some(b) => {
                 req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(b).map_err(|e| e.to_string())?)
+                Bytes::from(serde_json::to_vec(b)?)
             }
             None => Bytes::new(),
         };
-        let req = req.body(Full::new(payload)).map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let req = req.body(Full::new(payload))?;
+        let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?
+            .map_err(|reason| LeaseError::ReadAnswer { reason })?
             .to_bytes();
         Ok((status, body))
     }
 
     /// The Lease, or `None` when it does not exist yet.
-    async fn get(&self) -> Result<Option<Value>, String> {
+    async fn get(&self) -> Result<Option<Value>, LeaseError> {
         let (code, body) = self.send(Method::GET, &self.item(), None).await?;
         match code {
             200 => serde_json::from_slice(&body)
                 .map(Some)
-                .map_err(|e| format!("the Lease is not JSON: {e}")),
+                .map_err(LeaseError::NotJson),
             404 => Ok(None),
             c => Err(self.failure("GET", c, &body)),
         }
@@ -342,7 +480,7 @@ impl Client {
 
     /// Creates or replaces the Lease. `Ok(None)` on a conflict: someone
     /// else wrote it first.
-    async fn write(&self, lease: &Value, create: bool) -> Result<Option<Value>, String> {
+    async fn write(&self, lease: &Value, create: bool) -> Result<Option<Value>, LeaseError> {
         let (method, path) = if create {
             (Method::POST, self.collection())
         } else {
@@ -353,24 +491,20 @@ impl Client {
         match code {
             200 | 201 => serde_json::from_slice(&body)
                 .map(Some)
-                .map_err(|e| format!("the Lease is not JSON: {e}")),
+                .map_err(LeaseError::NotJson),
             409 => Ok(None),
             c => Err(self.failure(&label, c, &body)),
         }
     }
 
-    fn failure(&self, method: &str, code: u16, body: &[u8]) -> String {
-        let hint = match code {
-            401 => " (is the service account token valid?)",
-            403 => " (grant the service account get, create and update on leases)",
-            _ => "",
-        };
-        format!(
-            "{method} lease {}/{}: HTTP {code} {}{hint}",
-            self.cfg.namespace,
-            self.cfg.name,
-            status_message(body)
-        )
+    fn failure(&self, method: &str, code: u16, body: &[u8]) -> LeaseError {
+        LeaseError::Status {
+            method: method.to_string(),
+            namespace: self.cfg.namespace.clone(),
+            name: self.cfg.name.clone(),
+            code,
+            message: status_message(body),
+        }
     }
 }
 
@@ -385,12 +519,15 @@ pub struct Elector {
 impl Elector {
     /// `consumer_id` names the candidate; a random suffix makes the
     /// identity this process's own.
-    pub fn new(cfg: LeaseConfig, consumer_id: &str) -> Result<Self, String> {
+    ///
+    /// # Errors
+    /// The settings are unusable ([`check`]), or no randomness.
+    pub fn new(cfg: LeaseConfig, consumer_id: &str) -> Result<Self, LeaseError> {
         use ring::rand::SecureRandom;
         let mut suffix = [0u8; 4];
         ring::rand::SystemRandom::new()
             .fill(&mut suffix)
-            .map_err(|_| "no randomness for the lease identity".to_string())?;
+            .map_err(|_| LeaseError::NoRandomness)?;
         Ok(Elector {
             client: Arc::new(Client::new(cfg)?),
             identity: format!("{consumer_id}_{}", hex::encode(suffix)),
@@ -404,7 +541,10 @@ impl Elector {
     }
 
     /// One try: `Some` when this candidate now leads.
-    pub async fn try_acquire(&mut self) -> Result<Option<Held>, String> {
+    ///
+    /// # Errors
+    /// The Lease cannot be read or written.
+    pub async fn try_acquire(&mut self) -> Result<Option<Held>, LeaseError> {
         let sent = Instant::now();
         let now = micro_time(SystemTime::now());
         let written = match self.client.get().await? {
@@ -475,7 +615,7 @@ impl Elector {
 struct Status {
     lease: Value,
     valid_until: Instant,
-    lost: Option<String>,
+    lost: Option<LeaseLost>,
 }
 
 /// A Lease this candidate holds, renewed in the background until released
@@ -507,7 +647,7 @@ impl Held {
                         _ = tokio::time::sleep(every) => {}
                         _ = &mut stopped => return,
                     }
-                    if let Err(Lost(why)) = renew(&client, &identity, &status, deadline).await {
+                    if let Err(why) = renew(&client, &identity, &status, deadline).await {
                         tracing::warn!(lease = %client.cfg.name, error = %why, "lost the re-encryption lease");
                         status.lock().unwrap_or_else(|p| p.into_inner()).lost = Some(why);
                         return;
@@ -525,13 +665,16 @@ impl Held {
     }
 
     /// `Ok` while this candidate may act as leader.
-    pub fn check(&self) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// Why it may not any more.
+    pub fn check(&self) -> Result<(), LeaseLost> {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &s.lost {
             return Err(why.clone());
         }
         if Instant::now() >= s.valid_until {
-            return Err("the lease was not renewed in time".into());
+            return Err(LeaseLost::NotRenewed);
         }
         Ok(())
     }
@@ -576,7 +719,7 @@ impl Held {
 /// Writes the Lease back with nobody holding it. On a conflict (a renewal
 /// that landed meanwhile) reads it again and, if it is still ours, tries
 /// once more.
-async fn give_back(client: &Client, identity: &str, mut lease: Value) -> Result<(), String> {
+async fn give_back(client: &Client, identity: &str, mut lease: Value) -> Result<(), LeaseError> {
     for _ in 0..2 {
         lease["spec"]["holderIdentity"] = json!("");
         lease["spec"]["leaseDurationSeconds"] = json!(1);
@@ -589,7 +732,7 @@ async fn give_back(client: &Client, identity: &str, mut lease: Value) -> Result<
             _ => return Ok(()),
         }
     }
-    Err("the Lease kept changing".into())
+    Err(LeaseError::KeptChanging)
 }
 
 impl Drop for Held {
@@ -600,15 +743,13 @@ impl Drop for Held {
     }
 }
 
-struct Lost(String);
-
 /// One renewal: write a fresh `renewTime` over the version we hold.
 async fn renew(
     client: &Client,
     identity: &str,
     status: &Mutex<Status>,
     deadline: Duration,
-) -> Result<(), Lost> {
+) -> Result<(), LeaseLost> {
     let sent = Instant::now();
     let mut lease = status
         .lock()
@@ -626,12 +767,11 @@ async fn renew(
                     return Ok(());
                 }
                 Ok(Some(l)) => {
-                    return Err(Lost(format!(
-                        "another candidate holds the lease now ({})",
-                        holder(&l).unwrap_or("nobody")
-                    )));
+                    return Err(LeaseLost::TakenOver {
+                        holder: holder(&l).unwrap_or("nobody").to_string(),
+                    });
                 }
-                Ok(None) => return Err(Lost("the Lease was deleted".into())),
+                Ok(None) => return Err(LeaseLost::Deleted),
                 Err(e) => Err(e),
             }
         }
@@ -644,9 +784,9 @@ async fn renew(
             s.valid_until = sent + deadline;
             Ok(())
         }
-        Err(e) if Instant::now() >= s.valid_until => {
-            Err(Lost(format!("could not renew the lease in time: {e}")))
-        }
+        Err(e) if Instant::now() >= s.valid_until => Err(LeaseLost::RenewFailed {
+            reason: e.to_string(),
+        }),
         Err(e) => {
             tracing::warn!(lease = %client.cfg.name, error = %e, "cannot renew the re-encryption lease; retrying");
             Ok(())
@@ -671,6 +811,40 @@ mod tests {
         let long = default_name(&"x".repeat(300));
         assert!(long.len() <= 63, "{long}");
         assert!(!default_name("///").contains("--"));
+    }
+
+    #[test]
+    fn messages_keep_their_documented_wording() {
+        // The backend's status of a key shows these as `error: ...`, and
+        // the end-to-end tests look for the hint.
+        let refused = LeaseError::Status {
+            method: "GET".into(),
+            namespace: "ns".into(),
+            name: "l".into(),
+            code: 401,
+            message: "Unauthorized".into(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "GET lease ns/l: HTTP 401 Unauthorized (is the service account token valid?)"
+        );
+        let wrapped = LeaseError::Request {
+            what: "PUT lease ns/l".into(),
+            reason: Box::new(LeaseError::TokenNotAHeader {
+                path: "/var/run/token".into(),
+            }),
+        };
+        assert_eq!(
+            wrapped.to_string(),
+            "PUT lease ns/l: the token in /var/run/token is not a valid header"
+        );
+        assert_eq!(
+            LeaseLost::TakenOver {
+                holder: "api-1_ab".into()
+            }
+            .to_string(),
+            "another candidate holds the lease now (api-1_ab)"
+        );
     }
 
     #[test]
@@ -712,12 +886,21 @@ mod tests {
             token_file: None,
             ca_file: None,
         };
-        assert!(Client::new(cfg.clone()).err().unwrap().contains("ca_file"));
+        assert!(matches!(
+            Client::new(cfg.clone()).err().unwrap(),
+            LeaseError::NoCaFile
+        ));
         let bad = LeaseConfig {
             api_server: "10.96.0.1:443".into(),
             ..cfg.clone()
         };
-        assert!(Client::new(bad).err().unwrap().contains("https://"));
+        assert!(
+            Client::new(bad)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("https://")
+        );
         let proxy = Client::new(LeaseConfig {
             api_server: "http://127.0.0.1:8001".into(),
             ..cfg
@@ -760,10 +943,13 @@ mod tests {
             assert!(Client::new(cfg(ok)).is_ok(), "{ok}");
         }
         for remote in ["http://10.0.0.5:8001", "http://localhost:8001"] {
-            let e = Client::new(cfg(remote)).err().unwrap();
+            let e = Client::new(cfg(remote)).err().unwrap().to_string();
             assert!(e.contains("only over https"), "{remote}: {e}");
         }
-        let e = Client::new(cfg("http://fd00::1:8001")).err().unwrap();
+        let e = Client::new(cfg("http://fd00::1:8001"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("brackets"), "{e}");
     }
 }

@@ -64,7 +64,7 @@ pub async fn run(
     match backend::probe(&cfg).await {
         Err(errors) => bail!("{}", config::ConfigErrors(errors)),
         Ok(backend::Probe::Unreachable(e)) => {
-            tracing::warn!(error = %e, "backend unreachable at start; not ready until it answers")
+            tracing::warn!(error = %e, "cannot read the secrets from the backend at start; not ready until it delivers them");
         }
         Ok(backend::Probe::Snapshots(events)) => {
             for ev in events {

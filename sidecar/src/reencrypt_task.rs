@@ -20,13 +20,61 @@ use std::time::{Duration, Instant};
 
 use rekey_keyring::{MasterKey, SecretValue};
 use rekey_proto::v1 as pb;
-use rekey_reencrypt::{Column, Error, Hook, Options, Report};
+use rekey_reencrypt::{Column, Hook, Options, Report};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::config::{Config, Election, ReencryptConfig};
-use crate::kube_lease::{Elector, Held};
+use crate::kube_lease::{Elector, Held, LeaseError, LeaseLost};
 use crate::state::State;
+
+/// Why an attempt at leading re-encryption stopped. The message goes to
+/// the log and, as `error: ...`, to the backend's status of the key; it
+/// names files, tables and versions, never a key or the database URL.
+#[derive(Debug, thiserror::Error)]
+pub enum ReencryptError {
+    #[error("cannot read {}: {reason}", path.display())]
+    DatabaseUrlFile {
+        path: std::path::PathBuf,
+        reason: std::io::Error,
+    },
+    #[error("cannot connect to the database: {reason}")]
+    Connect { reason: String },
+    #[error("cannot create the checkpoint table: {reason}")]
+    Schema { reason: String },
+    /// A statement failed; the database's own message.
+    #[error("{reason}")]
+    Database { reason: String },
+    #[error("lost the lock connection: {reason}")]
+    LockConnection { reason: String },
+    #[error("the secret is not an encryption key")]
+    NotAKey,
+    #[error("the secret is not an encryption key: {0}")]
+    BadKey(#[from] rekey_keyring::KeyError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// Checking the columns, counting or moving rows.
+    #[error(transparent)]
+    Reencrypt(#[from] rekey_reencrypt::Error),
+    /// Connecting to the backend.
+    #[error(transparent)]
+    Backend(#[from] crate::Error),
+    #[error("cannot read the fleet's status: {message}")]
+    FleetStatus { message: String },
+    #[error("the key moved on to v{current}")]
+    KeyMoved { current: u64 },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Why this sidecar stopped leading while it worked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NotLeader {
+    #[error("the advisory lock is gone")]
+    AdvisoryLockGone,
+    #[error(transparent)]
+    Lease(#[from] LeaseLost),
+}
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
     secret_id text NOT NULL,
@@ -42,14 +90,14 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
 
 /// Creates the checkpoint table unless it exists. Sidecars starting
 /// together race to create it; the loser's error is no error.
-async fn ensure_schema(pool: &PgPool) -> Result<(), String> {
+async fn ensure_schema(pool: &PgPool) -> Result<(), ReencryptError> {
     let exists = || async {
         sqlx::query_scalar::<_, bool>(
             "SELECT to_regclass('rekey_reencrypt_checkpoints') IS NOT NULL",
         )
         .fetch_one(pool)
         .await
-        .map_err(db)
+        .map_err(db_error)
     };
     if exists().await? {
         return Ok(());
@@ -57,7 +105,7 @@ async fn ensure_schema(pool: &PgPool) -> Result<(), String> {
     match sqlx::query(SCHEMA).execute(pool).await {
         Ok(_) => Ok(()),
         Err(_) if exists().await? => Ok(()),
-        Err(e) => Err(format!("cannot create the checkpoint table: {}", db(e))),
+        Err(e) => Err(ReencryptError::Schema { reason: db(e) }),
     }
 }
 
@@ -72,21 +120,30 @@ fn lock_key(secret: &str) -> i64 {
     i64::from_be_bytes(b)
 }
 
-fn key_of(v: &SecretValue) -> Result<MasterKey, String> {
+fn key_of(v: &SecretValue) -> Result<MasterKey, ReencryptError> {
     match v {
-        SecretValue::Raw(b) => {
-            MasterKey::from_base64(std::str::from_utf8(b.expose()).unwrap_or_default())
-                .map_err(|e| format!("the secret is not an encryption key: {e}"))
-        }
-        SecretValue::Fields(_) => Err("the secret is not an encryption key".into()),
+        SecretValue::Raw(b) => Ok(MasterKey::from_base64(
+            std::str::from_utf8(b.expose()).unwrap_or_default(),
+        )?),
+        SecretValue::Fields(_) => Err(ReencryptError::NotAKey),
     }
 }
 
+/// The database's own message for a failed statement (no URL, no query
+/// parameters).
 fn db(e: sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(d) => d.message().to_string(),
         other => other.to_string(),
     }
+}
+
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "used as map_err(db_error), which passes the error by value"
+)]
+fn db_error(e: sqlx::Error) -> ReencryptError {
+    ReencryptError::Database { reason: db(e) }
 }
 
 /// Runs until shutdown: whenever the served key changes, try to lead.
@@ -207,7 +264,7 @@ enum Leadership {
 impl Leadership {
     /// `Ok(None)` while this sidecar leads, `Ok(Some(why))` once another
     /// one may; `Err` when leadership cannot be checked.
-    async fn check(&mut self) -> Result<Option<String>, String> {
+    async fn check(&mut self) -> Result<Option<NotLeader>, ReencryptError> {
         match self {
             Leadership::Advisory { conn, key } => {
                 let held: bool = sqlx::query_scalar(
@@ -217,10 +274,10 @@ impl Leadership {
                 .bind(*key)
                 .fetch_one(&mut **conn)
                 .await
-                .map_err(|e| format!("lost the lock connection: {}", db(e)))?;
-                Ok((!held).then(|| "the advisory lock is gone".to_string()))
+                .map_err(|e| ReencryptError::LockConnection { reason: db(e) })?;
+                Ok((!held).then_some(NotLeader::AdvisoryLockGone))
             }
-            Leadership::Lease(h) => Ok(h.check().err()),
+            Leadership::Lease(h) => Ok(h.check().err().map(NotLeader::from)),
         }
     }
 
@@ -254,24 +311,35 @@ struct Leader<'a> {
     started: Instant,
     last_report: Instant,
     /// Why this sidecar stopped leading, once it has.
-    lost: Option<String>,
+    lost: Option<NotLeader>,
 }
 
 impl Hook for Leader<'_> {
-    async fn before_batch(&mut self) -> Result<(), Error> {
+    async fn before_batch(&mut self) -> Result<(), rekey_reencrypt::Error> {
+        use rekey_reencrypt::Error::Stopped;
         if *self.shutdown.borrow() {
-            return Err(Error::Stopped("shutting down".into()));
+            return Err(Stopped(ReencryptError::ShuttingDown.to_string()));
         }
-        match self.leadership.check().await.map_err(Error::Stopped)? {
+        match self
+            .leadership
+            .check()
+            .await
+            .map_err(|e| Stopped(e.to_string()))?
+        {
             None => Ok(()),
             Some(why) => {
-                self.lost = Some(why.clone());
-                Err(Error::Stopped(format!("no longer the leader: {why}")))
+                let e = Stopped(format!("no longer the leader: {why}"));
+                self.lost = Some(why);
+                Err(e)
             }
         }
     }
 
-    async fn after_batch(&mut self, r: &Report, last_id: &str) -> Result<(), Error> {
+    async fn after_batch(
+        &mut self,
+        r: &Report,
+        last_id: &str,
+    ) -> Result<(), rekey_reencrypt::Error> {
         sqlx::query(
             "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, last_id) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, version, table_name, column_name, pass) \
@@ -321,10 +389,13 @@ async fn attempt(
     previous: &SecretValue,
     version: u64,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<bool, String> {
+) -> Result<bool, ReencryptError> {
     let url = zeroize::Zeroizing::new(
         std::fs::read_to_string(&rc.database_url_file)
-            .map_err(|e| format!("cannot read {}: {e}", rc.database_url_file.display()))?
+            .map_err(|reason| ReencryptError::DatabaseUrlFile {
+                path: rc.database_url_file.clone(),
+                reason,
+            })?
             .trim()
             .to_string(),
     );
@@ -333,7 +404,7 @@ async fn attempt(
         .acquire_timeout(Duration::from_secs(10))
         .connect(&url)
         .await
-        .map_err(|e| format!("cannot connect to the database: {}", db(e)))?;
+        .map_err(|e| ReencryptError::Connect { reason: db(e) })?;
     ensure_schema(&pool).await?;
     let finished = |pool: PgPool| async move {
         sqlx::query_scalar::<_, bool>(
@@ -343,7 +414,7 @@ async fn attempt(
         .bind(version as i64)
         .fetch_one(&pool)
         .await
-        .map_err(db)
+        .map_err(db_error)
     };
     if finished(pool.clone()).await? {
         return Ok(true);
@@ -351,12 +422,12 @@ async fn attempt(
     let mut leadership = match elector {
         None => {
             let key = lock_key(&rc.secret);
-            let mut conn = pool.acquire().await.map_err(db)?;
+            let mut conn = pool.acquire().await.map_err(db_error)?;
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(key)
                 .fetch_one(&mut *conn)
                 .await
-                .map_err(db)?;
+                .map_err(db_error)?;
             if !got {
                 return Ok(false);
             }
@@ -406,19 +477,15 @@ async fn lead(
     previous: &SecretValue,
     version: u64,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<bool, String> {
+) -> Result<bool, ReencryptError> {
     let pool = pool.clone();
     tracing::info!(secret = %rc.secret, version, "leading re-encryption");
     let new = Arc::new(key_of(current)?);
     let old = Arc::new(key_of(previous)?);
-    let types = rekey_reencrypt::check_columns(&pool, &rc.columns)
-        .await
-        .map_err(|e| e.to_string())?;
+    let types = rekey_reencrypt::check_columns(&pool, &rc.columns).await?;
     let mut total = 0;
     for c in &rc.columns {
-        total += rekey_reencrypt::count_rows(&pool, c)
-            .await
-            .map_err(|e| e.to_string())?;
+        total += rekey_reencrypt::count_rows(&pool, c).await?;
     }
     let opts = Options {
         batch_size: rc.batch_size,
@@ -455,7 +522,7 @@ async fn lead(
             .bind(pass)
             .fetch_optional(&pool)
             .await
-            .map_err(db)?;
+            .map_err(db_error)?;
             if start.as_ref().is_some_and(|(_, d)| *d) {
                 continue;
             }
@@ -492,7 +559,7 @@ async fn lead(
                 tracing::info!(secret = %rc.secret, version, reason = %why, "stopped leading re-encryption");
                 return Ok(false);
             }
-            let r = r.map_err(|e| e.to_string())?;
+            let r = r?;
             done_rows += r.scanned;
             sqlx::query(
                 "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
@@ -505,7 +572,7 @@ async fn lead(
             .bind(pass)
             .execute(&pool)
             .await
-            .map_err(db)?;
+            .map_err(db_error)?;
             tracing::info!(secret = %rc.secret, version, pass, table = %col.table, column = %col.column, rotated = r.rotated, already_new = r.already_new, "column re-encrypted");
         }
     }
@@ -517,7 +584,7 @@ async fn lead(
     .bind(version as i64)
     .execute(&pool)
     .await
-    .map_err(db)?;
+    .map_err(db_error)?;
     let rate = done_rows as f64 / started.elapsed().as_secs_f64().max(0.001);
     report(
         cfg, &rc.secret, version, done_rows, total, rate, true, "finished",
@@ -532,35 +599,66 @@ async fn wait_for_fleet(
     secret: &str,
     version: u64,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), ReencryptError> {
     loop {
-        let mut client = crate::backend::connect(cfg)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut client = crate::backend::connect(cfg).await?;
         let st = client
             .get_status(pb::GetStatusRequest {
                 secret_id: secret.into(),
             })
             .await
-            .map_err(|e| format!("cannot read the fleet's status: {}", e.message()))?
+            .map_err(|e| ReencryptError::FleetStatus {
+                message: e.message().to_string(),
+            })?
             .into_inner();
         let s = st.secrets.first().cloned().unwrap_or_default();
         let current = s.secret.as_ref().map_or(0, |x| x.current_version);
         if current != version {
-            return Err(format!("the key moved on to v{current}"));
+            return Err(ReencryptError::KeyMoved { current });
         }
         if s.converged == s.live_consumers {
             return Ok(());
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = crate::stopped(shutdown) => return Err("shutting down".into()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = crate::stopped(shutdown) => return Err(ReencryptError::ShuttingDown),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_keep_their_wording() {
+        // `rekey status` shows these as the key's phase (`error: ...`).
+        assert_eq!(
+            ReencryptError::Connect {
+                reason: "connection refused".into()
+            }
+            .to_string(),
+            "cannot connect to the database: connection refused"
+        );
+        assert_eq!(
+            ReencryptError::KeyMoved { current: 4 }.to_string(),
+            "the key moved on to v4"
+        );
+        assert_eq!(
+            ReencryptError::from(LeaseError::KeptChanging).to_string(),
+            "the Lease kept changing"
+        );
+        assert_eq!(
+            NotLeader::from(LeaseLost::Deleted).to_string(),
+            "the Lease was deleted"
+        );
+        let fields = SecretValue::Fields(std::collections::BTreeMap::new());
+        assert_eq!(
+            key_of(&fields).err().map(|e| e.to_string()).as_deref(),
+            Some("the secret is not an encryption key")
+        );
+    }
+
     #[test]
     fn lock_keys_differ_per_secret() {
         assert_ne!(super::lock_key("a"), super::lock_key("b"));

@@ -170,6 +170,7 @@ mod tests {
             validate: Validate::None,
             validate_timeout: std::time::Duration::from_secs(1),
             reload: vec![],
+            dirs: crate::write::Dirs::NoSymlinks,
         }
     }
 

@@ -42,6 +42,9 @@ struct Entry {
 pub struct State {
     entries: RwLock<BTreeMap<String, Entry>>,
     connected: AtomicBool,
+    /// Why the Watch stream is not delivering, as `/readyz` says it;
+    /// cleared once a stream delivered every secret.
+    backend_problem: RwLock<Option<String>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -50,6 +53,7 @@ impl State {
         Self {
             entries: RwLock::new(ids.into_iter().map(|i| (i, Entry::default())).collect()),
             connected: AtomicBool::new(false),
+            backend_problem: RwLock::new(None),
             metrics,
         }
     }
@@ -83,6 +87,15 @@ impl State {
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records why the backend is not delivering (`None`: it is). The text
+    /// comes from an [`Error`], which never holds a value.
+    pub fn set_backend_problem(&self, problem: Option<String>) {
+        *self
+            .backend_problem
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
     }
 
     /// `(version served, healthy, error)` per secret, for ReportStatus.
@@ -126,10 +139,21 @@ impl State {
                 (Some(s), None) => lines.push(format!("{id}: serving v{}", s.current.version)),
             }
         }
-        if backend_needed && !self.connected() {
-            lines.push(
-                "backend: unreachable; serving the last good versions and reconnecting".into(),
-            );
+        let problem = self
+            .backend_problem
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if backend_needed {
+            match problem {
+                Some(p) => lines.push(format!(
+                    "backend: {p}; serving the last good versions and reconnecting with backoff"
+                )),
+                None if !self.connected() => lines.push(
+                    "backend: unreachable; serving the last good versions and reconnecting".into(),
+                ),
+                None => {}
+            }
         }
         let head = if ready { "ready" } else { "not ready" };
         (ready, format!("{head}\n{}\n", lines.join("\n")))
@@ -198,25 +222,17 @@ impl State {
                         .file_name()
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_default();
-                    write::write_in_data_dir(dir, &name, b.expose(), out.mode, out.owner)
+                    write::write_in_data_dir(dir, &name, b.expose(), out.mode, out.owner, out.dirs)
                 }
-                None => write::write_file(&out.path, b.expose(), out.mode, out.owner),
+                None => write::write_file(&out.path, b.expose(), out.mode, out.owner, out.dirs),
             };
-            if let Err(reason) = r {
-                let e = Error::Write {
-                    path: out.path.clone(),
-                    reason,
-                };
+            if let Err(e) = r {
                 return fail("write_failed", &e);
             }
         }
         if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)
-            && let Err(reason) = write::write_file(p, b.expose(), out.mode, out.owner)
+            && let Err(e) = write::write_file(p, b.expose(), out.mode, out.owner, out.dirs)
         {
-            let e = Error::Write {
-                path: p.clone(),
-                reason,
-            };
             return fail("write_failed", &e);
         }
         if let Some(t) = published_at_ms {
