@@ -13,9 +13,26 @@ fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "command failed: {}", stderr(o));
 }
 
-/// Asserts a CLI failure with one clear stderr line containing `needle`.
+/// Asserts a refusal or failure of the backend (exit status 1) with one
+/// clear stderr line containing `needle`.
 fn fails_with(o: &std::process::Output, needle: &str) {
-    assert!(!o.status.success(), "expected failure, got: {}", stdout(o));
+    fails_with_status(o, 1, needle);
+}
+
+/// Asserts a usage error (exit status 2): something typed on the command
+/// line was wrong, and nothing was sent.
+fn usage_error(o: &std::process::Output, needle: &str) {
+    fails_with_status(o, 2, needle);
+}
+
+fn fails_with_status(o: &std::process::Output, code: i32, needle: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit status {code}: {}{}",
+        stdout(o),
+        stderr(o)
+    );
     let err = stderr(o);
     assert!(err.starts_with("error: "), "stderr: {err}");
     assert_eq!(
@@ -231,7 +248,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         &b.cli(&["rollback", "prod/x"]),
         "prod/x has no previous version to roll back to",
     );
-    fails_with(
+    usage_error(
         &b.cli(&["create", "prod/y", "--kind", "random", "--length", "0"]),
         "--length must be at least 1",
     );
@@ -284,7 +301,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         !stderr(&o).contains("c2hvcnQta2V5"),
         "the key must not be echoed"
     );
-    fails_with(
+    usage_error(
         &b.cli(&[
             "create",
             "prod/enc",
@@ -294,18 +311,6 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             "/nonexistent/key",
         ]),
         "cannot read --value-file",
-    );
-    fails_with(
-        &b.cli(&[
-            "revoke",
-            "prod/x",
-            "--version",
-            "1",
-            "--force",
-            "--reason",
-            " ",
-        ]),
-        "",
     );
 
     // Nothing changed.
@@ -329,6 +334,71 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .output()
         .unwrap();
     fails_with(&o, "unavailable: cannot reach rekey-backend");
+}
+
+/// The one rule of a forced revoke: it needs a reason. Tested on previous,
+/// the only version a forced revoke is for (current is refused for another
+/// reason), while the validation window still holds it back.
+#[tokio::test]
+async fn a_forced_revoke_needs_a_reason() {
+    let dir = TempDir::new("force");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/x", "--kind", "random", "--window", "1h"]);
+    b.cli_json(&["rotate", "prod/x"]);
+    let before = b.cli_json(&["versions", "prod/x"]);
+    assert_eq!(before[1]["stages"], serde_json::json!(["previous"]));
+
+    // Without --force, the window holds previous back.
+    fails_with(
+        &b.cli(&["revoke", "prod/x", "--version", "1"]),
+        "previous v1 of prod/x cannot be decommissioned yet",
+    );
+    // --force with a blank reason: refused with exactly this line.
+    let o = b.cli(&[
+        "revoke",
+        "prod/x",
+        "--version",
+        "1",
+        "--force",
+        "--reason",
+        " ",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "error: invalid argument: a forced revoke needs a reason (--reason) for the audit log\n"
+    );
+    assert_eq!(
+        b.cli_json(&["versions", "prod/x"]),
+        before,
+        "nothing changed"
+    );
+
+    // With a reason it goes through, and the reason is in the audit log.
+    let rv = b.cli_json(&[
+        "revoke",
+        "prod/x",
+        "--version",
+        "1",
+        "--force",
+        "--reason",
+        "key leaked in ticket 42",
+    ]);
+    assert_eq!(rv["state"], "revoked");
+    let audit = b.cli_json(&["audit", "--secret", "prod/x"]);
+    let revoke = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "revoke" && e["outcome"] == "ok")
+        .expect("the forced revoke is audited");
+    assert!(
+        revoke["detail"]
+            .as_str()
+            .unwrap()
+            .contains("key leaked in ticket 42"),
+        "{revoke}"
+    );
 }
 
 #[tokio::test]
@@ -357,9 +427,21 @@ async fn bad_config_and_unreadable_kek_stop_the_backend_before_it_listens() {
         .output()
         .unwrap();
     let err = stderr(&o);
+    // One "- setting: problem" item per line; "listen:" alone would also
+    // match inside "metrics_listen:".
+    let items: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
     assert!(
-        err.contains("listen:") && err.contains("metrics_listen:"),
-        "both listed: {err}"
+        items.iter().any(|i| i.starts_with("listen: \"nowhere\"")),
+        "listen is listed: {err}"
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| i.starts_with("metrics_listen: \"also-nowhere\"")),
+        "metrics_listen is listed: {err}"
     );
 
     let kek = dir.path().join("kek");
@@ -436,25 +518,47 @@ async fn a_restart_keeps_every_version_and_value() {
     );
 }
 
-/// kill -9 at several points of a rotation (the engine pauses before each
-/// step so that the kill lands between steps); after a restart the secret
-/// is consistent: one current, no pending left behind, versions intact, and
-/// a retry with the same request token returns the same version.
+/// kill -9 at each step of a rotation; after a restart the secret is
+/// consistent: one current, no pending left behind, versions intact, and a
+/// retry with the same request token returns the same version. The engine
+/// pauses before each step (3 s); the test kills the backend once status
+/// shows the rotation at the step it wants, and the restarted backend's log
+/// confirms the step it resumed from.
 #[tokio::test]
 async fn kill_9_during_a_rotation_then_restart_leaves_a_consistent_secret() {
-    for (round, kill_after_ms) in [150u64, 650, 1150].into_iter().enumerate() {
+    for (round, step) in ["created", "set", "tested"].into_iter().enumerate() {
         let dir = TempDir::new("kill9");
         let mut b = Backend::start(
             dir.path(),
             BackendOpts {
-                env: vec![("REKEY_ENGINE_STEP_DELAY".into(), "500ms".into())],
+                env: vec![("REKEY_ENGINE_STEP_DELAY".into(), "3s".into())],
                 ..Default::default()
             },
         );
         b.cli_json(&["create", "prod/k", "--kind", "random"]);
         let v1 = b.cli_json(&["get", "prod/k", "--reveal"])["value"].clone();
         let mut rot = b.spawn_cli(&["rotate", "prod/k", "--request-token", "crash-1"]);
-        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        let client = b.client().await;
+        eventually(
+            Duration::from_secs(30),
+            &format!("the rotation to reach {step}"),
+            || {
+                let mut client = client.clone();
+                async move {
+                    let st = client
+                        .get_status(pb::GetStatusRequest {
+                            secret_id: "prod/k".into(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let rot = st.secrets.first()?.rotation.as_ref()?;
+                    (rot.target_version == 2 && rot.step == step).then_some(())
+                }
+            },
+        )
+        .await;
+        drop(client);
         b.kill9();
         let _ = rot.wait();
 
@@ -493,9 +597,12 @@ async fn kill_9_during_a_rotation_then_restart_leaves_a_consistent_secret() {
         let retry = b.cli_json(&["rotate", "prod/k", "--request-token", "crash-1"]);
         assert_eq!(retry["version"], 2);
         assert_eq!(retry["replayed"], true);
+        let log = b.log();
         assert!(
-            b.log().contains("resuming interrupted rotation"),
-            "round {round}"
+            log.lines()
+                .any(|l| l.contains("resuming interrupted rotation")
+                    && l.contains(&format!("step={step}"))),
+            "round {round}: the kill landed at {step}: {log}"
         );
         ok(&b.cli(&["audit", "--verify"]));
     }
@@ -783,13 +890,18 @@ async fn json_logs_are_one_object_per_line_and_audit_events_are_logged() {
     assert_eq!(audit_lines, 2, "{log}");
 }
 
+/// A consumer that reports holds decommission back while it is live; once
+/// it stops reporting for longer than the TTL it no longer counts, and
+/// previous is decommissioned. While the test looks, a heartbeat keeps the
+/// consumer live (every 200 ms against a 3 s TTL), so what it sees does not
+/// depend on how fast the machine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_that_stop_reporting_stop_counting() {
     let dir = TempDir::new("ttl");
     let b = Backend::start(
         dir.path(),
         BackendOpts {
-            extra_toml: "[consumers]\nttl = \"1s\"\n[scheduler]\ntick = \"100ms\"\n".into(),
+            extra_toml: "[consumers]\nttl = \"3s\"\n[scheduler]\ntick = \"100ms\"\n".into(),
             ..Default::default()
         },
     );
@@ -802,22 +914,35 @@ async fn consumers_that_stop_reporting_stop_counting() {
         "0s",
     ]);
     b.cli_json(&["rotate", "prod/api/key"]);
-    let mut client = b.client().await;
-    client
-        .report_status(pb::ReportStatusRequest {
-            consumer_id: "pod-gone".into(),
-            pod: "api-1".into(),
-            namespace: "prod".into(),
-            secrets: vec![pb::ServedSecret {
-                secret_id: "prod/api/key".into(),
-                version: 1,
-                healthy: true,
-                error: String::new(),
-            }],
+    let client = b.client().await;
+    let report = pb::ReportStatusRequest {
+        consumer_id: "pod-gone".into(),
+        pod: "api-1".into(),
+        namespace: "prod".into(),
+        secrets: vec![pb::ServedSecret {
+            secret_id: "prod/api/key".into(),
+            version: 1,
+            healthy: true,
+            error: String::new(),
+        }],
+    };
+    let beating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let heartbeat = {
+        let (mut client, report, beating) = (client.clone(), report.clone(), beating.clone());
+        tokio::spawn(async move {
+            while beating.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .report_status(report.clone())
+                    .await
+                    .expect("report_status");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         })
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(5), "the consumer gauge", || {
+    };
+    // The gauge is set by a scheduler pass that saw the consumer live; the
+    // same pass would have decommissioned previous (window 0) if nothing
+    // held it back.
+    eventually(Duration::from_secs(10), "the consumer gauge", || {
         let m = http_get(&b.metrics, "/metrics");
         async move {
             m.contains("rekey_consumers{secret=\"prod/api/key\",version=\"1\"} 1")
@@ -825,8 +950,20 @@ async fn consumers_that_stop_reporting_stop_counting() {
         }
     })
     .await;
-    // While it is live it holds decommission back; once silent it does not.
-    eventually(Duration::from_secs(10), "the silent consumer to stop counting", || {
+    let st = b.cli_json(&["status", "prod/api/key"]);
+    assert_eq!(st[0]["previous_version"], 1, "held back: {st}");
+    assert_eq!(st[0]["consumers"][0]["consumer_id"], "pod-gone");
+    assert_eq!(st[0]["consumers"][0]["live"], true, "{st}");
+    let blockers = st[0]["decommission_blockers"].to_string();
+    assert!(blockers.contains("pod-gone serves v1"), "{blockers}");
+    let versions = b.cli_json(&["versions", "prod/api/key"]);
+    assert_eq!(versions[1]["version"], 1);
+    assert_eq!(versions[1]["state"], "active", "{versions}");
+
+    // Silence: after the TTL the consumer stops counting.
+    beating.store(false, std::sync::atomic::Ordering::Relaxed);
+    heartbeat.await.unwrap();
+    eventually(Duration::from_secs(20), "the silent consumer to stop counting", || {
         let v = b.cli_json(&["versions", "prod/api/key"]);
         let m = http_get(&b.metrics, "/metrics");
         async move {
@@ -835,6 +972,16 @@ async fn consumers_that_stop_reporting_stop_counting() {
     })
     .await;
     let st = b.cli_json(&["status", "prod/api/key"]);
+    assert_eq!(st[0]["previous_version"], Value::Null, "{st}");
     assert_eq!(st[0]["consumers"][0]["live"], false);
     assert_eq!(st[0]["live_consumers"], 0);
+    let audit = b.cli_json(&["audit", "--secret", "prod/api/key"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "decommission" && e["action"] == "revoke"),
+        "{audit}"
+    );
 }

@@ -477,11 +477,16 @@ echo '{{"ok": true}}'"#,
     let l = std::fs::read_to_string(&log).unwrap();
     // Values arrive on stdin as JSON, never in argv.
     assert!(l.contains(&format!("\"new\":\"{v2}\"")), "{l}");
-    assert!(
-        l.contains(&format!("revoke {{\"old\":\"{v1}\""))
-            || l.contains(&format!("\"old\":\"{v1}\"")),
-        "{l}"
-    );
+    // The revoke hook's own input names the old value (the set hook's
+    // input holds it too, so look at the revoke line only).
+    let revoke_input: Value = l
+        .lines()
+        .find_map(|line| line.strip_prefix("revoke "))
+        .map(|json| serde_json::from_str(json).expect("the revoke hook got JSON"))
+        .unwrap_or_else(|| panic!("the revoke hook ran: {l}"));
+    assert_eq!(revoke_input["step"], "revoke", "{revoke_input}");
+    assert_eq!(revoke_input["old"], v1.as_str(), "{revoke_input}");
+    assert!(revoke_input.get("new").is_none(), "{revoke_input}");
 
     for (m, needle) in [
         ("fail", "exited with exit status: 3"),

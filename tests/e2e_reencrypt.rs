@@ -162,7 +162,7 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
         .await
         .unwrap();
     let o = reencrypt(&db, &keys(), &["--preset", "hyvve", "--batch-size", "50"]);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1), "a row the database holds");
     let e = stderr(&o);
     assert!(
         e.contains("row 00000000-0000-0000-0000-000000000013 of ai_provider_configs.api_key_encrypted decrypts under neither"),
@@ -189,6 +189,7 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
         ("ENCRYPTION_MASTER_KEY_NEW", OLD),
     ];
     let o = reencrypt(&db, &same, &["--preset", "hyvve"]);
+    assert_eq!(o.status.code(), Some(2), "the keys given are wrong");
     assert!(
         stderr(&o).contains("the old and new keys are identical"),
         "{}",
@@ -199,6 +200,7 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
         ("ENCRYPTION_MASTER_KEY_NEW", NEW),
     ];
     let o = reencrypt(&db, &short, &["--preset", "hyvve"]);
+    assert_eq!(o.status.code(), Some(2), "the key given is wrong");
     assert!(
         stderr(&o).contains("ENCRYPTION_MASTER_KEY_OLD: a key must be base64 of exactly 32 bytes"),
         "{}",
@@ -206,6 +208,7 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
     );
     assert!(!stderr(&o).contains("c2hvcnQ"));
     let o = reencrypt(&db, &keys(), &["--column", "no_such_table.secret"]);
+    assert_eq!(o.status.code(), Some(1), "the database says so");
     assert!(
         stderr(&o).contains("table no_such_table does not exist"),
         "{}",
@@ -237,6 +240,7 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
             "postgres://postgres@127.0.0.1:1/x",
         ],
     );
+    assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("cannot connect to the database"),
         "{}",
@@ -281,8 +285,22 @@ async fn bad_input_stops_with_a_clear_error_and_changes_nothing() {
     .await;
 }
 
+/// The row the test holds locked, so that the run waits in the batch that
+/// holds it; and that batch's ids (batch size 250).
+const LOCKED: i64 = 1600;
+const WAITING_BATCH: std::ops::Range<i64> = 1500..1750;
+
+/// An app rewrites rows while the command runs, and the test proves the two
+/// overlapped: it holds one row locked, so the run certainly waits in the
+/// middle of the table while the app writes. Rows the run had passed keep
+/// the app's old-key value (the final sweep moves them); rows it had not
+/// reached yet are re-encrypted with the app's value. Nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rekey_codec_with_integer_ids_and_a_concurrent_writer() {
+    use std::sync::Arc;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
     let db = PgDb::create("reencrk").await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     sqlx::raw_sql("CREATE TABLE tokens (id bigint PRIMARY KEY, secret text)")
@@ -302,46 +320,173 @@ async fn the_rekey_codec_with_integer_ids_and_a_concurrent_writer() {
             .await
             .unwrap();
     }
-    // An app keeps rewriting rows (under the old key, like a pod that has
-    // not moved yet) while the command runs.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM tokens WHERE id = $1 FOR UPDATE")
+        .bind(LOCKED)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *lock)
+        .await
+        .unwrap();
+
+    // The app: rewrites rows under the old key (a pod that has not moved
+    // yet), each id once, skipping the batch the run waits in (its rows
+    // are locked by the run's UPDATE). Each write is logged with whether
+    // it was made while the run waited: phase 1 both before and after it
+    // (the test sets phase 2 before it releases the lock).
+    let phase = Arc::new(AtomicU8::new(0));
+    let writes: Arc<Mutex<Vec<(i64, bool)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let pool = pool.clone();
+        let (pool, phase, writes, stop) =
+            (pool.clone(), phase.clone(), writes.clone(), stop.clone());
         let old = MasterKey::from_base64(OLD).unwrap();
         tokio::spawn(async move {
-            for round in 0..200i64 {
+            for round in 0..3000i64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let id = (round * 37) % 3000;
+                if WAITING_BATCH.contains(&id) {
+                    continue;
+                }
                 let v = rekey_reencrypt::Codec::Rekey
                     .seal(&old, format!("w{id}").as_bytes())
                     .unwrap();
+                let before = phase.load(Ordering::SeqCst);
                 sqlx::query("UPDATE tokens SET secret = $1 WHERE id = $2")
                     .bind(v)
                     .bind(id)
                     .execute(&pool)
                     .await
                     .unwrap();
+                let during = before == 1 && phase.load(Ordering::SeqCst) == 1;
+                writes.lock().unwrap().push((id, during));
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         })
     };
-    let o = reencrypt(
-        &db,
-        &keys(),
-        &[
-            "--column",
-            "tokens.secret",
-            "--codec",
-            "rekey",
-            "--batch-size",
-            "250",
-        ],
-    );
+    let run = tokio::task::spawn_blocking({
+        let url = db.url.clone();
+        move || {
+            std::process::Command::new(CLI.path())
+                .args([
+                    "-o",
+                    "json",
+                    "reencrypt",
+                    "--column",
+                    "tokens.secret",
+                    "--codec",
+                    "rekey",
+                    "--batch-size",
+                    "250",
+                ])
+                .env("DATABASE_URL", url)
+                .env("ENCRYPTION_MASTER_KEY_OLD", OLD)
+                .env("ENCRYPTION_MASTER_KEY_NEW", NEW)
+                .output()
+                .unwrap()
+        }
+    });
+    // The run's UPDATE of the batch holding the locked row waits for it.
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the run to wait for the locked row",
+        || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                )
+                .bind(holder)
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (n > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    phase.store(1, Ordering::SeqCst);
+    // At least 30 writes while it waits, one of them in the next batch,
+    // which the run has read ahead and will write with a compare-and-swap
+    // that must fail for that row.
+    let read_ahead = WAITING_BATCH.end..WAITING_BATCH.end + 250;
+    eventually(
+        std::time::Duration::from_secs(60),
+        "30 writes while the run waits",
+        || {
+            let w = writes.lock().unwrap();
+            let during: Vec<i64> = w.iter().filter(|(_, d)| *d).map(|(id, _)| *id).collect();
+            let enough = during.len() >= 30 && during.iter().any(|id| read_ahead.contains(id));
+            async move { enough.then_some(()) }
+        },
+    )
+    .await;
+    phase.store(2, Ordering::SeqCst);
+    lock.rollback().await.unwrap();
+    let o = run.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
+    let writes = writes.lock().unwrap().clone();
+    let during: Vec<i64> = writes
+        .iter()
+        .filter(|(_, d)| *d)
+        .map(|(id, _)| *id)
+        .collect();
     assert!(o.status.success(), "{}", stderr(&o));
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["columns"][0]["scanned"], 3000);
-    // The writer's rows written after their batch passed are still under
-    // the old key; a second run (the final sweep) moves them; nothing is
-    // lost either way.
+
+    // What the app wrote while the run waited at row LOCKED: below that
+    // batch the run had passed (the app's old-key value stays until the
+    // sweep), above it the run had not arrived (the app's value was
+    // re-encrypted).
+    let value = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT secret FROM tokens WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (passed, ahead): (Vec<i64>, Vec<i64>) = during
+        .iter()
+        .copied()
+        .partition(|&id| id < WAITING_BATCH.start);
+    assert!(
+        !passed.is_empty() && !ahead.is_empty(),
+        "writes on both sides of the run's position: {during:?}"
+    );
+    for id in passed {
+        let p = codec.open(&old, &value(id).await).unwrap_or_else(|_| {
+            panic!("row {id}, written after the run passed it, is under the old key")
+        });
+        assert_eq!(
+            String::from_utf8_lossy(p.expose()),
+            format!("w{id}"),
+            "the app's write to row {id}"
+        );
+    }
+    for id in ahead {
+        let p = codec.open(&new, &value(id).await).unwrap_or_else(|_| {
+            panic!("row {id}, written before the run reached it, is re-encrypted")
+        });
+        assert_eq!(
+            String::from_utf8_lossy(p.expose()),
+            format!("w{id}"),
+            "the app's write to row {id}"
+        );
+    }
+
+    // A second run (the final sweep) moves the rows written behind the
+    // first. Nothing is lost: every row the app wrote holds the app's value,
+    // every other row its original one, all under the new key.
+    let app_wrote: std::collections::HashSet<i64> = writes.iter().map(|(id, _)| *id).collect();
     let o = reencrypt(
         &db,
         &keys(),
@@ -356,10 +501,8 @@ async fn the_rekey_codec_with_integer_ids_and_a_concurrent_writer() {
         let (id, v): (i64, String) = (r.get(0), r.get(1));
         let p = codec.open(&new, &v).unwrap();
         let text = String::from_utf8(p.expose().to_vec()).unwrap();
-        assert!(
-            text == format!("t{id}") || text == format!("w{id}"),
-            "{id}: {text}"
-        );
+        let want = if app_wrote.contains(&id) { "w" } else { "t" };
+        assert_eq!(text, format!("{want}{id}"));
         assert!(codec.open(&old, &v).is_err());
     }
 }

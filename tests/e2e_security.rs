@@ -324,9 +324,26 @@ operations = ["create", "rotate", "read"]
         "{}",
         stderr(&o)
     );
-    // Without a client certificate the handshake is refused.
-    let o = run(None, &["versions", "prod/api/key"]);
-    assert!(!o.status.success());
+    // A valid token (the admin's) but no client certificate: the TLS
+    // handshake is refused, so the token is never even looked at.
+    let token = b.token_path();
+    let token = token.to_str().unwrap();
+    let o = run(None, &["--token-file", token, "versions", "prod/api/key"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("error: ")
+            && !err.contains("unauthenticated")
+            && !err.contains("permission"),
+        "refused at the connection, not by the token check: {err}"
+    );
+    // The same token with a certificate goes through: the certificate was
+    // the only thing missing.
+    let o = run(
+        Some("ci-bot"),
+        &["--token-file", token, "versions", "prod/api/key"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let audit = run(
         Some("ci-bot"),
         &[

@@ -2,9 +2,13 @@
 //! connection built from the credential files its sidecar writes, rebuilt
 //! when a file changes) while rekey rotates both credentials twenty times.
 //! No query may fail; every rotation must converge and be decommissioned;
-//! afterwards every old password must be refused.
+//! the app must have run queries with every one of the 21 credentials of
+//! each kind (so it really moved from each old one to the new one); and
+//! afterwards every old password must be refused. How many queries a second
+//! the machine manages is not asserted here (it depends on the machine);
+//! the benchmarks measure speed.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,11 +66,13 @@ fn stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((m.modified().ok()?, m.ino()))
 }
 
-/// What the app saw.
+/// What the app used: successful queries per credential.
 #[derive(Default)]
 struct Seen {
-    pg: BTreeSet<(String, String)>,
-    redis: BTreeSet<String>,
+    /// (user, password) -> queries that succeeded with it.
+    pg: BTreeMap<(String, String), u64>,
+    /// password -> Redis commands that succeeded with it.
+    redis: BTreeMap<String, u64>,
 }
 
 struct App {
@@ -77,11 +83,18 @@ struct App {
     seen: Mutex<Seen>,
 }
 
-async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_addr: String) {
+async fn run_app(
+    app: Arc<App>,
+    db_file: PathBuf,
+    redis_file: PathBuf,
+    redis_addr: String,
+    counter: String,
+) {
     let mut db_stamp = None;
     let mut redis_stamp = None;
-    let mut pool: Option<sqlx::PgPool> = None;
-    let mut redis: Option<Redis> = None;
+    // Each client with the credential it was built from.
+    let mut pool: Option<(sqlx::PgPool, (String, String))> = None;
+    let mut redis: Option<(Redis, String)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(2));
     let mut n = 0u64;
     while !app.stop.load(Ordering::Relaxed) {
@@ -93,20 +106,20 @@ async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_add
             && let Some(j) = read_json(&db_file)
         {
             let url = j["url"].as_str().unwrap_or_default().to_string();
+            let cred = (
+                j["username"].as_str().unwrap_or_default().to_string(),
+                j["password"].as_str().unwrap_or_default().to_string(),
+            );
             match sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
                 .connect(&url)
                 .await
             {
                 Ok(p) => {
-                    if let Some(old) = pool.replace(p) {
+                    if let Some((old, _)) = pool.replace((p, cred)) {
                         tokio::spawn(async move { old.close().await });
                     }
                     db_stamp = s;
-                    app.seen.lock().await.pg.insert((
-                        j["username"].as_str().unwrap_or_default().into(),
-                        j["password"].as_str().unwrap_or_default().into(),
-                    ));
                 }
                 Err(e) => app.errors.lock().await.push(format!("new pool: {e}")),
             }
@@ -121,9 +134,8 @@ async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_add
             );
             match Redis::connect(&redis_addr, u, p).await {
                 Ok(r) => {
-                    redis = Some(r);
+                    redis = Some((r, p.to_string()));
                     redis_stamp = s;
-                    app.seen.lock().await.redis.insert(p.to_string());
                 }
                 Err(e) => app
                     .errors
@@ -135,17 +147,32 @@ async fn run_app(app: Arc<App>, db_file: PathBuf, redis_file: PathBuf, redis_add
         n += 1;
         let result = if n.is_multiple_of(2) {
             match &pool {
-                Some(p) => sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
-                    .fetch_one(p)
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("postgres: {e}")),
+                Some((p, cred)) => {
+                    match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM items")
+                        .fetch_one(p)
+                        .await
+                    {
+                        Ok(_) => {
+                            *app.seen.lock().await.pg.entry(cred.clone()).or_default() += 1;
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("postgres: {e}")),
+                    }
+                }
                 None => continue,
             }
         } else {
             match &mut redis {
-                Some(r) => match r.cmd(&["INCR", "rekey:zero-downtime"]).await {
-                    Ok(l) if l.starts_with(':') => Ok(()),
+                Some((r, password)) => match r.cmd(&["INCR", &counter]).await {
+                    Ok(l) if l.starts_with(':') => {
+                        *app.seen
+                            .lock()
+                            .await
+                            .redis
+                            .entry(password.clone())
+                            .or_default() += 1;
+                        Ok(())
+                    }
                     Ok(l) => Err(format!("redis: {l}")),
                     Err(e) => Err(format!("redis: {e}")),
                 },
@@ -259,11 +286,15 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
         stop: AtomicBool::new(false),
         seen: Mutex::new(Seen::default()),
     });
+    // A counter of its own: other test runs may share this Redis.
+    let counter = format!("rekey:zero-downtime:{redis_user}");
+    redis_cli(&["DEL", &counter]);
     let task = tokio::spawn(run_app(
         app.clone(),
         db_file.clone(),
         redis_file.clone(),
         "127.0.0.1:6379".into(),
+        counter.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -295,7 +326,6 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
     assert_eq!(failed, 0, "failed queries: {errors:?}");
     assert!(errors.is_empty(), "{errors:?}");
     let rate = ok as f64 / elapsed.as_secs_f64();
-    assert!(rate >= 200.0, "only {rate:.0} queries per second");
 
     // Every rotation converged and was decommissioned.
     for id in ["prod/app/database", "prod/app/redis"] {
@@ -323,12 +353,27 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
     let seen = app.seen.lock().await;
     let current_db = b.cli_json(&["get", "prod/app/database", "--reveal"])["value"].clone();
     let current_redis = b.cli_json(&["get", "prod/app/redis", "--reveal"])["value"].clone();
-    assert!(
-        seen.pg.len() > ROTATIONS / 2,
-        "the app followed the rotations: {}",
-        seen.pg.len()
+    // The app used every credential: v1 and each of the twenty new ones,
+    // each for at least one successful query, so it moved from every old
+    // credential to its successor without a failed query.
+    assert_eq!(
+        seen.pg.len(),
+        ROTATIONS + 1,
+        "Postgres credentials the app used: {:?}",
+        seen.pg.values()
     );
-    for (user, pw) in seen.pg.iter() {
+    assert!(seen.pg.values().all(|&n| n > 0));
+    assert_eq!(
+        seen.redis.len(),
+        ROTATIONS + 1,
+        "Redis passwords the app used: {:?}",
+        seen.redis.values()
+    );
+    assert!(seen.redis.values().all(|&n| n > 0));
+    // Redis counted the same commands: they really ran, under those users.
+    let incrs: u64 = seen.redis.values().sum();
+    assert_eq!(redis_cli(&["GET", &counter]), incrs.to_string());
+    for (user, pw) in seen.pg.keys() {
         if pw == current_db["password"].as_str().unwrap() {
             pg.login(user, pw, "appdb").await.unwrap();
         } else {
@@ -338,7 +383,7 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
             );
         }
     }
-    for pw in seen.redis.iter() {
+    for pw in seen.redis.keys() {
         let who = redis_cli(&[
             "--user",
             &redis_user,
@@ -355,6 +400,6 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
         }
     }
     redis_cli(&["ACL", "DELUSER", &redis_user]);
-    redis_cli(&["DEL", "rekey:zero-downtime"]);
+    redis_cli(&["DEL", &counter]);
     eprintln!("{ok} queries in {elapsed:?} ({rate:.0}/s), 0 failed");
 }

@@ -32,10 +32,10 @@ mod sidecar;
 pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
 pub use bins::{BACKEND, Binary, CLI, SIDECAR};
 pub use lease::LeaseApiServer;
-pub use pg::{PgDb, PgServer, RedisUsers, pg_admin_url};
-pub use pki::{issue_cert, openssl, server_pki};
+pub use pg::{PgDb, PgServer, RedisUsers};
+pub use pki::{issue_cert, server_pki};
 pub use process::{
-    TempDir, eventually, free_port, http_get, http_request, metric, rand_u32, sha256_hex,
-    spawn_until_first_line, stderr, stdout, succeed, terminate, wait_for,
+    TempDir, eventually, free_port, http_get, http_request, sha256_hex, stderr, stdout, succeed,
+    wait_for,
 };
 pub use sidecar::{Sidecar, reencrypt_sidecar_config};

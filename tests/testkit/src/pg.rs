@@ -9,7 +9,7 @@ use crate::process::{free_port, rand_u32, succeed};
 /// The Postgres server the machine runs (trust auth); override with
 /// `REKEY_TEST_PG_URL`.
 #[must_use]
-pub fn pg_admin_url() -> String {
+pub(crate) fn pg_admin_url() -> String {
     std::env::var("REKEY_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }

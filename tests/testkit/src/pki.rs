@@ -11,7 +11,7 @@ use crate::process::succeed;
 /// # Panics
 ///
 /// When it fails; with its output.
-pub fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     succeed(Command::new("openssl").args(args).current_dir(dir));
 }
 

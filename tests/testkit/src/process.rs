@@ -57,7 +57,7 @@ impl Drop for TempDir {
 /// Four random bytes from the kernel, for names that must not collide
 /// between processes.
 #[must_use]
-pub fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
@@ -72,7 +72,7 @@ pub fn rand_u32() -> u32 {
 ///
 /// When it cannot start or prints nothing in time (with `log` attached).
 #[must_use]
-pub fn spawn_until_first_line(
+pub(crate) fn spawn_until_first_line(
     mut cmd: Command,
     log: &Path,
     what: &str,
@@ -104,7 +104,7 @@ pub fn spawn_until_first_line(
 /// SIGTERM, then up to 20 s for the exit (SIGKILL after that); the exit
 /// code (`None` when killed).
 #[must_use]
-pub fn terminate(mut c: Child) -> Option<i32> {
+pub(crate) fn terminate(mut c: Child) -> Option<i32> {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(c.id().to_string())
@@ -265,27 +265,4 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-/// The value of the first sample of a Prometheus text exposition whose
-/// line starts with `name` (name plus labels, e.g. `rekey_up{a="b"}`).
-#[must_use]
-pub fn metric(exposition: &str, name: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_finds_the_sample_by_its_full_name() {
-        let m = "# HELP x_total x\nx_total 3\nx_total_other 9\ny{a=\"b\"} 1.5\n";
-        assert_eq!(metric(m, "x_total"), Some(3.0));
-        assert_eq!(metric(m, "y{a=\"b\"}"), Some(1.5));
-        assert_eq!(metric(m, "y"), None);
-    }
 }
