@@ -35,7 +35,7 @@ pub use lease::LeaseApiServer;
 pub use pg::{PgDb, PgServer, RedisUsers};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
-    TempDir, eventually, free_port, http_get, http_request, sha256_hex, stderr, stdout, succeed,
-    wait_for,
+    TempDir, eventually, free_port, http_get, http_request, metric, sha256_hex, stderr, stdout,
+    succeed, wait_for,
 };
 pub use sidecar::{Sidecar, reencrypt_sidecar_config};

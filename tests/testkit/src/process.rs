@@ -266,3 +266,26 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// The value of the first sample of a Prometheus text exposition whose
+/// line starts with `name` (name plus labels, e.g. `rekey_up{a="b"}`).
+#[must_use]
+pub fn metric(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_finds_the_sample_by_its_full_name() {
+        let text = "# HELP x\nrekey_a{b=\"c\"} 3\nrekey_a 1\nrekey_ab 9\n";
+        assert_eq!(metric(text, "rekey_a{b=\"c\"}"), Some(3.0));
+        assert_eq!(metric(text, "rekey_a"), Some(1.0));
+        assert_eq!(metric(text, "rekey_zz"), None);
+    }
+}
