@@ -428,6 +428,20 @@ fn duration(
         .unwrap_or(default)
 }
 
+/// A duration setting that must be greater than zero.
+fn positive_duration(
+    setting: &str,
+    v: Option<&str>,
+    default: Duration,
+    errors: &mut Vec<String>,
+) -> Duration {
+    let d = duration(setting, v, default, errors);
+    if d.is_zero() {
+        errors.push(format!("{setting}: must be greater than zero"));
+    }
+    d
+}
+
 /// A count that must be at least 1.
 fn at_least_one(setting: &str, v: Option<u32>, default: u32, errors: &mut Vec<String>) -> u32 {
     let v = v.unwrap_or(default);
@@ -484,15 +498,12 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         }
     });
 
-    let scheduler_tick = duration(
+    let scheduler_tick = positive_duration(
         "scheduler.tick",
         raw.scheduler.tick.as_deref(),
         Duration::from_secs(1),
         errors,
     );
-    if scheduler_tick.is_zero() {
-        errors.push("scheduler.tick: must be greater than zero".into());
-    }
     let consumer_ttl = duration(
         "consumers.ttl",
         raw.consumers.ttl.as_deref(),
@@ -540,15 +551,12 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         100,
         errors,
     );
-    let refusal_summary_interval = duration(
+    let refusal_summary_interval = positive_duration(
         "audit.refusal_summary_interval",
         raw.audit.refusal_summary_interval.as_deref(),
         Duration::from_mins(1),
         errors,
     );
-    if refusal_summary_interval.is_zero() {
-        errors.push("audit.refusal_summary_interval: must be greater than zero".into());
-    }
     if let Some(f) = &raw.metrics.bearer_token_file
         && let Err(e) = std::fs::metadata(f)
     {

@@ -134,15 +134,14 @@ impl Store {
         old: i64,
         new: i64,
     ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE secrets SET next_rotation_at_ms = $1 WHERE id = $2 AND next_rotation_at_ms = $3",
-        )
-        .bind(new)
-        .bind(id)
-        .bind(old)
-        .execute(c)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let q = "UPDATE secrets SET next_rotation_at_ms = $1 WHERE id = $2 AND next_rotation_at_ms = $3";
+        let claimed = sqlx::query(q)
+            .bind(new)
+            .bind(id)
+            .bind(old)
+            .execute(c)
+            .await?;
+        Ok(claimed.rows_affected() == 1)
     }
 
     /// Records version `version`, active, whose value its provider finds
