@@ -338,7 +338,15 @@ struct Fanout {
 
 async fn fanout(s: &Settings) -> Result<Fanout> {
     let dir = TempDir::new("bench-fanout");
-    let b = Backend::start(dir.path(), BackendOpts::default());
+    // Many streams per connection and per identity, as a multiplexing
+    // client would hold; the defaults bound a pod's share.
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[limits]\nmax_watch_streams_per_connection = 1000000\nmax_watch_streams_per_identity = 1000000\n".into(),
+            ..Default::default()
+        },
+    );
     let pid = b.pid();
     let token = b.token();
     let id = "bench/fanout";
