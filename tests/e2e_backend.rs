@@ -661,6 +661,7 @@ async fn watch_sends_the_snapshot_then_each_change_and_status_shows_consumers() 
                 healthy: true,
                 error: String::new(),
             }],
+            leaving: false,
         })
         .await
         .unwrap();
@@ -690,6 +691,7 @@ async fn watch_sends_the_snapshot_then_each_change_and_status_shows_consumers() 
                 healthy: true,
                 error: String::new(),
             }],
+            leaving: false,
         })
         .await
         .unwrap();
@@ -925,6 +927,7 @@ async fn consumers_that_stop_reporting_stop_counting() {
             healthy: true,
             error: String::new(),
         }],
+        leaving: false,
     };
     let beating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let heartbeat = {

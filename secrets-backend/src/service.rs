@@ -484,7 +484,14 @@ impl Rekey for RekeyService {
             })
             .collect();
         self.engine
-            .report_served(&who.0, &r.consumer_id, &r.pod, &r.namespace, &served)
+            .report_served(
+                &who.0,
+                &r.consumer_id,
+                &r.pod,
+                &r.namespace,
+                &served,
+                r.leaving,
+            )
             .await?;
         Ok(Response::new(pb::ReportStatusResponse {}))
     }

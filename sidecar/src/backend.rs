@@ -287,7 +287,9 @@ pub async fn run(
     }
 }
 
-async fn report(cfg: &Config, state: &State, client: &mut Client) {
+/// Reports the versions served; with `leaving`, says goodbye instead, so a
+/// sidecar that stopped cleanly holds no decommission back.
+async fn report(cfg: &Config, state: &State, client: &mut Client, leaving: bool) {
     let secrets = state
         .report()
         .into_iter()
@@ -305,12 +307,16 @@ async fn report(cfg: &Config, state: &State, client: &mut Client) {
             pod: cfg.pod.clone(),
             namespace: cfg.namespace.clone(),
             secrets,
+            leaving,
         })
         .await;
     if let Err(e) = r {
         tracing::warn!(code = ?e.code(), message = e.message(), "cannot report served versions");
     }
 }
+
+/// How long a stopping sidecar waits to tell the backend it is leaving.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One Watch stream, until it ends. `synced` is set once every watched
 /// secret's first event (its snapshot) has been delivered.
@@ -345,7 +351,7 @@ async fn session(
                     {
                         let changed = state.deliver(&id, out, served, published, reloader).await;
                         if changed || state.report().iter().any(|(i, _, ok, _)| i == &id && !ok) {
-                            report(cfg, state, &mut client).await;
+                            report(cfg, state, &mut client, false).await;
                         }
                     }
                     if let Some(id) = id
@@ -359,8 +365,14 @@ async fn session(
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(stream_error(&s, cfg.max_event_bytes)),
             },
-            _ = tick.tick() => report(cfg, state, &mut client).await,
-            () = crate::stopped(shutdown) => return Ok(()),
+            _ = tick.tick() => report(cfg, state, &mut client, false).await,
+            () = crate::stopped(shutdown) => {
+                let bye = report(cfg, state, &mut client, true);
+                if tokio::time::timeout(LEAVE_TIMEOUT, bye).await.is_err() {
+                    tracing::warn!("the backend did not take the goodbye in time; this pod counts as a consumer until its reports expire");
+                }
+                return Ok(());
+            }
         }
     }
 }

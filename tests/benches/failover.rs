@@ -164,6 +164,7 @@ async fn case(
                 healthy: true,
                 error: String::new(),
             }],
+            leaving: false,
         })
         .await?;
 

@@ -161,8 +161,9 @@ impl Engine {
         })
     }
 
-    /// A consumer's report of the version of each secret it serves. The
-    /// gauges follow at the next scheduler pass.
+    /// A consumer's report of the version of each secret it serves; with
+    /// `leaving`, its goodbye: it no longer counts as a consumer of them.
+    /// The gauges follow at the next scheduler pass.
     pub(crate) async fn report_served(
         &self,
         identity: &str,
@@ -170,6 +171,7 @@ impl Engine {
         pod: &str,
         namespace: &str,
         served: &[ServedReport],
+        leaving: bool,
     ) -> Result<()> {
         if consumer_id.is_empty() || consumer_id.len() > 256 {
             return Err(Error::InvalidArgument(
@@ -178,7 +180,12 @@ impl Engine {
         }
         let now = now_ms();
         let mut tx = self.store.begin().await?;
-        for s in served {
+        for s in served.iter().filter(|_| leaving) {
+            self.store
+                .delete_consumer(&mut tx, consumer_id, &s.secret_id)
+                .await?;
+        }
+        for s in served.iter().filter(|_| !leaving) {
             self.store
                 .upsert_consumer(
                     &mut tx,
@@ -197,6 +204,13 @@ impl Engine {
                 .await?;
         }
         tx.commit().await?;
+        if leaving {
+            tracing::info!(
+                consumer = consumer_id,
+                secrets = served.len(),
+                "consumer left"
+            );
+        }
         self.dirty()
             .extend(served.iter().map(|s| s.secret_id.clone()));
         Ok(())

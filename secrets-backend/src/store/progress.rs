@@ -165,6 +165,21 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a consumer of one secret.
+    pub(crate) async fn delete_consumer(
+        &self,
+        c: &mut Conn,
+        consumer_id: &str,
+        secret_id: &str,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM consumers WHERE consumer_id = $1 AND secret_id = $2")
+            .bind(consumer_id)
+            .bind(secret_id)
+            .execute(c)
+            .await?;
+        Ok(())
+    }
+
     /// Ids of secrets that any consumer has reported on.
     pub(crate) async fn consumed_secret_ids(&self, c: &mut Conn) -> Result<Vec<String>> {
         Ok(
