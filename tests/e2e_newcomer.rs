@@ -71,3 +71,200 @@ async fn a_stopped_sidecar_is_not_a_live_consumer() {
         "the backend took the goodbye"
     );
 }
+
+fn read_db(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir.join("data")).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("rekey.db") {
+            all.extend(std::fs::read(e.path()).unwrap());
+        }
+    }
+    all
+}
+
+/// `rekey token create` issues a token for an identity without editing
+/// the backend's configuration or restarting it; the token is printed once,
+/// only its digest is stored, it can do what it was given and nothing
+/// more, and a revocation applies at once.
+#[tokio::test]
+async fn tokens_are_issued_used_and_revoked_without_a_restart() {
+    use rekey_proto::v1 as pb;
+    let dir = TempDir::new("tokens");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/api/key", "--kind", "random"]);
+    b.cli_json(&["create", "prod/billing/key", "--kind", "random"]);
+    let out = b.cli(&[
+        "token",
+        "create",
+        "api-sidecar",
+        "--prefix",
+        "prod/api/",
+        "--ops",
+        "watch,report",
+        "--expires",
+        "90d",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    assert!(token.starts_with("rk_") && token.len() == 67, "{token}");
+    assert!(stderr(&out).contains("shown once"));
+
+    // It watches what it was given, nothing else, and reveals nothing.
+    let mut c = client(&b.grpc, &token).await;
+    let mut s = c
+        .watch(pb::WatchRequest {
+            secret_ids: vec!["prod/api/key".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.message().await.unwrap().is_some());
+    let e = c
+        .watch(pb::WatchRequest {
+            secret_ids: vec!["prod/billing/key".into()],
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = c
+        .get_secret(pb::GetSecretRequest {
+            secret_id: "prod/api/key".into(),
+            reveal: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    // Listed by id and identity, never with the token; only its digest
+    // reaches the store.
+    let list = b.cli_json(&["token", "list"]);
+    let listed = &list.as_array().unwrap()[0];
+    assert_eq!(listed["identity"], "api-sidecar");
+    assert_eq!(listed["operations"], serde_json::json!(["watch", "report"]));
+    assert!(listed["expires_at"].is_string());
+    assert!(!list.to_string().contains(&token));
+    let db = read_db(dir.path());
+    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()));
+    assert!(!b.log().contains(&token));
+
+    // An identity that may issue tokens cannot grant more than it has.
+    let narrow = b.cli(&[
+        "token",
+        "create",
+        "ci",
+        "--prefix",
+        "prod/api/",
+        "--ops",
+        "tokens,rotate",
+    ]);
+    let narrow = stdout(&narrow).trim().to_string();
+    let mut n = client(&b.grpc, &narrow).await;
+    let e = n
+        .create_token(pb::CreateTokenRequest {
+            identity: "escalate".into(),
+            prefixes: vec!["prod/".into()],
+            operations: vec!["reveal".into()],
+            expires_at_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().starts_with("ci may not"), "{e:?}");
+    let e = n
+        .create_token(pb::CreateTokenRequest {
+            identity: "escalate".into(),
+            prefixes: vec!["prod/api/".into()],
+            operations: vec!["reveal".into()],
+            expires_at_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("cannot grant"), "{e:?}");
+    n.create_token(pb::CreateTokenRequest {
+        identity: "deploy".into(),
+        prefixes: vec!["prod/api/".into()],
+        operations: vec!["rotate".into()],
+        expires_at_ms: 0,
+    })
+    .await
+    .expect("within its own rights");
+
+    // Revoked: refused at once, on this replica.
+    let id = listed["id"].as_str().unwrap();
+    let out = b.cli(&["token", "revoke", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = client(&b.grpc, &token)
+        .await
+        .watch(pb::WatchRequest {
+            secret_ids: vec!["prod/api/key".into()],
+        })
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let audit = b.cli_json(&["audit"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"token-create") && actions.contains(&"token-revoke"));
+    assert!(!audit.to_string().contains(&token));
+}
+
+/// A token issued through one replica works on the other, and its
+/// revocation reaches it within seconds.
+#[tokio::test]
+async fn issued_tokens_reach_every_replica() {
+    use rekey_proto::v1 as pb;
+    let dir = TempDir::new("token-replicas");
+    let db = PgDb::create("tokens").await;
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let admin = dir.path().join("admin.token");
+    std::fs::write(&admin, "rk_shared_admin\n").unwrap();
+    let opts = BackendOpts {
+        store_url: Some(db.url.clone()),
+        kek_file: Some(kek),
+        admin_token_file: Some(admin),
+        ..Default::default()
+    };
+    let (da, dbb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&dbb).unwrap();
+    let a = Backend::start(&da, opts.clone());
+    let b = Backend::start(&dbb, opts);
+    a.cli_json(&["create", "prod/x", "--kind", "random"]);
+    let t = a.cli_json(&[
+        "token", "create", "reader", "--prefix", "prod/", "--ops", "read",
+    ]);
+    let token = t["token"].as_str().unwrap().to_string();
+    let read = |addr: String, token: String| async move {
+        client(&addr, &token)
+            .await
+            .list_versions(pb::ListVersionsRequest {
+                secret_id: "prod/x".into(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code())
+    };
+    eventually(Duration::from_secs(10), "the token on replica b", || {
+        let f = read(b.grpc.clone(), token.clone());
+        async move { f.await.ok() }
+    })
+    .await;
+    a.cli_json(&["token", "revoke", t["id"].as_str().unwrap()]);
+    eventually(
+        Duration::from_secs(10),
+        "the revocation on replica b",
+        || {
+            let f = read(b.grpc.clone(), token.clone());
+            async move { (f.await == Err(tonic::Code::Unauthenticated)).then_some(()) }
+        },
+    )
+    .await;
+}

@@ -95,6 +95,41 @@ pub enum Command {
     Status { secret: Option<String> },
     /// Show the audit log, or verify its hash chain.
     Audit(AuditArgs),
+    /// Issue, list and revoke tokens for identities (a sidecar's, a CI
+    /// job's) without editing the backend's configuration.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token; it is printed once and never stored.
+    Create(TokenCreateArgs),
+    /// Issued tokens (never the tokens themselves).
+    List,
+    /// Revoke an issued token, at once.
+    Revoke {
+        /// The token's id (tok_...), as `token create` and `token list` show it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The identity the token authenticates as (audit logs name it).
+    pub identity: String,
+    /// A secret-id prefix the token may act on (repeatable; "" means every
+    /// secret).
+    #[arg(long = "prefix", required = true)]
+    pub prefixes: Vec<String>,
+    /// Operations, comma separated: create rotate revoke rollback read
+    /// reveal watch report audit tokens. A sidecar needs watch,report (and
+    /// read for re-encryption).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ops: Vec<String>,
+    /// How long the token lasts (e.g. 90d); default: until revoked.
+    #[arg(long)]
+    pub expires: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -52,5 +52,6 @@ async fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Revoke(a) => commands::revoke(&cx()?, a).await,
         Command::Status { secret } => commands::status(&cx()?, secret.as_deref()).await,
         Command::Audit(a) => commands::audit(&cx()?, a).await,
+        Command::Token(c) => commands::token(&cx()?, c).await,
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 
 use ring::digest;
 use tonic::metadata::MetadataMap;
@@ -31,10 +32,12 @@ pub enum Operation {
     Report,
     /// Read and verify the audit log.
     Audit,
+    /// Issue and revoke tokens (within what the caller may do itself).
+    Tokens,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Create,
         Operation::Rotate,
         Operation::Revoke,
@@ -44,9 +47,11 @@ impl Operation {
         Operation::Watch,
         Operation::Report,
         Operation::Audit,
+        Operation::Tokens,
     ];
-    pub const ALL_NAMES: [&'static str; 9] = [
+    pub const ALL_NAMES: [&'static str; 10] = [
         "create", "rotate", "revoke", "rollback", "read", "reveal", "watch", "report", "audit",
+        "tokens",
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,12 +72,55 @@ impl FromStr for Operation {
 
 /// Who is calling. Safe to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity(pub String);
+pub struct Identity {
+    pub name: String,
+    /// For a token issued through the API: what that token may do, which
+    /// is all it may do (configured policies are for configured tokens
+    /// and certificates).
+    scope: Option<Arc<Rule>>,
+}
 
+impl Identity {
+    /// An identity whose rights are the configured policies for `name`.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            scope: None,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
 struct Rule {
     prefixes: Vec<String>,
     operations: BTreeSet<Operation>,
 }
+
+impl Rule {
+    fn allows(&self, op: Operation, secret_id: &str) -> bool {
+        self.operations.contains(&op) && self.prefixes.iter().any(|p| secret_id.starts_with(p))
+    }
+}
+
+/// A token issued through the API (`rekey token create`), as the store
+/// keeps it: its digest, never the token.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub identity: String,
+    pub sha256: [u8; 32],
+    pub prefixes: Vec<String>,
+    pub operations: BTreeSet<Operation>,
+    /// Unix ms; `None` never expires.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A token that matched: its identity, expiry and, for an issued one, its
+/// scope.
+type Match<'a> = (&'a str, Option<i64>, Option<Arc<Rule>>);
+
+/// The issued tokens in force, with the scope each grants.
+#[derive(Default)]
+struct Issued(Vec<(IssuedToken, Arc<Rule>)>);
 
 /// The name the bootstrap admin token authenticates as.
 pub const ADMIN: &str = "admin";
@@ -80,6 +128,8 @@ pub const ADMIN: &str = "admin";
 pub struct Auth {
     tokens: Vec<TokenConfig>,
     rules: HashMap<String, Vec<Rule>>,
+    /// Replaced whenever the store's tokens change.
+    issued: RwLock<Issued>,
 }
 
 impl Auth {
@@ -110,7 +160,30 @@ impl Auth {
                 operations: Operation::ALL.into_iter().collect(),
             }]
         });
-        Self { tokens, rules }
+        Self {
+            tokens,
+            rules,
+            issued: RwLock::default(),
+        }
+    }
+
+    /// Puts the issued tokens in force (the ones not revoked), replacing
+    /// the previous set.
+    pub fn set_issued(&self, tokens: Vec<IssuedToken>) {
+        let issued = tokens
+            .into_iter()
+            .map(|t| {
+                let rule = Arc::new(Rule {
+                    prefixes: t.prefixes.clone(),
+                    operations: t.operations.clone(),
+                });
+                (t, rule)
+            })
+            .collect();
+        *self
+            .issued
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Issued(issued);
     }
 
     /// Finds the caller: a client certificate's identity (already verified
@@ -122,7 +195,7 @@ impl Auth {
         now_ms: i64,
     ) -> Result<Identity> {
         if let Some(id) = cert_identity {
-            return Ok(Identity(id));
+            return Ok(Identity::named(id));
         }
         let header = metadata
             .get("authorization")
@@ -136,32 +209,47 @@ impl Auth {
             .ok_or_else(|| Error::Unauthenticated("authorization is not a bearer token".into()))?
             .trim();
         let d = digest::digest(&digest::SHA256, token.as_bytes());
-        // Compare against every entry, without stopping early.
-        let mut found: Option<&TokenConfig> = None;
+        // Compare against every entry, configured and issued, without
+        // stopping early.
+        let mut found: Option<Match<'_>> = None;
         for t in &self.tokens {
             if rekey_keyring::ct_eq(&t.sha256, d.as_ref()) {
-                found = Some(t);
+                found = Some((&t.identity, t.expires_at_ms, None));
             }
         }
-        let t = found.ok_or_else(|| Error::Unauthenticated("unknown token".into()))?;
-        if let Some(exp) = t.expires_at_ms
+        let issued = self
+            .issued
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (t, rule) in &issued.0 {
+            if rekey_keyring::ct_eq(&t.sha256, d.as_ref()) {
+                found = Some((&t.identity, t.expires_at_ms, Some(rule.clone())));
+            }
+        }
+        let (identity, expires, scope) =
+            found.ok_or_else(|| Error::Unauthenticated("unknown token".into()))?;
+        if let Some(exp) = expires
             && exp <= now_ms
         {
             return Err(Error::Unauthenticated(format!(
-                "the token for {} has expired",
-                t.identity
+                "the token for {identity} has expired"
             )));
         }
-        Ok(Identity(t.identity.clone()))
+        Ok(Identity {
+            name: identity.to_string(),
+            scope,
+        })
     }
 
     /// True when `who` may do `op` on `secret_id`.
     pub fn allows(&self, who: &Identity, op: Operation, secret_id: &str) -> bool {
-        self.rules.get(&who.0).is_some_and(|rules| {
-            rules.iter().any(|r| {
-                r.operations.contains(&op) && r.prefixes.iter().any(|p| secret_id.starts_with(p))
-            })
-        })
+        match &who.scope {
+            Some(scope) => scope.allows(op, secret_id),
+            None => self
+                .rules
+                .get(&who.name)
+                .is_some_and(|rules| rules.iter().any(|r| r.allows(op, secret_id))),
+        }
     }
 
     pub fn authorize(&self, who: &Identity, op: Operation, secret_id: &str) -> Result<()> {
@@ -170,7 +258,7 @@ impl Auth {
         } else {
             Err(Error::PermissionDenied(format!(
                 "{} may not {} {}",
-                who.0,
+                who.name,
                 op.name(),
                 if secret_id.is_empty() {
                     "(any secret)".to_string()
@@ -289,11 +377,11 @@ mod tests {
         let a = auth();
         assert_eq!(
             a.authenticate(&md("ci-token"), None, 0).unwrap(),
-            Identity("ci".into())
+            Identity::named("ci")
         );
         assert_eq!(
             a.authenticate(&md("admin-token"), None, 0).unwrap(),
-            Identity(ADMIN.into())
+            Identity::named(ADMIN)
         );
         let e = a.authenticate(&md("nope"), None, 0).unwrap_err();
         assert!(matches!(e, Error::Unauthenticated(_)));
@@ -307,7 +395,7 @@ mod tests {
     #[test]
     fn policy_limits_operations_and_prefixes() {
         let a = auth();
-        let ci = Identity("ci".into());
+        let ci = Identity::named("ci");
         assert!(a.allows(&ci, Operation::Rotate, "prod/api/db"));
         assert!(!a.allows(&ci, Operation::Rotate, "prod/billing/db"));
         assert!(!a.allows(&ci, Operation::Reveal, "prod/api/db"));
@@ -318,9 +406,31 @@ mod tests {
             e.to_string(),
             "permission denied: ci may not revoke prod/api/db"
         );
-        let admin = Identity(ADMIN.into());
+        let admin = Identity::named(ADMIN);
         assert!(a.allows(&admin, Operation::Reveal, "anything"));
-        assert!(!a.allows(&Identity("stranger".into()), Operation::Read, "x"));
+        assert!(!a.allows(&Identity::named("stranger"), Operation::Read, "x"));
+    }
+
+    #[test]
+    fn an_issued_token_may_do_its_scope_and_nothing_more() {
+        let a = auth();
+        a.set_issued(vec![IssuedToken {
+            identity: "ci".into(),
+            sha256: token_digest("issued-token"),
+            prefixes: vec!["prod/other/".into()],
+            operations: [Operation::Watch].into(),
+            expires_at_ms: Some(10_000),
+        }]);
+        let who = a.authenticate(&md("issued-token"), None, 0).unwrap();
+        assert_eq!(who.name, "ci");
+        assert!(a.allows(&who, Operation::Watch, "prod/other/x"));
+        // Not what the configured policy gives "ci": the token's scope only.
+        assert!(!a.allows(&who, Operation::Rotate, "prod/api/db"));
+        assert!(a.allows(&Identity::named("ci"), Operation::Rotate, "prod/api/db"));
+        let e = a.authenticate(&md("issued-token"), None, 20_000).unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
+        a.set_issued(vec![]);
+        assert!(a.authenticate(&md("issued-token"), None, 0).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::kinds::exec::ExecOptions;
 use crate::kinds::postgres::PgOptions;
 use crate::kinds::redis::RedisOptions;
 use crate::kinds::{DEFAULT_RANDOM_LENGTH, Encoding, KindOptions, RandomOptions};
-use crate::store::{SecretRow, VersionRow, VersionState};
+use crate::store::{SecretRow, TokenRow, VersionRow, VersionState};
 
 /// Protobuf counts are unsigned; rekey's are non-negative `i64` (the type
 /// both SQLite and Postgres store).
@@ -208,6 +208,19 @@ pub(crate) fn status(st: &SecretStatus) -> pb::SecretStatus {
             phase: r.phase.clone(),
             updated_at_ms: r.updated_at_ms,
         }),
+    }
+}
+
+pub(crate) fn token_info(t: &TokenRow) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id.clone(),
+        identity: t.identity.clone(),
+        prefixes: t.prefixes.clone(),
+        operations: t.operations.clone(),
+        created_at_ms: t.created_at_ms,
+        created_by: t.created_by.clone(),
+        expires_at_ms: t.expires_at_ms,
+        revoked_at_ms: t.revoked_at_ms,
     }
 }
 

@@ -24,6 +24,9 @@ use crate::provider::{Providers, embedded::Embedded};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
+/// How often a replica looks for tokens issued or revoked on another.
+const TOKEN_POLL: Duration = Duration::from_secs(2);
+
 /// Health checks are a service name and nothing else.
 const SMALL_REQUEST: usize = 4 << 10;
 
@@ -243,6 +246,35 @@ pub async fn run(
             cfg.max_watch_streams_per_connection,
         ),
     ));
+    // Tokens issued through the API: in force before the first call, and
+    // followed as other replicas issue and revoke them.
+    service
+        .reload_tokens()
+        .await
+        .context("cannot read the issued tokens")?;
+    {
+        let service = service.clone();
+        let engine = engine.clone();
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut seen = engine.tokens_revision().await.unwrap_or_default();
+            let mut every = tokio::time::interval(TOKEN_POLL);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = stopped(&mut rx) => break,
+                }
+                match engine.tokens_revision().await {
+                    Ok(r) if r != seen => match service.reload_tokens().await {
+                        Ok(()) => seen = r,
+                        Err(e) => tracing::warn!(error = %e, "cannot reload the issued tokens"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot check the issued tokens"),
+                }
+            }
+        });
+    }
 
     let mut builder = server_builder(&cfg)?;
 

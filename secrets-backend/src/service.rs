@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::convert::{self, signed};
 use crate::engine::{
     self, Actor, AuditPage, CreateSpec, Engine, Outcome, ReencryptionReport, Selector,
-    ServedReport, validate_id,
+    ServedReport, TokenSpec, validate_id,
 };
 use crate::error::{Error, Result};
 use crate::front::WatchFrames;
@@ -109,7 +109,7 @@ impl RekeyService {
         {
             Ok(id) => {
                 let actor = Actor {
-                    identity: id.0.clone(),
+                    identity: id.name.clone(),
                     request_id,
                 };
                 Ok((id, actor))
@@ -146,7 +146,7 @@ impl RekeyService {
         run: F,
     ) -> std::result::Result<T, Status>
     where
-        F: FnOnce(Actor) -> Fut,
+        F: FnOnce(Identity, Actor) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         let (who, actor) = caller?;
@@ -156,7 +156,7 @@ impl RekeyService {
                 .await;
             return Err(e.into());
         }
-        match run(actor.clone()).await {
+        match run(who, actor.clone()).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 // A rotation that failed in a step recorded its own event.
@@ -190,6 +190,38 @@ fn selector(s: Option<pb::get_secret_request::Selector>) -> Selector {
             },
         ),
         None => Selector::Stage(Stage::Current),
+    }
+}
+
+impl RekeyService {
+    /// A token may carry only what its issuer may do itself: every
+    /// operation on every prefix.
+    fn may_grant(
+        &self,
+        who: &Identity,
+        prefixes: &[String],
+        operations: &std::collections::BTreeSet<Operation>,
+    ) -> Result<()> {
+        for p in prefixes {
+            for op in operations.iter().chain([&Operation::Tokens]) {
+                if !self.auth.allows(who, *op, p) {
+                    return Err(Error::PermissionDenied(format!(
+                        "{} may not {} {}, so cannot grant it",
+                        who.name,
+                        op.name(),
+                        if p.is_empty() { "(any secret)" } else { p }
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the store's issued tokens in force on this replica now.
+    pub(crate) async fn reload_tokens(&self) -> Result<()> {
+        let (_, tokens) = self.engine.issued_tokens().await?;
+        self.auth.set_issued(tokens);
+        Ok(())
     }
 }
 
@@ -236,7 +268,7 @@ impl RekeyService {
                 return Err(e.into());
             }
         }
-        let slots = self.streams.open(&who.0, request.remote_addr())?;
+        let slots = self.streams.open(&who.name, request.remote_addr())?;
         let mut map = StreamMap::new();
         let mut sent = Vec::with_capacity(ids.len());
         for id in &ids {
@@ -276,7 +308,7 @@ impl Rekey for RekeyService {
         let caller = self.caller(&request, "CreateSecret", &request.get_ref().id);
         let r = &request.into_inner();
         let o = self
-            .changing(caller, Operation::Create, &r.id, 1, |actor| async move {
+            .changing(caller, Operation::Create, &r.id, 1, |_, actor| async move {
                 let sched = r.schedule.clone().unwrap_or_default();
                 let spec = CreateSpec {
                     options: convert::kind_options(r)?,
@@ -311,7 +343,7 @@ impl Rekey for RekeyService {
                 Operation::Rotate,
                 &r.secret_id,
                 0,
-                |actor| async move {
+                |_, actor| async move {
                     if r.cancel {
                         return self.engine.cancel(&actor, &r.secret_id).await;
                     }
@@ -344,7 +376,7 @@ impl Rekey for RekeyService {
                 Operation::Revoke,
                 &r.secret_id,
                 version,
-                |actor| async move {
+                |_, actor| async move {
                     self.engine
                         .revoke(&actor, &r.secret_id, version, r.force, &r.reason)
                         .await
@@ -365,7 +397,7 @@ impl Rekey for RekeyService {
                 Operation::Rollback,
                 &r.secret_id,
                 0,
-                |actor| async move { self.engine.rollback(&actor, &r.secret_id).await },
+                |_, actor| async move { self.engine.rollback(&actor, &r.secret_id).await },
             )
             .await?;
         let (secret, version) = parts(&o);
@@ -395,8 +427,7 @@ impl Rekey for RekeyService {
                 Operation::Reveal,
                 &r.secret_id,
                 0,
-                |actor| async move {
-                    let who = Identity(actor.identity.clone());
+                |who, actor| async move {
                     self.auth.authorize(&who, Operation::Read, &r.secret_id)?;
                     self.engine.reveal(&actor, &r.secret_id, which).await
                 },
@@ -485,7 +516,7 @@ impl Rekey for RekeyService {
             .collect();
         self.engine
             .report_served(
-                &who.0,
+                &who.name,
                 &r.consumer_id,
                 &r.pod,
                 &r.namespace,
@@ -583,6 +614,113 @@ impl Rekey for RekeyService {
             .await?;
         Ok(Response::new(pb::ListAuditResponse {
             events: events.into_iter().map(convert::audit_event).collect(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Reply<pb::CreateTokenResponse> {
+        let caller = self.caller(&request, "CreateToken", "");
+        let r = &request.into_inner();
+        check_text("identity", &r.identity, 128)?;
+        for p in &r.prefixes {
+            check_prefix(p)?;
+        }
+        let mut operations = std::collections::BTreeSet::new();
+        for o in &r.operations {
+            operations.insert(o.parse::<Operation>().map_err(|()| {
+                Error::InvalidArgument(format!(
+                    "unknown operation {:?} (expected one of {})",
+                    crate::engine::loggable(o),
+                    Operation::ALL_NAMES.join(", ")
+                ))
+            })?);
+        }
+        // Issuing is authorized on what the token will cover.
+        let scope = r.prefixes.first().map_or("", String::as_str);
+        let (info, token) = self
+            .changing(
+                caller,
+                Operation::Tokens,
+                scope,
+                0,
+                |who, actor| async move {
+                    self.may_grant(&who, &r.prefixes, &operations)?;
+                    let spec = TokenSpec {
+                        identity: r.identity.clone(),
+                        prefixes: r.prefixes.clone(),
+                        operations: operations.clone(),
+                        expires_at_ms: (r.expires_at_ms > 0).then_some(r.expires_at_ms),
+                    };
+                    let (row, token) = self.engine.create_token(&actor, spec).await?;
+                    self.reload_tokens().await?;
+                    Ok((convert::token_info(&row), token))
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            info: Some(info),
+            token: token.expose().to_string(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Reply<pb::ListTokensResponse> {
+        self.authorized(&request, "ListTokens", Operation::Tokens, "")?;
+        let tokens = self.engine.list_tokens().await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(convert::token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Reply<pb::RevokeTokenResponse> {
+        let caller = self.caller(&request, "RevokeToken", "");
+        let id = &request.get_ref().id;
+        check_text("token id", id, 64)?;
+        // Revoking is authorized on what the token covers; who may not
+        // issue tokens learns nothing about which exist.
+        let current = match &caller {
+            Ok(_) => self
+                .engine
+                .list_tokens()
+                .await?
+                .into_iter()
+                .find(|t| &t.id == id),
+            Err(_) => None,
+        };
+        let scope = current
+            .as_ref()
+            .and_then(|t| t.prefixes.first())
+            .cloned()
+            .unwrap_or_default();
+        let row = self
+            .changing(
+                caller,
+                Operation::Tokens,
+                &scope,
+                0,
+                |who, actor| async move {
+                    let current = current.ok_or_else(|| Error::NotFound(format!("token {id}")))?;
+                    let ops = current
+                        .operations
+                        .iter()
+                        .filter_map(|o| o.parse().ok())
+                        .collect();
+                    self.may_grant(&who, &current.prefixes, &ops)?;
+                    let row = self.engine.revoke_token(&actor, id).await?;
+                    self.reload_tokens().await?;
+                    Ok(row)
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::RevokeTokenResponse {
+            info: Some(convert::token_info(&row)),
         }))
     }
 

@@ -10,6 +10,7 @@ mod revoke;
 mod rollback;
 mod rotate;
 mod status;
+mod token;
 mod versions;
 
 pub use audit::audit;
@@ -20,6 +21,7 @@ pub use revoke::revoke;
 pub use rollback::rollback;
 pub use rotate::rotate;
 pub use status::status;
+pub use token::token;
 pub use versions::versions;
 
 use std::io::Read;

@@ -40,6 +40,7 @@ mod rotate;
 mod scheduler;
 mod status;
 mod stop;
+mod tokens;
 mod watch;
 
 #[cfg(test)]
@@ -60,7 +61,9 @@ use crate::metrics::Metrics;
 use crate::provider::{Location, Providers, Stored, ValueProvider, Which};
 use crate::store::{SecretRow, Store, Tx, VersionRow};
 
+pub(crate) use refusals::loggable;
 pub(crate) use status::{AuditPage, ReencryptionReport, SecretStatus, Selector, ServedReport};
+pub(crate) use tokens::TokenSpec;
 
 /// Who asked, for the audit log.
 #[derive(Debug, Clone)]

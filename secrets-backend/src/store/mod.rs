@@ -12,6 +12,7 @@
 mod progress;
 mod rows;
 mod secrets;
+mod tokens;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -26,7 +27,8 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use crate::error::{Error, Result};
 
 pub(crate) use rows::{
-    ConsumerRow, ReencryptionRow, RotationRow, RotationStep, SecretRow, VersionRow, VersionState,
+    ConsumerRow, ReencryptionRow, RotationRow, RotationStep, SecretRow, TokenRow, VersionRow,
+    VersionState,
 };
 
 /// Which database is behind the pool.
@@ -63,6 +65,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "providers",
         include_str!("../../migrations/0003_providers.sql"),
+    ),
+    (
+        4,
+        "tokens",
+        include_str!("../../migrations/0004_tokens.sql"),
     ),
 ];
 

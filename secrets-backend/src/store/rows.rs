@@ -54,6 +54,17 @@ impl FromColumn for KindOptions {
     }
 }
 
+/// Lists of names are stored as JSON arrays.
+impl FromColumn for Vec<String> {
+    fn from_column(row: &AnyRow, name: &str) -> sqlx::Result<Self> {
+        let text: String = row.try_get(name)?;
+        serde_json::from_str(&text).map_err(|e| sqlx::Error::ColumnDecode {
+            index: name.to_string(),
+            source: Box::new(e),
+        })
+    }
+}
+
 /// A text column that must parse as one of an enum's names.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown {what} {value:?} in the store")]
@@ -262,6 +273,25 @@ table_row! {
     pub(crate) struct RequestTokenRow {
         pub(crate) input_fp: String,
         pub(crate) version: i64,
+    }
+}
+
+table_row! {
+    /// A token issued through the API: its digest, never the token.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(crate) struct TokenRow {
+        pub(crate) id: String,
+        pub(crate) identity: String,
+        /// Hex SHA-256 of the token.
+        pub(crate) sha256: String,
+        pub(crate) prefixes: Vec<String>,
+        pub(crate) operations: Vec<String>,
+        pub(crate) created_at_ms: i64,
+        pub(crate) created_by: String,
+        /// 0: never expires.
+        pub(crate) expires_at_ms: i64,
+        /// 0: in force.
+        pub(crate) revoked_at_ms: i64,
     }
 }
 
