@@ -506,3 +506,93 @@ async fn the_rekey_codec_with_integer_ids_and_a_concurrent_writer() {
         assert!(codec.open(&old, &v).is_err());
     }
 }
+
+/// `rekey reencrypt --secret ID` takes both keys from the backend and
+/// reports completion there, so the old key is decommissioned without a
+/// forced revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencrypt_with_keys_from_the_backend_lets_decommission_go_ahead() {
+    let db = PgDb::create("reencsecret").await;
+    let pool = seed(&db).await;
+    let dir = TempDir::new("reenc-secret");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    let old_file = dir.path().join("old.key");
+    let new_file = dir.path().join("new.key");
+    std::fs::write(&old_file, OLD).unwrap();
+    std::fs::write(&new_file, NEW).unwrap();
+    b.cli_json(&[
+        "create",
+        "prod/enc/master",
+        "--kind",
+        "encryption-key",
+        "--value-file",
+        old_file.to_str().unwrap(),
+        "--window",
+        "0s",
+    ]);
+    b.cli_json(&[
+        "rotate",
+        "prod/enc/master",
+        "--value-file",
+        new_file.to_str().unwrap(),
+    ]);
+    let st = b.cli_json(&["status", "prod/enc/master"]);
+    let blockers = st[0]["decommission_blockers"].to_string();
+    assert!(
+        blockers.contains("has not been reported finished"),
+        "{blockers}"
+    );
+
+    let mut cmd = std::process::Command::new(CLI.path());
+    cmd.args(["--addr", &b.grpc, "--token-file"])
+        .arg(b.token_path())
+        .args([
+            "-o",
+            "json",
+            "reencrypt",
+            "--secret",
+            "prod/enc/master",
+            "--preset",
+            "hyvve",
+        ])
+        .env_remove("ENCRYPTION_MASTER_KEY_OLD")
+        .env_remove("ENCRYPTION_MASTER_KEY_NEW")
+        .env("DATABASE_URL", &db.url);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["columns"][0]["rotated"], 21);
+
+    let new = MasterKey::from_base64(NEW).unwrap();
+    for (_, v) in all(&pool, "ai_provider_configs").await {
+        hyvve::open(&new, &v.unwrap()).expect("under the new key");
+    }
+    let st = eventually(
+        std::time::Duration::from_secs(15),
+        "v1 decommissioned",
+        || async {
+            let st = b.cli_json(&["status", "prod/enc/master"]);
+            st[0]["previous_version"].is_null().then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(st[0]["reencryption"]["finished"], true, "{st}");
+    assert!(
+        st[0]["reencryption"]["consumer_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("rekey-reencrypt@"),
+        "{st}"
+    );
+    let audit = b.cli_json(&["audit", "--secret", "prod/enc/master"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"reveal") && actions.contains(&"reencrypt"),
+        "{actions:?}"
+    );
+}

@@ -42,7 +42,9 @@ async fn dispatch(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Demo(a) => demo::run(a).await,
         Command::DemoApp(a) => demo::serve_app(a).await,
-        Command::Reencrypt(a) => reencrypt::run(a, cli.output == args::Output::Json).await,
+        Command::Reencrypt(a) => {
+            reencrypt::run(a, &cli.backend, cli.output == args::Output::Json).await
+        }
         Command::Create(a) => commands::create(&cx()?, a).await,
         Command::Rotate(a) => commands::rotate(&cx()?, a).await,
         Command::Get(a) => commands::get(&cx()?, a).await,

@@ -1,9 +1,13 @@
 //! `rekey reencrypt`: the runbook's re-encryption script as a safe,
 //! resumable command. Reads `ENCRYPTION_MASTER_KEY_OLD`,
 //! `ENCRYPTION_MASTER_KEY_NEW` and `DATABASE_URL` (or the matching flags),
-//! re-encrypts every configured column, and prints a summary per column.
-//! Keys, flags and columns are checked before the database is contacted
-//! (usage errors); what the database reports is a failure.
+//! or with `--secret ID` takes the keys from the backend (previous and
+//! current of an `encryption-key` secret, revealed and audited) and
+//! reports its progress and completion there as the sidecar task does, so
+//! that the old key can be decommissioned. It re-encrypts every configured
+//! column and prints a summary per column. Keys, flags and columns are
+//! checked before the database is contacted (usage errors); what the
+//! database or the backend reports is a failure.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -12,6 +16,11 @@ use std::sync::Arc;
 use rekey_keyring::MasterKey;
 use rekey_reencrypt::{Codec, Column, Options};
 
+use rekey_proto::v1 as pb;
+
+use crate::args::BackendArgs;
+use crate::client::Client;
+use crate::commands::Ctx;
 use crate::error::CliError;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -20,6 +29,11 @@ use crate::error::CliError;
     reason = "clap prints these doc comments verbatim as --help text"
 )]
 pub struct ReencryptArgs {
+    /// Take the keys from this encryption-key secret of the backend
+    /// (previous to current; needs reveal and report on it), and report
+    /// progress and completion there.
+    #[arg(long, conflicts_with_all = ["old_key_file", "new_key_file"])]
+    pub secret: Option<String>,
     /// File holding the old master key (base64 of 32 bytes); default: the
     /// ENCRYPTION_MASTER_KEY_OLD environment variable.
     #[arg(long)]
@@ -75,9 +89,10 @@ fn failed(e: impl std::fmt::Display) -> CliError {
     CliError::failed(format!("reencrypt: {e}"))
 }
 
-/// Runs the command and prints its summary (a table, or JSON).
-pub async fn run(args: &ReencryptArgs, json: bool) -> Result<(), CliError> {
-    let summary = reencrypt(args).await?;
+/// Runs the command and prints its summary (a table, or JSON). `backend`
+/// is used with `--secret`.
+pub async fn run(args: &ReencryptArgs, backend: &BackendArgs, json: bool) -> Result<(), CliError> {
+    let summary = reencrypt(args, backend).await?;
     if json {
         println!("{summary}");
     } else {
@@ -86,21 +101,122 @@ pub async fn run(args: &ReencryptArgs, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The backend's record of this run: which secret and version it moves
+/// data to, and the client to report with.
+struct Reporter {
+    client: Client,
+    secret: String,
+    version: u64,
+    consumer_id: String,
+    started: std::time::Instant,
+}
+
+impl Reporter {
+    async fn report(&mut self, rows: u64, finished: bool, phase: &str) -> Result<(), CliError> {
+        #[allow(clippy::cast_precision_loss, reason = "a rate, not a count")]
+        let rate = rows as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        self.client
+            .report_reencryption(pb::ReportReencryptionRequest {
+                secret_id: self.secret.clone(),
+                version: self.version,
+                consumer_id: self.consumer_id.clone(),
+                rows_done: rows,
+                rows_total: rows,
+                rate,
+                finished,
+                phase: phase.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// One stage of `secret`, revealed, as a master key.
+async fn stage_key(
+    client: &mut Client,
+    secret: &str,
+    stage: pb::Stage,
+) -> Result<(u64, MasterKey), CliError> {
+    let v = client
+        .get_secret(pb::GetSecretRequest {
+            secret_id: secret.into(),
+            selector: Some(pb::get_secret_request::Selector::Stage(stage as i32)),
+            reveal: true,
+        })
+        .await?
+        .into_inner()
+        .version
+        .unwrap_or_default();
+    let text = match v.value.and_then(|v| v.value) {
+        Some(pb::secret_value::Value::Raw(b)) => zeroize::Zeroizing::new(b),
+        _ => {
+            return Err(failed(format!(
+                "{secret} is not an encryption key (its value is not a single key)"
+            )));
+        }
+    };
+    let text = std::str::from_utf8(&text)
+        .map_err(|_| failed(format!("v{} of {secret} is not base64 text", v.version)))?;
+    let key = MasterKey::from_base64(text)
+        .map_err(|e| failed(format!("v{} of {secret}: {e}", v.version)))?;
+    Ok((v.version, key))
+}
+
+/// The old and new keys: from the backend with `--secret`, else from
+/// files or the environment.
+async fn keys(
+    args: &ReencryptArgs,
+    backend: &BackendArgs,
+) -> Result<(MasterKey, MasterKey, Option<Reporter>), CliError> {
+    let Some(secret) = &args.secret else {
+        let old = key(
+            "--old-key-file",
+            "ENCRYPTION_MASTER_KEY_OLD",
+            args.old_key_file.as_ref(),
+        )?;
+        let new = key(
+            "--new-key-file",
+            "ENCRYPTION_MASTER_KEY_NEW",
+            args.new_key_file.as_ref(),
+        )?;
+        return Ok((old, new, None));
+    };
+    let mut client = Ctx::new(backend, crate::args::Output::Table)?
+        .connect()
+        .await?;
+    let (version, new) = stage_key(&mut client, secret, pb::Stage::Current).await?;
+    let (_, old) = stage_key(&mut client, secret, pb::Stage::Previous)
+        .await
+        .map_err(|e| {
+            failed(format!(
+                "{secret} has no previous key to move data from ({e}); nothing to re-encrypt"
+            ))
+        })?;
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let reporter = Reporter {
+        client,
+        secret: secret.clone(),
+        version,
+        consumer_id: format!("rekey-reencrypt@{host}"),
+        started: std::time::Instant::now(),
+    };
+    Ok((old, new, Some(reporter)))
+}
+
 /// Re-encrypts every column; the summary to print.
-async fn reencrypt(args: &ReencryptArgs) -> Result<serde_json::Value, CliError> {
+async fn reencrypt(
+    args: &ReencryptArgs,
+    backend: &BackendArgs,
+) -> Result<serde_json::Value, CliError> {
     if args.batch_size == 0 || args.batch_size > 10_000 {
         return Err(CliError::usage("--batch-size must be between 1 and 10000"));
     }
-    let old = key(
-        "--old-key-file",
-        "ENCRYPTION_MASTER_KEY_OLD",
-        args.old_key_file.as_ref(),
-    )?;
-    let new = key(
-        "--new-key-file",
-        "ENCRYPTION_MASTER_KEY_NEW",
-        args.new_key_file.as_ref(),
-    )?;
+    let (old, new, reporter) = keys(args, backend).await?;
     if old.id_hex() == new.id_hex() {
         return Err(CliError::usage(
             "the old and new keys are identical; nothing to re-encrypt",
@@ -159,6 +275,9 @@ async fn reencrypt(args: &ReencryptArgs) -> Result<serde_json::Value, CliError> 
     let mut progress = Progress {
         tty: std::io::stderr().is_terminal(),
         dry_run: opts.dry_run,
+        // A dry run changes nothing, so it reports nothing.
+        reporter: reporter.filter(|_| !opts.dry_run),
+        earlier_columns: 0,
     };
     let mut reports = Vec::new();
     for (col, ty) in columns.iter().zip(types) {
@@ -177,16 +296,26 @@ async fn reencrypt(args: &ReencryptArgs) -> Result<serde_json::Value, CliError> 
         if progress.tty {
             eprintln!();
         }
-        reports.push(r?);
+        let r = r?;
+        progress.earlier_columns += r.scanned;
+        reports.push(r);
     }
     pool.close().await;
+    if let Some(rep) = &mut progress.reporter {
+        let rows = progress.earlier_columns;
+        rep.report(rows, true, "finished (rekey reencrypt)").await?;
+    }
     Ok(serde_json::json!({ "dry_run": args.dry_run, "columns": reports }))
 }
 
-/// A progress line on a terminal.
+/// A progress line on a terminal, and progress reports to the backend
+/// with `--secret`.
 struct Progress {
     tty: bool,
     dry_run: bool,
+    reporter: Option<Reporter>,
+    /// Rows scanned in the columns already done.
+    earlier_columns: u64,
 }
 
 impl rekey_reencrypt::Hook for Progress {
@@ -210,6 +339,14 @@ impl rekey_reencrypt::Hook for Progress {
                 r.already_new
             );
         }
+        if let Some(rep) = &mut self.reporter {
+            let rows = self.earlier_columns + r.scanned;
+            rep.report(rows, false, "pass (rekey reencrypt)")
+                .await
+                .map_err(|e| {
+                    rekey_reencrypt::Error::Invalid(format!("cannot report progress: {e}"))
+                })?;
+        }
         Ok(())
     }
 }
@@ -217,26 +354,32 @@ impl rekey_reencrypt::Hook for Progress {
 /// Prints the summary as a table.
 fn print_table(summary: &serde_json::Value) {
     let dry = summary["dry_run"].as_bool().unwrap_or(false);
-    println!(
-        "{:<24} {:<20} {:>8} {:>8} {:>11} {:>6}",
-        "TABLE",
-        "COLUMN",
-        "SCANNED",
-        if dry { "TO_ROTATE" } else { "ROTATED" },
-        "ALREADY_NEW",
-        "NULL"
+    let rows: Vec<Vec<String>> = summary["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                c["table"].as_str().unwrap_or_default().to_string(),
+                c["column"].as_str().unwrap_or_default().to_string(),
+                c["scanned"].to_string(),
+                c["rotated"].to_string(),
+                c["already_new"].to_string(),
+                c["null"].to_string(),
+            ]
+        })
+        .collect();
+    crate::output::table(
+        &[
+            "TABLE",
+            "COLUMN",
+            "SCANNED",
+            if dry { "TO_ROTATE" } else { "ROTATED" },
+            "ALREADY_NEW",
+            "NULL",
+        ],
+        &rows,
     );
-    for c in summary["columns"].as_array().into_iter().flatten() {
-        println!(
-            "{:<24} {:<20} {:>8} {:>8} {:>11} {:>6}",
-            c["table"].as_str().unwrap_or_default(),
-            c["column"].as_str().unwrap_or_default(),
-            c["scanned"],
-            c["rotated"],
-            c["already_new"],
-            c["null"]
-        );
-    }
     if dry {
         println!("dry run: nothing was written");
     }

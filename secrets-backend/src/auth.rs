@@ -427,7 +427,9 @@ mod tests {
         // Not what the configured policy gives "ci": the token's scope only.
         assert!(!a.allows(&who, Operation::Rotate, "prod/api/db"));
         assert!(a.allows(&Identity::named("ci"), Operation::Rotate, "prod/api/db"));
-        let e = a.authenticate(&md("issued-token"), None, 20_000).unwrap_err();
+        let e = a
+            .authenticate(&md("issued-token"), None, 20_000)
+            .unwrap_err();
         assert!(e.to_string().contains("expired"), "{e}");
         a.set_issued(vec![]);
         assert!(a.authenticate(&md("issued-token"), None, 0).is_err());
