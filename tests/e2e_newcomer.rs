@@ -268,3 +268,96 @@ async fn issued_tokens_reach_every_replica() {
     )
     .await;
 }
+
+/// `rekey seal` makes the rows an app would store, in either envelope, so a
+/// user can try `rekey reencrypt` on test data.
+#[test]
+fn seal_makes_envelopes_the_codecs_open() {
+    use rekey_keyring::MasterKey;
+    use rekey_reencrypt::Codec;
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    for codec in [Codec::Hyvve, Codec::Rekey] {
+        let mut cmd = std::process::Command::new(CLI.path());
+        cmd.args(["seal", "--codec", codec.name()])
+            .env("ENCRYPTION_MASTER_KEY", key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"sk-test-123")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let envelope = stdout(&out).trim().to_string();
+        let opened = codec
+            .open(&MasterKey::from_base64(key).unwrap(), &envelope)
+            .unwrap();
+        assert_eq!(opened.expose(), b"sk-test-123", "{}", codec.name());
+    }
+}
+
+/// `--secret ID:PATH:env=NAME` names the variable; without a name it comes
+/// from the id's last segment.
+#[test]
+fn the_env_format_takes_its_variable_name_from_the_flag() {
+    let dir = TempDir::new("env-name");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    let value = dir.path().join("v");
+    std::fs::write(&value, "postgres://app:pw@db/app").unwrap();
+    b.cli_json(&[
+        "create",
+        "prod/api/database",
+        "--kind",
+        "static",
+        "--value-file",
+        value.to_str().unwrap(),
+    ]);
+    let named = dir.path().join("named.env");
+    let derived = dir.path().join("derived.env");
+    let sc = Sidecar::start(
+        dir.path(),
+        &[
+            "--backend",
+            &b.grpc,
+            "--token-file",
+            b.token_path().to_str().unwrap(),
+            "--secret",
+            &format!("prod/api/database:{}:env=DATABASE_URL", named.display()),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    wait_for("the named file", Duration::from_secs(10), || named.exists());
+    assert_eq!(
+        std::fs::read_to_string(&named).unwrap(),
+        "DATABASE_URL=\"postgres://app:pw@db/app\"\n"
+    );
+    drop(sc);
+    let _sc = Sidecar::start(
+        dir.path(),
+        &[
+            "--backend",
+            &b.grpc,
+            "--token-file",
+            b.token_path().to_str().unwrap(),
+            "--secret",
+            &format!("prod/api/database:{}:env", derived.display()),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    wait_for("the derived file", Duration::from_secs(10), || {
+        derived.exists()
+    });
+    assert!(
+        std::fs::read_to_string(&derived)
+            .unwrap()
+            .starts_with("DATABASE=\"")
+    );
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::demo::{AppArgs, DemoArgs};
-use crate::reencrypt::ReencryptArgs;
+use crate::reencrypt::{ReencryptArgs, SealArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,6 +77,9 @@ pub enum Command {
     /// Re-encrypt database columns from the old master key to the new one
     /// (the runbook's script; resumable, safe beside a running app).
     Reencrypt(ReencryptArgs),
+    /// Encrypt one value the way an app stores it (hyvve or rekey
+    /// envelope), e.g. to make test rows for `reencrypt`.
+    Seal(SealArgs),
     /// Create a secret and store version 1 as current.
     Create(Box<CreateArgs>),
     /// Rotate a secret: create, set, test and finish a new version.

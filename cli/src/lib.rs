@@ -45,6 +45,7 @@ async fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Reencrypt(a) => {
             reencrypt::run(a, &cli.backend, cli.output == args::Output::Json).await
         }
+        Command::Seal(a) => reencrypt::seal(a),
         Command::Create(a) => commands::create(&cx()?, a).await,
         Command::Rotate(a) => commands::rotate(&cx()?, a).await,
         Command::Get(a) => commands::get(&cx()?, a).await,

@@ -65,6 +65,47 @@ pub struct ReencryptArgs {
     pub codec: String,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+#[allow(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments verbatim as --help text"
+)]
+pub struct SealArgs {
+    /// The envelope: hyvve (the platform's) or rekey (rekey's own).
+    #[arg(long, default_value = "hyvve")]
+    pub codec: String,
+    /// File holding the master key (base64 of 32 bytes); default: the
+    /// ENCRYPTION_MASTER_KEY environment variable.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// File holding the plaintext; default: standard input.
+    #[arg(long)]
+    pub value_file: Option<PathBuf>,
+}
+
+/// `rekey seal`: one envelope, printed on stdout.
+pub fn seal(args: &SealArgs) -> Result<(), CliError> {
+    use std::io::Read;
+    let codec: Codec = args
+        .codec
+        .parse()
+        .map_err(|e| CliError::usage(format!("--codec: {e}")))?;
+    let key = key(
+        "--key-file",
+        "ENCRYPTION_MASTER_KEY",
+        args.key_file.as_ref(),
+    )?;
+    let mut plain = zeroize::Zeroizing::new(Vec::new());
+    match &args.value_file {
+        Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_end(&mut plain)),
+        None => std::io::stdin().read_to_end(&mut plain),
+    }
+    .map_err(|e| CliError::usage(format!("cannot read the value: {e}")))?;
+    let sealed = codec.seal(&key, &plain).map_err(failed)?;
+    println!("{sealed}");
+    Ok(())
+}
+
 /// A master key from `file`, else from the environment variable `env`.
 fn key(flag: &str, env: &str, file: Option<&PathBuf>) -> Result<MasterKey, CliError> {
     let (text, from) = match file {

@@ -323,18 +323,45 @@ pub fn parse_signal(name: &str) -> Option<rustix::process::Signal> {
     })
 }
 
-/// `ID:PATH[:FORMAT]`.
-pub fn parse_secret_flag(s: &str) -> Result<(String, PathBuf, Option<String>), String> {
+/// One `--secret` flag: the secret id, the path, the format, and for
+/// `env=NAME` the variable's name.
+pub struct SecretFlag {
+    pub id: String,
+    pub path: PathBuf,
+    pub format: Option<String>,
+    pub env_name: Option<String>,
+}
+
+/// `ID:PATH[:FORMAT]`, where FORMAT may be `env=NAME` to name the variable.
+pub fn parse_secret_flag(s: &str) -> Result<SecretFlag, String> {
     let mut parts = s.splitn(3, ':');
     let id = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
     let format = parts.next().map(str::to_string);
     if id.is_empty() || path.is_empty() {
         return Err(format!(
-            "--secret {s:?}: expected ID:PATH[:FORMAT], e.g. prod/api/db:/etc/app/db.json:json"
+            "--secret {s:?}: expected ID:PATH[:FORMAT], e.g. prod/api/db:/etc/app/db.json:json or prod/api/db:/etc/app/db.env:env=DATABASE_URL"
         ));
     }
-    Ok((id.to_string(), PathBuf::from(path), format))
+    let (format, env_name) = match format.as_deref().and_then(|f| f.strip_prefix("env=")) {
+        Some(name) => {
+            let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(format!(
+                    "--secret {s:?}: {name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"
+                ));
+            }
+            (Some("env".to_string()), Some(name.to_string()))
+        }
+        None => (format, None),
+    };
+    Ok(SecretFlag {
+        id: id.to_string(),
+        path: PathBuf::from(path),
+        format,
+        env_name,
+    })
 }
 
 fn parse_duration(
@@ -797,11 +824,12 @@ impl Config {
         }
         for s in &flags.secrets {
             match parse_secret_flag(s) {
-                Ok((id, path, format)) => raw.secrets.push(RawSecret {
-                    id,
+                Ok(f) => raw.secrets.push(RawSecret {
+                    id: f.id,
                     out: RawOutput {
-                        path: Some(path),
-                        format,
+                        path: Some(f.path),
+                        format: f.format,
+                        env_name: f.env_name,
                         ..Default::default()
                     },
                 }),
@@ -1286,6 +1314,19 @@ pid_file = "/run/app.pid"
         assert!(parse_signal("SIGHUP").is_some());
         assert!(parse_signal("usr1").is_some());
         assert!(parse_signal("SIGFOO").is_none());
+    }
+
+    #[test]
+    fn a_secret_flag_can_name_its_environment_variable() {
+        let f = parse_secret_flag("prod/api/database:/etc/app/db.env:env=DATABASE_URL").unwrap();
+        assert_eq!(
+            (f.format.as_deref(), f.env_name.as_deref()),
+            (Some("env"), Some("DATABASE_URL"))
+        );
+        let f = parse_secret_flag("prod/api/database:/etc/app/db.env:env").unwrap();
+        assert_eq!((f.format.as_deref(), f.env_name), (Some("env"), None));
+        let e = parse_secret_flag("a:/b:env=1BAD").err().unwrap();
+        assert!(e.contains("not an environment variable name"), "{e}");
     }
 
     fn lease(
