@@ -361,3 +361,115 @@ fn the_env_format_takes_its_variable_name_from_the_flag() {
             .starts_with("DATABASE=\"")
     );
 }
+
+/// Messages say what happened and what to do: a repeated rotation reports
+/// its version as it stands now, a connection error names its cause, a
+/// missing token says where one is looked for.
+#[test]
+fn messages_are_honest_and_specific() {
+    let dir = TempDir::new("messages");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/k", "--kind", "random"]);
+    b.cli_json(&["rotate", "prod/k", "--request-token", "first"]);
+    b.cli_json(&["rotate", "prod/k"]);
+    b.cli_json(&["rotate", "prod/k"]);
+    let out = b.cli(&["rotate", "prod/k", "--request-token", "first"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.starts_with("repeated request: prod/k was rotated to v2 (")
+            && said.contains("it is now revoked; current is v4"),
+        "{said}"
+    );
+
+    let cli = |addr: &str| {
+        std::process::Command::new(CLI.path())
+            .args(["--addr", addr, "--token", "x", "list"])
+            .output()
+            .unwrap()
+    };
+    let out = cli(b.grpc.trim_start_matches("http://"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("needs a scheme: http://"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&format!("http://{}", b.metrics));
+    assert!(
+        stderr(&out).contains("not as rekey-backend's gRPC port"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&b.grpc.replace("http://", "https://"));
+    assert!(
+        stderr(&out).contains("does not speak TLS; use http://"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&format!("http://127.0.0.1:{}", free_port()));
+    assert!(
+        stderr(&out).contains("nothing listens there"),
+        "{}",
+        stderr(&out)
+    );
+    for out in [
+        cli(b.grpc.trim_start_matches("http://")),
+        cli(&format!("http://{}", b.metrics)),
+    ] {
+        assert_eq!(
+            stderr(&out).matches("error:").count(),
+            1,
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    let empty = TempDir::new("no-token");
+    let out = std::process::Command::new(CLI.path())
+        .args(["--addr", &b.grpc, "list"])
+        .current_dir(empty.path())
+        .env_remove("REKEY_TOKEN")
+        .env_remove("REKEY_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("give --token or --token-file")
+            && stderr(&out).contains("./rekey-data/admin.token"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !b.log().contains("Some("),
+        "the ready line prints addresses, not Options"
+    );
+}
+
+/// A port clash stops the backend before it writes anything, and says so
+/// once.
+#[test]
+fn a_port_clash_writes_nothing_and_is_said_once() {
+    let dir = TempDir::new("clash");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("rekey.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"off\"\ndata_dir = {:?}\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BACKEND.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.matches("cannot listen on").count(), 1, "{err}");
+    assert!(!data.exists(), "nothing written to the data directory");
+    drop(taken);
+}

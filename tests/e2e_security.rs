@@ -208,7 +208,11 @@ operations = ["read"]
     assert_eq!(list.as_array().unwrap().len(), 1);
 
     let o = b.cli_with(&["list"], None);
-    assert_eq!(stderr(&o).trim(), "error: unauthenticated: no bearer token");
+    assert!(
+        stderr(&o).starts_with("error: unauthenticated: no bearer token: none was found;"),
+        "{}",
+        stderr(&o)
+    );
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "nope").unwrap();
     let o = b.cli_with(&["list"], Some(&wrong));

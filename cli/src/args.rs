@@ -24,12 +24,16 @@ pub struct Cli {
         long = "output",
         value_enum,
         default_value = "table",
-        global = true
+        global = true,
+        help_heading = "Global options"
     )]
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The help heading of the options that reach the backend.
+const BACKEND: &str = "Backend options (every command that calls the backend)";
 
 /// How to reach and authenticate to `rekey-backend`.
 #[derive(Debug, Args)]
@@ -39,24 +43,30 @@ pub struct BackendArgs {
         long,
         env = "REKEY_ADDR",
         default_value = "http://127.0.0.1:7700",
-        global = true
+        global = true,
+        help_heading = BACKEND
     )]
     pub addr: String,
     /// Bearer token. Default: the file ./rekey-data/admin.token when present.
-    #[arg(long, env = "REKEY_TOKEN", hide_env_values = true, global = true)]
+    #[arg(long, env = "REKEY_TOKEN", hide_env_values = true, global = true,
+        help_heading = BACKEND)]
     pub token: Option<String>,
     /// Read the bearer token from this file.
-    #[arg(long, env = "REKEY_TOKEN_FILE", global = true)]
+    #[arg(long, env = "REKEY_TOKEN_FILE", global = true,
+        help_heading = BACKEND)]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) that signed the backend's certificate, for
     /// https:// addresses.
-    #[arg(long, env = "REKEY_CA_FILE", global = true)]
+    #[arg(long, env = "REKEY_CA_FILE", global = true,
+        help_heading = BACKEND)]
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS; its common name is your identity.
-    #[arg(long, env = "REKEY_CERT_FILE", global = true, requires = "key_file")]
+    #[arg(long, env = "REKEY_CERT_FILE", global = true,
+        help_heading = BACKEND, requires = "key_file")]
     pub cert_file: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
-    #[arg(long, env = "REKEY_KEY_FILE", global = true, requires = "cert_file")]
+    #[arg(long, env = "REKEY_KEY_FILE", global = true,
+        help_heading = BACKEND, requires = "cert_file")]
     pub key_file: Option<PathBuf>,
 }
 
@@ -87,15 +97,24 @@ pub enum Command {
     /// Show one version (current by default); its value only with --reveal.
     Get(GetArgs),
     /// List every version of a secret, newest first.
-    Versions { secret: String },
+    Versions {
+        /// The secret's id, e.g. prod/api/database.
+        secret: String,
+    },
     /// List secrets, optionally under a prefix.
     List { prefix: Option<String> },
     /// Make the previous version current again.
-    Rollback { secret: String },
+    Rollback {
+        /// The secret's id, e.g. prod/api/database.
+        secret: String,
+    },
     /// Revoke a version (not the current one).
     Revoke(RevokeArgs),
     /// Stages, rotation state, consumers and what holds decommission back.
-    Status { secret: Option<String> },
+    Status {
+        /// One secret's id; every secret you may read when absent.
+        secret: Option<String>,
+    },
     /// Show the audit log, or verify its hash chain.
     Audit(AuditArgs),
     /// Issue, list and revoke tokens for identities (a sidecar's, a CI
@@ -137,6 +156,7 @@ pub struct TokenCreateArgs {
 
 #[derive(Debug, Args)]
 pub struct RotateArgs {
+    /// The secret's id, e.g. prod/api/database.
     pub secret: String,
     /// Makes retries safe: the same token returns the same version.
     #[arg(long)]
@@ -156,6 +176,7 @@ pub struct RotateArgs {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
+    /// The secret's id, e.g. prod/api/database.
     pub secret: String,
     #[arg(long, value_enum, conflicts_with = "version")]
     pub stage: Option<StageArg>,
@@ -168,6 +189,7 @@ pub struct GetArgs {
 
 #[derive(Debug, Args)]
 pub struct RevokeArgs {
+    /// The secret's id, e.g. prod/api/database.
     pub secret: String,
     #[arg(long)]
     pub version: u64,
@@ -211,6 +233,7 @@ pub enum StageArg {
     reason = "clap prints these doc comments verbatim as --help text"
 )]
 pub struct CreateArgs {
+    /// The secret's id, e.g. prod/api/database.
     pub secret: String,
     #[arg(long, value_parser = ["random", "encryption-key", "static", "postgres", "redis", "exec"])]
     pub kind: String,

@@ -39,7 +39,12 @@ pub struct Target {
 }
 
 /// Where the admin token of a backend started in this directory lives.
-const LOCAL_ADMIN_TOKEN: &str = "./rekey-data/admin.token";
+pub const LOCAL_ADMIN_TOKEN: &str = "./rekey-data/admin.token";
+
+/// Whether a token was given or found.
+pub fn token_given(a: &BackendArgs) -> bool {
+    a.token.is_some() || a.token_file.is_some() || Path::new(LOCAL_ADMIN_TOKEN).exists()
+}
 
 impl Target {
     /// Reads the token and the TLS files and checks the address. Every
@@ -55,6 +60,12 @@ impl Target {
             }
             None => Bearer(None),
         };
+        if !a.addr.starts_with("http://") && !a.addr.starts_with("https://") {
+            return Err(CliError::usage(format!(
+                "--addr {:?} needs a scheme: http://{} (or https:// for TLS)",
+                a.addr, a.addr
+            )));
+        }
         let mut endpoint = Endpoint::from_shared(a.addr.clone())
             .map_err(|_| {
                 CliError::usage(format!(
@@ -85,17 +96,63 @@ impl Target {
         })
     }
 
-    /// Connects; a backend that cannot be reached is a failure (exit 1).
+    /// Connects; a backend that cannot be reached is a failure (exit 1)
+    /// whose message names the cause.
     pub async fn connect(&self) -> Result<Client, CliError> {
-        let channel = self.endpoint.connect().await.map_err(|e| {
-            CliError::failed(format!(
-                "unavailable: cannot reach rekey-backend at {} ({e}); is it running?",
-                self.addr
-            ))
-        })?;
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::failed(connect_error(&self.addr, &e)))?;
         Ok(RekeyClient::with_interceptor(channel, self.bearer.clone())
             .max_decoding_message_size(64 << 20))
     }
+}
+
+/// Every message in an error's chain, outermost first.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Why connecting to `addr` failed, in words a user can act on.
+fn connect_error(addr: &str, e: &tonic::transport::Error) -> String {
+    let why = chain(e);
+    let lower = why.to_ascii_lowercase();
+    let hint = if lower.contains("connection refused") {
+        "nothing listens there; is rekey-backend running? (it prints the address it listens on)"
+            .to_string()
+    } else if addr.starts_with("https://")
+        && (lower.contains("corrupt message")
+            || lower.contains("invalidcontenttype")
+            || lower.contains("tls"))
+    {
+        "the server there does not speak TLS; use http://".to_string()
+    } else if addr.starts_with("http://")
+        && (lower.contains("protocol") || lower.contains("frame") || lower.contains("reset"))
+    {
+        "the server there does not speak plain HTTP/2; if it uses TLS, use https://".to_string()
+    } else if lower.contains("dns") || lower.contains("resolve") || lower.contains("lookup") {
+        "the host name does not resolve".to_string()
+    } else {
+        why.clone()
+    };
+    format!("unavailable: cannot reach rekey-backend at {addr}: {hint} ({why})")
+}
+
+/// A call's failure that says the address is not a gRPC port (an HTTP
+/// server such as the metrics port answered).
+pub fn not_grpc(addr: &str, message: &str) -> Option<String> {
+    message.contains("grpc-status header missing").then(|| {
+        format!(
+            "unavailable: {addr} answered, but not as rekey-backend's gRPC port (is it the metrics port?): {message}"
+        )
+    })
 }
 
 fn read_flag_file(flag: &str, p: &Path) -> Result<Vec<u8>, CliError> {

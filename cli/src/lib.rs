@@ -31,10 +31,27 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = explain(&cli, e);
             eprintln!("error: {}", output::safe(&e.to_string()));
             e.exit_code()
         }
     }
+}
+
+/// Adds what the user can do about a failure the backend cannot know the
+/// cause of: no token sent, or an address that is not its gRPC port.
+fn explain(cli: &Cli, e: CliError) -> CliError {
+    let CliError::Failed(m) = &e else { return e };
+    if let Some(better) = client::not_grpc(&cli.backend.addr, m) {
+        return CliError::failed(better);
+    }
+    if m == "unauthenticated: no bearer token" && !client::token_given(&cli.backend) {
+        return CliError::failed(format!(
+            "{m}: none was found; give --token or --token-file (or REKEY_TOKEN / REKEY_TOKEN_FILE), or run where {} exists (a backend started in that directory writes it)",
+            client::LOCAL_ADMIN_TOKEN
+        ));
+    }
+    e
 }
 
 async fn dispatch(cli: &Cli) -> Result<(), CliError> {

@@ -74,7 +74,7 @@ pub fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn stage_names(stages: &[i32]) -> Vec<&'static str> {
+pub fn stage_names(stages: &[i32]) -> Vec<&'static str> {
     stages
         .iter()
         .map(|s| {
@@ -85,7 +85,7 @@ fn stage_names(stages: &[i32]) -> Vec<&'static str> {
         .collect()
 }
 
-fn state_name(s: i32) -> &'static str {
+pub fn state_name(s: i32) -> &'static str {
     pb::VersionState::try_from(s)
         .unwrap_or(pb::VersionState::Unspecified)
         .label()

@@ -128,9 +128,9 @@ fn files_named_on_the_command_line_that_cannot_be_read_exit_2() {
 #[test]
 fn a_bad_address_or_missing_settings_exit_2() {
     exits(
-        &rekey(&["--addr", "not a url", "--token", "t", "list"]),
+        &rekey(&["--addr", "http://not a url", "--token", "t", "list"]),
         2,
-        "--addr \"not a url\" is not a URL",
+        "--addr \"http://not a url\" is not a URL",
     );
     exits(
         &rekey(&["reencrypt", "--preset", "hyvve"]),

@@ -176,6 +176,19 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Bind first: a taken port fails before anything is written to the
+    // data directory.
+    let grpc_listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen)", cfg.listen))?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (metrics_listen)"))?,
+        ),
+        None => None,
+    };
     let kek = load_kek(&cfg.kek, |n| std::env::var(n).ok())?;
     tracing::info!(store = %config::redact_url(&cfg.store_url), kek_id = %kek.key.id_hex(), "opening store");
     let store = Arc::new(open_store(&cfg.store_url, cfg.store_max_connections, kek).await?);
@@ -204,18 +217,6 @@ pub async fn run(
         },
     ));
 
-    // Bind before spawning anything, so a taken port fails fast.
-    let grpc_listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (listen)", cfg.listen))?;
-    let metrics_listener = match cfg.metrics_listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on {a} (metrics_listen)"))?,
-        ),
-        None => None,
-    };
     let grpc_addr = metrics::bound(&grpc_listener);
     let metrics_addr = metrics_listener.as_ref().map(metrics::bound);
 
@@ -278,11 +279,9 @@ pub async fn run(
 
     let mut builder = server_builder(&cfg)?;
 
-    println!(
-        "listening grpc={grpc_addr} metrics={}",
-        metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string())
-    );
-    tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, tls = cfg.tls.is_some(), "rekey-backend ready");
+    let metrics_shown = metrics_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    println!("listening grpc={grpc_addr} metrics={metrics_shown}");
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_shown, tls = cfg.tls.is_some(), "rekey-backend ready");
 
     let stop_tx2 = stop_tx.clone();
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();

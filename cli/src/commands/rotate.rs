@@ -41,22 +41,29 @@ pub async fn rotate(cx: &Ctx, args: &RotateArgs) -> Result<(), CliError> {
         let mut o = version_json(&secret.id, &version);
         o["replayed"] = json!(resp.replayed);
         print_json(&o);
+    } else if resp.replayed {
+        // The first call's version, as it stands now: later rotations may
+        // have moved it on.
+        let stages = crate::output::stage_names(&version.stages);
+        println!(
+            "repeated request: {} was rotated to {} by the first call with this token; it is now {}{}; current is v{}",
+            secret.id,
+            version_label(&version),
+            crate::output::state_name(version.state),
+            if stages.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", stages.join(", "))
+            },
+            secret.current_version
+        );
     } else {
         let prev = if secret.previous_version > 0 {
             format!("; previous is v{}", secret.previous_version)
         } else {
             String::new()
         };
-        let replay = if resp.replayed {
-            " (repeated request)"
-        } else {
-            ""
-        };
-        println!(
-            "rotated {} to {}{prev}{replay}",
-            secret.id,
-            version_label(&version)
-        );
+        println!("rotated {} to {}{prev}", secret.id, version_label(&version));
     }
     Ok(())
 }

@@ -51,7 +51,6 @@ fn main() -> ExitCode {
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "rekey-backend stopped");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
