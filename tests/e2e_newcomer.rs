@@ -473,3 +473,44 @@ fn a_port_clash_writes_nothing_and_is_said_once() {
     assert!(!data.exists(), "nothing written to the data directory");
     drop(taken);
 }
+
+/// One documented step puts every binary on the PATH, and `rekey demo`
+/// then works from there.
+#[test]
+fn one_install_step_puts_every_binary_on_the_path() {
+    let root = TempDir::new("install");
+    let target = CLI.path().parent().unwrap().parent().unwrap().to_path_buf();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install");
+    let mut cmd = std::process::Command::new(script);
+    cmd.args(["--debug", "--root"])
+        .arg(root.path())
+        .env("CARGO_TARGET_DIR", &target);
+    rekey_testkit::bins::without_package_vars(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bin = root.path().join("bin");
+    for name in ["rekey", "rekey-backend", "rekey-sidecar"] {
+        assert!(bin.join(name).exists(), "{name} installed");
+    }
+    let work = TempDir::new("install-demo");
+    let out = std::process::Command::new(bin.join("rekey"))
+        .args([
+            "demo",
+            "--rotations",
+            "1",
+            "--interval",
+            "300ms",
+            "--rate",
+            "50",
+        ])
+        .current_dir(work.path())
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("0 failed; pods restarted: 0"),
+        "{}",
+        stdout(&out)
+    );
+}

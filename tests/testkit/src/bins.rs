@@ -248,15 +248,7 @@ impl Layout {
         if let Some(t) = &self.triple {
             cmd.args(["--target", t]);
         }
-        // cargo describes the test's own package to the test process
-        // (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...). Passed on, they would
-        // count as changed inputs of build scripts that watch them (ring's
-        // does), and cargo would rebuild half the dependency tree.
-        for (k, _) in std::env::vars_os() {
-            if k.to_str().is_some_and(is_package_var) {
-                cmd.env_remove(k);
-            }
-        }
+        without_package_vars(&mut cmd);
         cmd
     }
 
@@ -272,6 +264,20 @@ impl Layout {
                 .unwrap_or_default()
         )
     }
+}
+
+/// Clears what cargo told the test about its own package from a command
+/// that runs cargo. cargo describes the test's package to the test process
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...); passed on, they would
+/// count as changed inputs of build scripts that watch them (ring's does),
+/// and cargo would rebuild half the dependency tree.
+pub fn without_package_vars(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(is_package_var) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Whether cargo sets `var` to describe the package of the process it

@@ -1,0 +1,159 @@
+//! The README's terminal sessions (its `console` blocks: `$ command`
+//! lines, each followed by the output it shows) run verbatim against a
+//! real backend, and print what the README says they print. Times, and
+//! anything the README elides with `…`, may differ; everything else must
+//! match. A command whose comment says it is refused must fail.
+
+use std::path::{Path, PathBuf};
+
+use rekey_testkit::*;
+
+struct Step {
+    command: String,
+    refused: bool,
+    expected: Vec<String>,
+}
+
+/// The `console` blocks of a Markdown text, as steps.
+fn sessions(markdown: &str) -> Vec<Vec<Step>> {
+    let mut out = Vec::new();
+    let mut block: Option<Vec<Step>> = None;
+    for line in markdown.lines() {
+        match &mut block {
+            None if line.trim_start().starts_with("```console") => block = Some(Vec::new()),
+            None => {}
+            Some(steps) if line.trim_start().starts_with("```") => {
+                out.push(std::mem::take(steps));
+                block = None;
+            }
+            Some(steps) => {
+                if let Some(cmd) = line.strip_prefix("$ ") {
+                    let (command, comment) = cmd.split_once(" # ").unwrap_or((cmd, ""));
+                    steps.push(Step {
+                        command: command.trim().to_string(),
+                        refused: comment.contains("refused"),
+                        expected: Vec::new(),
+                    });
+                } else if let Some(step) = steps.last_mut() {
+                    step.expected.push(line.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Replaces every RFC 3339 time (`2026-11-26T12:28:15.123Z`) with a
+/// marker.
+fn mark_times(s: &str) -> String {
+    let c: Vec<char> = s.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < c.len() {
+        let t: String = c[i..(i + 24).min(c.len())].iter().collect();
+        let is_time = t.len() == 24
+            && t.as_bytes()[4] == b'-'
+            && t.as_bytes()[10] == b'T'
+            && t.ends_with('Z');
+        if is_time {
+            out.push(TIME);
+            i += 24;
+        } else {
+            out.push(c[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+const TIME: char = '\u{1}';
+const ANY: char = '…';
+
+/// Whether `got` is what the README shows: times stand for any time, and
+/// `…` for any text.
+fn same(shown: &str, got: &str) -> bool {
+    fn go(g: &[char], t: &[char]) -> bool {
+        match g.first() {
+            None => t.is_empty(),
+            Some(&ANY) => (0..=t.len()).any(|i| go(&g[1..], &t[i..])),
+            Some(c) => t.first() == Some(c) && go(&g[1..], &t[1..]),
+        }
+    }
+    let g: Vec<char> = mark_times(shown.trim_end()).chars().collect();
+    let t: Vec<char> = mark_times(got.trim_end()).chars().collect();
+    go(&g, &t)
+}
+
+fn readme() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    std::fs::read_to_string(p).expect("README.md")
+}
+
+#[test]
+fn the_readme_sessions_print_what_they_show() {
+    let sessions = sessions(&readme());
+    assert!(!sessions.is_empty(), "the README has a console session");
+    let bin_dir: PathBuf = CLI.path().parent().unwrap().to_path_buf();
+    // The sidecar and backend are found the same way by the testkit.
+    let _ = (BACKEND.path(), SIDECAR.path());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for steps in sessions {
+        let dir = TempDir::new("readme");
+        let b = Backend::start(dir.path(), BackendOpts::default());
+        // The README's commands run where the backend keeps ./rekey-data.
+        std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("rekey-data")).unwrap();
+        for step in steps {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&step.command)
+                .current_dir(dir.path())
+                .env("PATH", &path)
+                .env("REKEY_ADDR", &b.grpc)
+                .env_remove("REKEY_TOKEN")
+                .env_remove("REKEY_TOKEN_FILE")
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.success(),
+                !step.refused,
+                "`{}`: {}",
+                step.command,
+                stderr(&out)
+            );
+            if step.expected.is_empty() {
+                continue;
+            }
+            let got = stdout(&out);
+            let got: Vec<&str> = got.lines().collect();
+            assert_eq!(
+                got.len(),
+                step.expected.len(),
+                "`{}` printed:\n{}",
+                step.command,
+                got.join("\n")
+            );
+            for (shown, line) in step.expected.iter().zip(&got) {
+                assert!(
+                    same(shown, line),
+                    "`{}`: the README shows {shown:?}, it printed {line:?}",
+                    step.command
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_matcher_ignores_times_and_elisions_only() {
+    assert!(same(
+        "created a at v1 (2026-11-26T12:28:15.123Z)",
+        "created a at v1 (2027-01-02T03:04:05.678Z)"
+    ));
+    assert!(same("head 7:5f0c…e91a", "head 7:5f0c0000e91a"));
+    assert!(!same("head 7:5f0c…e91a", "head 8:5f0c0000e91a"));
+    assert!(!same("7 events verified", "5 events verified"));
+}
