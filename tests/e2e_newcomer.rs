@@ -443,6 +443,36 @@ fn messages_are_honest_and_specific() {
         !b.log().contains("Some("),
         "the ready line prints addresses, not Options"
     );
+
+    // Help offers the backend options where they apply, apart from each
+    // command's own, and not on the demo, which starts its own backend.
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(CLI.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let status = help(&["status", "--help"]);
+    assert!(
+        status.contains("Backend options") && status.contains("--addr"),
+        "{status}"
+    );
+    assert!(status.contains("[SECRET]  One secret's id"), "{status}");
+    let demo = help(&["demo", "--help"]);
+    for option in [
+        "--addr",
+        "--token",
+        "--ca-file",
+        "--cert-file",
+        "Backend options",
+    ] {
+        assert!(!demo.contains(option), "demo offers {option}: {demo}");
+    }
+    assert!(demo.contains("--rotations"), "{demo}");
+    let seal = help(&["seal", "--help"]);
+    assert_eq!(seal.matches("--key-file").count(), 1, "{seal}");
 }
 
 /// A port clash stops the backend before it writes anything, and says so
@@ -513,4 +543,88 @@ fn one_install_step_puts_every_binary_on_the_path() {
         "{}",
         stdout(&out)
     );
+}
+
+/// A sidecar that cannot start lists every problem in one go: a bad local
+/// path and a secret the backend does not have are reported together, so
+/// that fixing one does not reveal the other only on the next start.
+#[test]
+fn sidecar_start_up_lists_every_problem_at_once() {
+    let dir = TempDir::new("all-problems");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&["create", "prod/api/key", "--kind", "random"]);
+    let good = dir.path().join("key");
+    let bad = dir.path().join("no-such-dir").join("key");
+    let token = b.token_path();
+    let (code, _, stderr) = Sidecar::refuse(&[
+        "--backend",
+        &b.grpc,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--secret",
+        &format!("prod/api/key:{}", good.display()),
+        "--secret",
+        &format!("prod/api/typo:{}", bad.display()),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.matches("error:").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no-such-dir"),
+        "the local problem: {stderr}"
+    );
+    assert!(
+        stderr.contains("secret prod/api/typo") && stderr.contains("not found"),
+        "the backend's problem: {stderr}"
+    );
+    assert!(
+        !stderr.contains("secret prod/api/key"),
+        "a secret without problems is not listed: {stderr}"
+    );
+    assert!(
+        !good.exists(),
+        "nothing is written when start-up is refused"
+    );
+
+    // A template that names a field the value lacks is a backend-side
+    // problem too, listed beside a local one.
+    let cfg = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend = {:?}\ntoken_file = {:?}\nlisten = \"127.0.0.1:0\"\n\n\
+             [[secrets]]\nid = \"prod/api/key\"\npath = {:?}\n\
+             template = \"user={{{{username}}}}\"\n\n\
+             [[secrets]]\nid = \"prod/api/typo\"\npath = {:?}\n",
+            b.grpc,
+            token.display().to_string(),
+            good.display().to_string(),
+            bad.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = Sidecar::refuse(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert!(
+        stderr.contains("secret prod/api/key") && stderr.contains("username"),
+        "the template's problem: {stderr}"
+    );
+    assert!(stderr.contains("secret prod/api/typo"), "{stderr}");
+
+    // With the backend down the local problems are still listed, and the
+    // operator learns the secrets were not checked.
+    drop(b);
+    let (code, _, stderr) = Sidecar::refuse(&[
+        "--backend",
+        "http://127.0.0.1:1",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--secret",
+        &format!("prod/api/typo:{}", bad.display()),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert!(stderr.contains("could not be checked"), "{stderr}");
 }

@@ -163,14 +163,71 @@ pub enum Probe {
 /// # Errors
 /// Every refusal and misfit found, one line per secret.
 pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
-    if cfg.secrets.is_empty() {
-        return Ok(Probe::Snapshots(vec![]));
-    }
-    let mut client = match connect(cfg).await {
-        Ok(c) => c,
+    let (events, mut errors) = match first_events(cfg).await {
+        Ok(found) => found,
         Err(e) => return Ok(Probe::Unreachable(e)),
     };
-    let ids: Vec<String> = cfg.secrets.iter().map(|s| s.id.clone()).collect();
+    errors.extend(misfits(cfg, &events, |_| true));
+    if errors.is_empty() {
+        Ok(Probe::Snapshots(events))
+    } else {
+        Err(errors)
+    }
+}
+
+/// Values that do not render into their outputs (a template naming a
+/// field the value lacks), for the secrets `check` selects.
+fn misfits(cfg: &Config, events: &[pb::WatchEvent], check: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut errors = Vec::new();
+    for ev in events {
+        if let Some((id, served, _)) = offered(ev.clone())
+            && check(&id)
+            && let Some(sc) = cfg.secrets.iter().find(|s| s.id == id)
+            && let Err(e) = crate::render::render(&sc.out, &served.current.value)
+        {
+            errors.push(format!("secret {id}: {e}"));
+        }
+    }
+    errors
+}
+
+/// For a configuration that is already known to be invalid: what the
+/// backend says about the secrets it names (not found, not allowed, a
+/// value that does not fit an output), so that the operator sees those
+/// together with the local problems. Only the outputs in `sound_outputs`
+/// are checked against the values; the others have settings in error.
+pub async fn backend_problems(cfg: &Config, sound_outputs: &BTreeSet<String>) -> Vec<String> {
+    match first_events(cfg).await {
+        Ok((events, mut errors)) => {
+            errors.extend(misfits(cfg, &events, |id| sound_outputs.contains(id)));
+            errors
+        }
+        // Token file and address problems are configuration errors,
+        // reported already.
+        Err(
+            Error::NoTokenFile
+            | Error::TokenFile { .. }
+            | Error::TokenNotAHeader
+            | Error::BackendAddress { .. },
+        ) => vec![],
+        Err(e) => vec![format!("backend: the secrets could not be checked: {e}")],
+    }
+}
+
+/// Watches each secret once. Returns the first events and the refusals,
+/// one line per secret, or why the backend could not be asked.
+async fn first_events(cfg: &Config) -> Result<(Vec<pb::WatchEvent>, Vec<String>), Error> {
+    let mut seen = BTreeSet::new();
+    let ids: Vec<String> = cfg
+        .secrets
+        .iter()
+        .map(|s| s.id.clone())
+        .filter(|id| !id.is_empty() && seen.insert(id.clone()))
+        .collect();
+    if ids.is_empty() {
+        return Ok((vec![], vec![]));
+    }
+    let mut client = connect(cfg).await?;
     let mut errors = Vec::new();
     // One Watch per secret, so that every refusal is listed, not only the
     // first.
@@ -188,9 +245,9 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
         .await;
         match r {
             Err(_) => {
-                return Ok(Probe::Unreachable(Error::BackendSilent {
+                return Err(Error::BackendSilent {
                     after: Duration::from_secs(10),
-                }));
+                });
             }
             Ok(Ok(Some(ev))) => events.push(ev),
             Ok(Ok(None)) => errors.push(format!("secret {id}: the backend closed the stream")),
@@ -202,25 +259,11 @@ pub async fn probe(cfg: &Config) -> Result<Probe, Vec<String>> {
                 // Not a start-up error: an oversized event is a mismatch
                 // with the backend's limits that /readyz names while the
                 // sidecar retries (the value may shrink, the setting grow).
-                _ => {
-                    return Ok(Probe::Unreachable(stream_error(&st, cfg.max_event_bytes)));
-                }
+                _ => return Err(stream_error(&st, cfg.max_event_bytes)),
             },
         }
     }
-    for ev in &events {
-        if let Some((id, served, _)) = offered(ev.clone())
-            && let Some(sc) = cfg.secrets.iter().find(|s| s.id == id)
-            && let Err(e) = crate::render::render(&sc.out, &served.current.value)
-        {
-            errors.push(format!("secret {id}: {e}"));
-        }
-    }
-    if errors.is_empty() {
-        Ok(Probe::Snapshots(events))
-    } else {
-        Err(errors)
-    }
+    Ok((events, errors))
 }
 
 /// Runs until shutdown: watch, deliver, report; reconnect on failure.

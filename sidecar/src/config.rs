@@ -282,6 +282,17 @@ pub struct Config {
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigErrors(pub Vec<String>);
 
+/// An invalid configuration: its problems, and what could be made of it.
+#[derive(Debug)]
+pub struct Invalid {
+    pub errors: ConfigErrors,
+    /// Absent when the file could not be read or parsed. Settings in error
+    /// hold placeholders: use it only to check what is not in error.
+    pub partial: Option<Box<Config>>,
+    /// Ids of the secrets whose output settings are free of errors.
+    pub sound_outputs: BTreeSet<String>,
+}
+
 /// Settings given as flags; they add to or override the file.
 #[derive(Debug, Default, Clone)]
 pub struct Flags {
@@ -776,14 +787,40 @@ fn output(
 impl Config {
     /// Reads the file (if any), applies `REKEY_*` from `env`, then flags,
     /// and validates everything.
+    ///
+    /// # Errors
+    /// Every problem found, listed together.
     pub fn load(
         path: Option<&Path>,
         flags: Flags,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
+        match Self::load_all(path, flags, env) {
+            Ok(cfg) => Ok(cfg),
+            Err(invalid) => Err(invalid.errors),
+        }
+    }
+
+    /// As [`Config::load`], but an invalid configuration that could still
+    /// be read keeps what was made of it, so that the backend side can be
+    /// checked as well and every problem reported at once.
+    ///
+    /// # Errors
+    /// Every problem found, with the partial configuration when the file
+    /// could be read and parsed.
+    pub fn load_all(
+        path: Option<&Path>,
+        flags: Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Invalid> {
+        let early = |errors: Vec<String>| Invalid {
+            errors: ConfigErrors(errors),
+            partial: None,
+            sound_outputs: BTreeSet::new(),
+        };
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|e| {
-                ConfigErrors(vec![format!(
+                early(vec![format!(
                     "cannot read config file {}: {e}",
                     p.display()
                 )])
@@ -792,7 +829,7 @@ impl Config {
         };
         let mut table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config file: {e}")]))?;
+            .map_err(|e: toml::de::Error| early(vec![format!("config file: {e}")]))?;
         let mut host = None;
         let mut kube = BTreeMap::new();
         for (k, v) in env {
@@ -808,7 +845,7 @@ impl Config {
         }
         let mut raw: RawConfig = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("config: {}", e.message())]))?;
+            .map_err(|e: toml::de::Error| early(vec![format!("config: {}", e.message())]))?;
         let mut errors = Vec::new();
         if flags.backend.is_some() {
             raw.backend = flags.backend;
@@ -836,11 +873,22 @@ impl Config {
                 Err(e) => errors.push(e),
             }
         }
-        let cfg = validate(raw, host, &|k| kube.get(k).cloned(), &mut errors);
+        let mut sound = BTreeSet::new();
+        let cfg = validate(
+            raw,
+            host,
+            &|k| kube.get(k).cloned(),
+            &mut errors,
+            &mut sound,
+        );
         if errors.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigErrors(errors))
+            Err(Invalid {
+                errors: ConfigErrors(errors),
+                partial: Some(Box::new(cfg)),
+                sound_outputs: sound,
+            })
         }
     }
 }
@@ -859,6 +907,7 @@ fn validate(
     host: Option<String>,
     kube_env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Vec<String>,
+    sound_outputs: &mut BTreeSet<String>,
 ) -> Config {
     let backend = raw.backend.unwrap_or_else(|| DEFAULT_BACKEND.into());
     if !(backend.starts_with("http://") || backend.starts_with("https://")) {
@@ -956,10 +1005,12 @@ fn validate(
         if !ids.insert(s.id.clone()) {
             errors.push(format!("{setting}: the secret is listed twice"));
         }
-        secrets.push(SecretConfig {
-            out: output(&setting, &s.id, s.out, &reload_names, dirs, errors),
-            id: s.id,
-        });
+        let before = errors.len();
+        let out = output(&setting, &s.id, s.out, &reload_names, dirs, errors);
+        if errors.len() == before {
+            sound_outputs.insert(s.id.clone());
+        }
+        secrets.push(SecretConfig { out, id: s.id });
     }
     let mut file_sources = Vec::new();
     for (i, f) in raw.file_sources.into_iter().enumerate() {

@@ -63,13 +63,7 @@ fn main() -> ExitCode {
         api_token_file: args.api_token_file,
         listen: args.listen,
     };
-    let cfg = match Config::load(args.config.as_deref(), flags, std::env::vars()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let loaded = Config::load_all(args.config.as_deref(), flags, std::env::vars());
     // The sidecar idles almost always: one thread is plenty.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -79,6 +73,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(mut invalid) => {
+            // One list: what the backend says about the secrets joins the
+            // local problems, so that fixing a path does not reveal the
+            // next problem only on the next start.
+            if let Some(partial) = &invalid.partial {
+                let behind = rt.block_on(rekey_sidecar::backend::backend_problems(
+                    partial,
+                    &invalid.sound_outputs,
+                ));
+                invalid.errors.0.extend(behind);
+            }
+            eprintln!("error: {}", invalid.errors);
+            return ExitCode::from(2);
         }
     };
     match rt.block_on(rekey_sidecar::run(cfg, rekey_sidecar::shutdown_signal())) {
