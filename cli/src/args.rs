@@ -70,6 +70,45 @@ pub struct BackendArgs {
     pub key_file: Option<PathBuf>,
 }
 
+/// Subcommands that never call a backend of the user's: the backend
+/// options are not offered there.
+const NO_BACKEND: &[&str] = &["demo", "demo-app"];
+
+impl Cli {
+    /// The command line as parsed, with the backend options hidden where
+    /// they do not apply.
+    #[must_use]
+    pub fn command_line() -> clap::Command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let backend: Vec<clap::Arg> =
+            <BackendArgs as clap::Args>::augment_args(clap::Command::new("backend"))
+                .get_arguments()
+                .cloned()
+                .collect();
+        for name in NO_BACKEND {
+            // A subcommand's own argument of the same id takes the global
+            // one's place: hidden, and not handed up to the top level.
+            cmd = cmd.mut_subcommand(*name, |sub| {
+                sub.args(backend.iter().map(|a| {
+                    a.clone()
+                        .global(false)
+                        .hide(true)
+                        .requires(clap::builder::Resettable::Reset)
+                }))
+            });
+        }
+        cmd
+    }
+
+    /// Parses the process's arguments; exits with clap's message and
+    /// status 2 on a malformed command line.
+    #[must_use]
+    pub fn parse_args() -> Cli {
+        let matches = Self::command_line().get_matches();
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,

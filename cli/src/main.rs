@@ -5,10 +5,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = rekey_cli::Cli::parse();
+    let cli = rekey_cli::Cli::parse_args();
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
