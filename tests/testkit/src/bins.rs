@@ -215,16 +215,17 @@ impl Layout {
         let parent = dir
             .parent()
             .ok_or_else(|| format!("{} has no parent directory", dir.display()))?;
-        // cargo marks the root of a target directory with CACHEDIR.TAG.
-        let (target_dir, triple) = if parent.join("CACHEDIR.TAG").exists() {
+        // cargo marks the root of a target directory with CACHEDIR.TAG
+        // when it creates it, and keeps .rustc_info.json there (the only
+        // mark when the directory existed before cargo's first build).
+        let is_root =
+            |d: &Path| d.join("CACHEDIR.TAG").exists() || d.join(".rustc_info.json").exists();
+        let (target_dir, triple) = if is_root(parent) {
             (parent.to_path_buf(), None)
         } else {
-            let root = parent
-                .parent()
-                .filter(|r| r.join("CACHEDIR.TAG").exists())
-                .ok_or_else(|| {
-                    format!("{} is not inside a cargo target directory", dir.display())
-                })?;
+            let root = parent.parent().filter(|r| is_root(r)).ok_or_else(|| {
+                format!("{} is not inside a cargo target directory", dir.display())
+            })?;
             (root.to_path_buf(), Some(name(parent)))
         };
         Ok(Layout {

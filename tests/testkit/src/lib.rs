@@ -12,6 +12,10 @@
 //!   Redis, and a private Postgres with password authentication.
 //! - [`server_pki`], [`issue_cert`], [`LeaseApiServer`]: certificates and a
 //!   stand-in for the Kubernetes Lease API.
+//! - [`Bao`], [`BaoAgent`], [`TokenReviewServer`]: OpenBao (dev or
+//!   persistent, sealable) with its CLI, tokens, policies, AppRole and
+//!   Kubernetes auth, the agent rendering a template, and a stand-in for
+//!   the Kubernetes `TokenReview` API; [`bao_binary`] finds `bao`.
 //! - [`bench`]: the benchmarks' frame, statistics and table printer.
 //! - Small helpers: [`TempDir`], [`eventually`], [`wait_for`],
 //!   [`http_get`], [`free_port`] and the like.
@@ -23,6 +27,7 @@ pub mod bench;
 pub mod bins;
 
 mod backend;
+mod bao;
 mod lease;
 mod pg;
 mod pki;
@@ -30,6 +35,7 @@ mod process;
 mod sidecar;
 
 pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
+pub use bao::{AGENT_RENDER_INTERVAL, Bao, BaoAgent, TokenReviewServer, bao_binary};
 pub use bins::{BACKEND, Binary, CLI, SIDECAR};
 pub use lease::LeaseApiServer;
 pub use pg::{PgDb, PgServer, RedisUsers};
