@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::demo::{AppArgs, DemoArgs};
@@ -285,6 +286,15 @@ pub struct CreateArgs {
     /// Version 1's value (static, encryption-key); `-` for stdin.
     #[arg(long)]
     pub value_file: Option<PathBuf>,
+    /// Where the values live: a [[providers]] name from the backend's
+    /// config (e.g. Vault / OpenBao KV v2). Default: rekey's embedded store.
+    #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
+    pub provider: Option<String>,
+    /// Where the provider keeps the values (e.g. a KV path). Requires
+    /// --provider; default: the provider's path_prefix followed by SECRET.
+    #[arg(long, value_name = "PATH", requires = "provider",
+        value_parser = NonEmptyStringValueParser::new())]
+    pub provider_path: Option<String>,
     /// "manual", an interval ("30d", "every 12h") or cron ("0 3 * * 1", UTC).
     #[arg(long)]
     pub schedule: Option<String>,
@@ -348,4 +358,44 @@ pub struct CreateArgs {
     /// exec: time limit per hook run.
     #[arg(long)]
     pub hook_timeout: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = Cli::command_line().try_get_matches_from(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    fn create(args: &[&str]) -> Result<Box<CreateArgs>, clap::Error> {
+        let all = [&["rekey", "create", "prod/db", "--kind", "static"], args].concat();
+        match parse(&all)?.command {
+            Command::Create(a) => Ok(a),
+            c => panic!("parsed as {c:?}"),
+        }
+    }
+
+    #[test]
+    fn provider_flags_parse_and_the_path_needs_a_provider() {
+        let a = create(&[]).unwrap();
+        assert_eq!((a.provider, a.provider_path), (None, None));
+        let a = create(&["--provider", "vault-main"]).unwrap();
+        assert_eq!(a.provider.as_deref(), Some("vault-main"));
+        assert_eq!(a.provider_path, None);
+        let a = create(&["--provider", "vault-main", "--provider-path", "kv/db"]).unwrap();
+        assert_eq!(a.provider_path.as_deref(), Some("kv/db"));
+
+        let e = create(&["--provider-path", "kv/db"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--provider <NAME>"), "{e}");
+        for empty in [
+            &["--provider", ""][..],
+            &["--provider", "v", "--provider-path", ""],
+        ] {
+            let e = create(empty).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue, "{empty:?}");
+        }
+    }
 }

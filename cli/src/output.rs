@@ -145,6 +145,7 @@ pub fn secret_json(s: &pb::Secret) -> Value {
     };
     let sched = s.schedule.clone().unwrap_or_default();
     let window = Duration::from_millis(u64::try_from(s.validation_window_ms).unwrap_or(0));
+    let [provider, provider_path] = provider_json(s);
     json!({
         "id": s.id,
         "kind": s.kind,
@@ -157,7 +158,29 @@ pub fn secret_json(s: &pb::Secret) -> Value {
         "schedule": if sched.spec.is_empty() { "manual".to_string() } else { sched.spec },
         "validation_window": humantime::format_duration(window).to_string(),
         "revision": s.revision,
+        "provider": provider,
+        "provider_path": provider_path,
     })
+}
+
+/// Where a secret's values live, for people: `vault-main
+/// (secret/rekey/db)`, or `embedded` for rekey's own store.
+pub fn provider_label(s: &pb::Secret) -> String {
+    match (s.provider.as_str(), s.provider_path.as_str()) {
+        ("", _) => "embedded".into(),
+        (name, "") => safe(name),
+        (name, path) => format!("{} ({})", safe(name), safe(path)),
+    }
+}
+
+/// `provider` and `provider_path` for scripts: the provider's name and
+/// path, or null for rekey's embedded store (whose provider and path the
+/// wire leaves empty).
+pub fn provider_json(s: &pb::Secret) -> [Value; 2] {
+    let or_null = |t: &str| {
+        if t.is_empty() { Value::Null } else { json!(t) }
+    };
+    [or_null(&s.provider), or_null(&s.provider_path)]
 }
 
 /// One row of a versions table: VERSION, CREATED, STAGES, STATE.

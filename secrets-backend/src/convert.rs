@@ -48,6 +48,8 @@ pub(crate) fn secret(s: &SecretRow) -> pb::Secret {
         next_rotation_at_ms: s.next_rotation_at_ms,
         last_rotated_at_ms: s.last_rotated_at_ms,
         revision: unsigned(s.revision),
+        provider: s.provider.clone(),
+        provider_path: s.provider_path.clone(),
     }
 }
 
@@ -208,6 +210,7 @@ pub(crate) fn status(st: &SecretStatus) -> pb::SecretStatus {
             phase: r.phase.clone(),
             updated_at_ms: r.updated_at_ms,
         }),
+        provider_problem: st.provider_problem.clone().unwrap_or_default(),
     }
 }
 
@@ -288,5 +291,36 @@ mod tests {
             ..Default::default()
         };
         assert!(kind_options(&bad_port).is_err());
+    }
+
+    #[test]
+    fn where_the_values_live_reaches_the_wire() {
+        let row = SecretRow {
+            id: "prod/db".into(),
+            provider: "vault-main".into(),
+            provider_path: "secret/rekey/prod/db".into(),
+            ..Default::default()
+        };
+        let s = secret(&row);
+        assert_eq!(s.provider, "vault-main");
+        assert_eq!(s.provider_path, "secret/rekey/prod/db");
+        let embedded = secret(&SecretRow::default());
+        assert!(embedded.provider.is_empty() && embedded.provider_path.is_empty());
+
+        let mut st = SecretStatus {
+            secret: row,
+            versions: Vec::new(),
+            consumers: Vec::new(),
+            rotation: None,
+            decommission_blockers: Vec::new(),
+            reencryption: None,
+            provider_problem: None,
+        };
+        assert_eq!(status(&st).provider_problem, "");
+        st.provider_problem = Some("KV version 4 was deleted outside rekey".into());
+        assert_eq!(
+            status(&st).provider_problem,
+            "KV version 4 was deleted outside rekey"
+        );
     }
 }

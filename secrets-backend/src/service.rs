@@ -309,14 +309,19 @@ impl Rekey for RekeyService {
         let r = &request.into_inner();
         let o = self
             .changing(caller, Operation::Create, &r.id, 1, |_, actor| async move {
+                if r.provider.is_empty() && !r.provider_path.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "provider_path needs a provider (the embedded store keys values by the secret id)".into(),
+                    ));
+                }
                 let sched = r.schedule.clone().unwrap_or_default();
                 let spec = CreateSpec {
                     options: convert::kind_options(r)?,
                     value: convert::opt_value(r.value.as_ref())?,
                     id: r.id.clone(),
                     kind: r.kind.clone(),
-                    provider: String::new(),
-                    provider_path: String::new(),
+                    provider: r.provider.clone(),
+                    provider_path: r.provider_path.clone(),
                     schedule_spec: sched.spec,
                     rotation_window_ms: sched.rotation_window_ms,
                     jitter_ms: sched.jitter_ms,

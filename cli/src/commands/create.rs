@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{Ctx, duration_ms, read_value};
 use crate::args::CreateArgs;
 use crate::error::CliError;
-use crate::output::{print_json, version_json, version_label};
+use crate::output::{print_json, provider_json, provider_label, version_json, version_label};
 
 pub async fn create(cx: &Ctx, args: &CreateArgs) -> Result<(), CliError> {
     let req = request(args)?;
@@ -18,16 +18,30 @@ pub async fn create(cx: &Ctx, args: &CreateArgs) -> Result<(), CliError> {
     if cx.json {
         let mut o = version_json(&secret.id, &version);
         o["kind"] = json!(secret.kind);
+        let [provider, path] = provider_json(&secret);
+        o["provider"] = provider;
+        o["provider_path"] = path;
         print_json(&o);
     } else {
-        println!(
-            "created {} ({}) at {}",
-            secret.id,
-            secret.kind,
-            version_label(&version)
-        );
+        println!("{}", created_line(&secret, &version));
     }
     Ok(())
+}
+
+/// `created ID (KIND) at v1 (TIME)`, and where a provider keeps the
+/// values (the embedded store is not named: the line stays as it was).
+fn created_line(secret: &pb::Secret, version: &pb::Version) -> String {
+    let place = if secret.provider.is_empty() {
+        String::new()
+    } else {
+        format!(" in {}", provider_label(secret))
+    };
+    format!(
+        "created {} ({}) at {}{place}",
+        secret.id,
+        secret.kind,
+        version_label(version)
+    )
 }
 
 fn path_str(p: Option<&Path>) -> String {
@@ -63,6 +77,8 @@ fn request(a: &CreateArgs) -> Result<pb::CreateSecretRequest, CliError> {
         }),
         validation_window_ms: Some(duration_ms("--window", Some(&a.window))?),
         value: a.value_file.as_deref().map(read_value).transpose()?,
+        provider: a.provider.clone().unwrap_or_default(),
+        provider_path: a.provider_path.clone().unwrap_or_default(),
         postgres: (a.kind == "postgres").then(|| pb::PostgresOptions {
             admin_url_file: path_str(a.admin_url_file.as_deref()),
             group_role: a.group_role.clone().unwrap_or_default(),
@@ -91,4 +107,62 @@ fn request(a: &CreateArgs) -> Result<pb::CreateSecretRequest, CliError> {
             None
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn req(args: &[&str]) -> pb::CreateSecretRequest {
+        let all = [&["rekey", "create", "prod/db", "--kind", "static"], args].concat();
+        let m = Cli::command_line().try_get_matches_from(all).unwrap();
+        match <Cli as clap::FromArgMatches>::from_arg_matches(&m)
+            .unwrap()
+            .command
+        {
+            Command::Create(a) => request(&a).unwrap(),
+            c => panic!("parsed as {c:?}"),
+        }
+    }
+
+    #[test]
+    fn the_provider_flags_reach_the_request() {
+        let r = req(&[]);
+        assert_eq!((r.provider.as_str(), r.provider_path.as_str()), ("", ""));
+        let r = req(&["--provider", "vault-main"]);
+        assert_eq!(
+            (r.provider.as_str(), r.provider_path.as_str()),
+            ("vault-main", "")
+        );
+        let r = req(&["--provider", "vault-main", "--provider-path", "kv/db"]);
+        assert_eq!(
+            (r.provider.as_str(), r.provider_path.as_str()),
+            ("vault-main", "kv/db")
+        );
+    }
+
+    #[test]
+    fn the_created_line_names_a_provider_only() {
+        let mut s = pb::Secret {
+            id: "prod/db".into(),
+            kind: "static".into(),
+            ..Default::default()
+        };
+        let v = pb::Version {
+            version: 1,
+            created_at_ms: 1_795_000_000_123,
+            ..Default::default()
+        };
+        assert_eq!(
+            created_line(&s, &v),
+            "created prod/db (static) at v1 (2026-11-18T11:06:40.123Z)"
+        );
+        s.provider = "vault-main".into();
+        s.provider_path = "secret/rekey/prod/db".into();
+        assert_eq!(
+            created_line(&s, &v),
+            "created prod/db (static) at v1 (2026-11-18T11:06:40.123Z) in vault-main (secret/rekey/prod/db)"
+        );
+    }
 }

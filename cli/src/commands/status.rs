@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::Ctx;
 use crate::error::CliError;
 use crate::output::safe;
-use crate::output::{print_json, secret_json, version_json, version_label};
+use crate::output::{print_json, provider_label, secret_json, version_json, version_label};
 
 pub async fn status(cx: &Ctx, secret: Option<&str>) -> Result<(), CliError> {
     let r = cx
@@ -57,6 +57,11 @@ fn status_json(st: &pb::SecretStatus) -> Value {
     o["live_consumers"] = json!(st.live_consumers);
     o["converged_consumers"] = json!(st.converged);
     o["decommission_blockers"] = json!(st.decommission_blockers);
+    o["provider_problem"] = if st.provider_problem.is_empty() {
+        Value::Null
+    } else {
+        json!(st.provider_problem)
+    };
     o["reencryption"] = match &st.reencryption {
         Some(r) => json!({
             "version": r.version,
@@ -96,6 +101,13 @@ fn eta(r: &pb::Reencryption) -> Option<f64> {
 }
 
 fn print_status(st: &pb::SecretStatus) {
+    for line in status_lines(st) {
+        println!("{line}");
+    }
+}
+
+/// The table form of one secret's status, a line each.
+fn status_lines(st: &pb::SecretStatus) -> Vec<String> {
     let s = st.secret.clone().unwrap_or_default();
     let label = |n: u64| {
         st.versions
@@ -103,12 +115,22 @@ fn print_status(st: &pb::SecretStatus) {
             .find(|v| v.version == n)
             .map_or_else(|| "-".into(), version_label)
     };
-    println!("{} ({})", safe(&s.id), safe(&s.kind));
-    println!("  current:   {}", label(s.current_version));
-    println!("  previous:  {}", label(s.previous_version));
-    if s.pending_version > 0 {
-        println!("  pending:   {}", label(s.pending_version));
+    let mut out = Vec::new();
+    out.push(format!("{} ({})", safe(&s.id), safe(&s.kind)));
+    // Right under the id: what rekey serves may not be what the provider
+    // holds until this is fixed.
+    if !st.provider_problem.is_empty() {
+        out.push(format!(
+            "  provider problem: {}",
+            safe(&st.provider_problem)
+        ));
     }
+    out.push(format!("  current:   {}", label(s.current_version)));
+    out.push(format!("  previous:  {}", label(s.previous_version)));
+    if s.pending_version > 0 {
+        out.push(format!("  pending:   {}", label(s.pending_version)));
+    }
+    out.push(format!("  provider:  {}", provider_label(&s)));
     let spec = s
         .schedule
         .as_ref()
@@ -120,25 +142,25 @@ fn print_status(st: &pb::SecretStatus) {
     } else {
         String::new()
     };
-    println!("  schedule:  {}{next}", safe(spec));
+    out.push(format!("  schedule:  {}{next}", safe(spec)));
     if let Some(rot) = &st.rotation {
         let error = if rot.error.is_empty() {
             String::new()
         } else {
             format!(": {}", safe(&rot.error))
         };
-        println!(
+        out.push(format!(
             "  rotation:  v{} {}{error}",
             rot.target_version,
             safe(&rot.step)
-        );
+        ));
     }
-    println!(
+    out.push(format!(
         "  consumers: {}/{} live on current",
         st.converged, st.live_consumers
-    );
+    ));
     for k in &st.consumers {
-        println!(
+        out.push(format!(
             "    {} {}/{} v{}{}{}",
             safe(&k.consumer_id),
             safe(&k.namespace),
@@ -150,10 +172,10 @@ fn print_status(st: &pb::SecretStatus) {
             } else {
                 format!(" error: {}", safe(&k.error))
             }
-        );
+        ));
     }
     if let Some(r) = &st.reencryption {
-        println!(
+        out.push(format!(
             "  re-encryption to v{}: {} of {} rows, {} remaining, {:.0} rows/s{}, {}{}",
             r.version,
             r.rows_done,
@@ -165,16 +187,85 @@ fn print_status(st: &pb::SecretStatus) {
                 .unwrap_or_default(),
             safe(&r.phase),
             if r.finished { " (finished)" } else { "" }
-        );
+        ));
     }
     if s.previous_version > 0 {
         if st.decommission_blockers.is_empty() {
-            println!("  decommission: previous may be revoked now");
+            out.push("  decommission: previous may be revoked now".into());
         } else {
-            println!("  decommission held back by:");
+            out.push("  decommission held back by:".into());
             for b in &st.decommission_blockers {
-                println!("    - {}", safe(b));
+                out.push(format!("    - {}", safe(b)));
             }
         }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(provider: &str, path: &str, problem: &str) -> pb::SecretStatus {
+        pb::SecretStatus {
+            secret: Some(pb::Secret {
+                id: "prod/db".into(),
+                kind: "static".into(),
+                current_version: 1,
+                provider: provider.into(),
+                provider_path: path.into(),
+                ..Default::default()
+            }),
+            versions: vec![pb::Version {
+                version: 1,
+                created_at_ms: 1_795_000_000_123,
+                ..Default::default()
+            }],
+            provider_problem: problem.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_names_the_provider_and_puts_its_problem_first() {
+        assert_eq!(
+            status_lines(&status("", "", "")),
+            [
+                "prod/db (static)",
+                "  current:   v1 (2026-11-18T11:06:40.123Z)",
+                "  previous:  -",
+                "  provider:  embedded",
+                "  schedule:  manual",
+                "  consumers: 0/0 live on current",
+            ]
+        );
+        let lines = status_lines(&status(
+            "vault-main",
+            "secret/rekey/prod/db",
+            "KV version 4 was deleted outside rekey\n",
+        ));
+        assert_eq!(
+            lines[..2],
+            [
+                "prod/db (static)",
+                "  provider problem: KV version 4 was deleted outside rekey\\n",
+            ]
+        );
+        assert!(
+            lines.contains(&"  provider:  vault-main (secret/rekey/prod/db)".to_string()),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn status_json_carries_the_provider() {
+        let j = status_json(&status("", "", ""));
+        assert_eq!(j["provider"], Value::Null);
+        assert_eq!(j["provider_path"], Value::Null);
+        assert_eq!(j["provider_problem"], Value::Null);
+        let j = status_json(&status("vault-main", "secret/rekey/prod/db", "drifted"));
+        assert_eq!(j["provider"], "vault-main");
+        assert_eq!(j["provider_path"], "secret/rekey/prod/db");
+        assert_eq!(j["provider_problem"], "drifted");
     }
 }

@@ -5,7 +5,9 @@ use serde_json::Value;
 
 use super::Ctx;
 use crate::error::CliError;
-use crate::output::{VERSION_HEADERS, print_json, table, version_json, version_row};
+use crate::output::{
+    VERSION_HEADERS, print_json, provider_label, table, version_json, version_row,
+};
 
 pub async fn versions(cx: &Ctx, secret: &str) -> Result<(), CliError> {
     let r = cx
@@ -21,8 +23,39 @@ pub async fn versions(cx: &Ctx, secret: &str) -> Result<(), CliError> {
             r.versions.iter().map(|v| version_json(secret, v)).collect(),
         ));
     } else {
+        if let Some(line) = r.secret.as_ref().and_then(provider_line) {
+            println!("{line}");
+        }
         let rows: Vec<_> = r.versions.iter().map(version_row).collect();
         table(&VERSION_HEADERS, &rows);
     }
     Ok(())
+}
+
+/// The line above the table for a secret whose values a provider keeps:
+/// `provider: vault-main (secret/rekey/db)`. None for the embedded store,
+/// whose table starts at its header as it always has (scripts skip one
+/// line).
+fn provider_line(s: &pb::Secret) -> Option<String> {
+    (!s.provider.is_empty()).then(|| format!("provider: {}", provider_label(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_is_named_above_the_table_and_the_embedded_store_is_not() {
+        let mut s = pb::Secret {
+            id: "prod/db".into(),
+            ..Default::default()
+        };
+        assert_eq!(provider_line(&s), None);
+        s.provider = "vault-main".into();
+        s.provider_path = "secret/rekey/prod/db".into();
+        assert_eq!(
+            provider_line(&s).as_deref(),
+            Some("provider: vault-main (secret/rekey/prod/db)")
+        );
+    }
 }
