@@ -14,6 +14,10 @@ use serde::Deserialize;
 
 use crate::auth::Operation;
 
+mod providers;
+
+pub use providers::{OnRevoke, ProviderConfig, VaultAuth, VaultConfig};
+
 /// Default gRPC address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// Default Prometheus address.
@@ -38,6 +42,7 @@ struct RawConfig {
     limits: RawLimits,
     audit: RawAudit,
     metrics: RawMetrics,
+    providers: Vec<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +221,9 @@ pub struct Config {
     /// When set, `/metrics` answers only with `Authorization: Bearer` and
     /// the token in this file (read at each request).
     pub metrics_token_file: Option<PathBuf>,
+    /// `[[providers]]`: where secrets created with `--provider` keep their
+    /// values.
+    pub providers: Vec<ProviderConfig>,
 }
 
 /// Every problem found in a configuration, listed together.
@@ -566,7 +574,10 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         ));
     }
 
+    let providers = providers::validate(raw.providers, errors);
+
     Config {
+        providers,
         max_value_bytes: usize::try_from(max_value_bytes).unwrap_or(usize::MAX),
         max_watch_streams_per_identity,
         max_watch_streams_per_connection,

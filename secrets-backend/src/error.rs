@@ -28,6 +28,15 @@ pub enum Error {
         step: &'static str,
         message: String,
     },
+    /// A value provider (Vault, AWS Secrets Manager) failed or refused;
+    /// `unavailable` when trying again later may work (unreachable,
+    /// sealed).
+    #[error("provider {provider}: {message}")]
+    Provider {
+        provider: String,
+        message: String,
+        unavailable: bool,
+    },
     #[error("store: {0}")]
     Store(#[from] sqlx::Error),
     #[error("migration: {0}")]
@@ -47,7 +56,14 @@ impl Error {
         match self {
             Error::NotFound(_) => Code::NotFound,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::FailedPrecondition(_) | Error::Step { .. } => Code::FailedPrecondition,
+            Error::FailedPrecondition(_)
+            | Error::Step { .. }
+            | Error::Provider {
+                unavailable: false, ..
+            } => Code::FailedPrecondition,
+            Error::Provider {
+                unavailable: true, ..
+            } => Code::Unavailable,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
@@ -66,6 +82,7 @@ impl Error {
             Code::AlreadyExists => "already_exists",
             Code::Unauthenticated => "unauthenticated",
             Code::PermissionDenied => "permission_denied",
+            Code::Unavailable => "unavailable",
             _ => "error",
         }
     }

@@ -20,7 +20,7 @@ use crate::engine::{self, Engine};
 use crate::front::Front;
 use crate::limits::StreamLimits;
 use crate::metrics::{self, Metrics};
-use crate::provider::{Providers, embedded::Embedded};
+use crate::provider::{Providers, embedded::Embedded, vault::Vault};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
@@ -202,7 +202,18 @@ pub async fn run(
     };
     let auth = Arc::new(Auth::new(cfg.tokens.clone(), cfg.policies.clone(), admin));
     let metrics = Arc::new(Metrics::default());
-    let providers = Providers::new(Arc::new(Embedded::new(store.clone())));
+    // One TLS implementation for every client the backend opens (Vault's
+    // among them): ring, as the gRPC server uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut providers = Providers::new(Arc::new(Embedded::new(store.clone())));
+    for p in &cfg.providers {
+        match p {
+            config::ProviderConfig::Vault(v) => {
+                tracing::info!(provider = %v.name, address = %v.address, mount = %v.mount, "Vault provider");
+                providers.add(Arc::new(Vault::new(v.clone(), store.clone())?));
+            }
+        }
+    }
     let engine = Arc::new(Engine::new(
         store.clone(),
         providers,

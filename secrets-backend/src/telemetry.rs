@@ -14,7 +14,14 @@ pub enum LogFormat {
 /// Installs the global subscriber, writing to stderr. `RUST_LOG` chooses
 /// levels (default `info`).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The Vault client's own error events repeat what rekey reports in its
+    // words (with the provider's name), and would print Vault's answers.
+    for quiet in ["vaultrs=off", "rustify=off"] {
+        if let Ok(d) = quiet.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

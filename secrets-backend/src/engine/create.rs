@@ -20,6 +20,15 @@ impl Engine {
         validate_id(&spec.id)?;
         let kind = self.kinds.get(&spec.kind)?;
         let provider = self.providers.get(&spec.provider)?;
+        let mut spec = spec;
+        if !spec.provider.is_empty() {
+            spec.provider_path =
+                provider_path(&spec.provider_path, || provider.default_path(&spec.id))?;
+        } else if !spec.provider_path.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a provider path needs a provider (--provider NAME)".into(),
+            ));
+        }
         let options = kind.check_options(&spec.options)?;
         check_schedule(&spec)?;
         if self
@@ -29,6 +38,21 @@ impl Engine {
             .is_some()
         {
             return Err(Error::AlreadyExists(format!("secret {}", spec.id)));
+        }
+        if !spec.provider.is_empty() {
+            let mut c = self.store.conn().await?;
+            if let Some(other) = self
+                .store
+                .secrets_of(&mut c, &spec.provider)
+                .await?
+                .into_iter()
+                .find(|s| s.provider_path == spec.provider_path)
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "{} keeps {} at {} already",
+                    spec.provider, other.id, spec.provider_path
+                )));
+            }
         }
         let ctx = SecretCtx {
             id: &spec.id,
@@ -69,16 +93,19 @@ impl Engine {
         row.next_rotation_at_ms = schedule::next_rotation(&row, now)?;
         let at = location(&row);
         let pending = provider.write_pending(at, 1, &value).await?;
-        let value_ref = provider
-            .promote(
-                at,
-                Stored {
-                    version: 1,
-                    value_ref: &pending,
-                },
-                None,
-            )
-            .await?;
+        let pending = Stored {
+            version: 1,
+            value_ref: &pending,
+        };
+        let value_ref = match provider.promote(at, pending, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Err(d) = provider.discard(at, pending).await {
+                    tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
+                }
+                return Err(e);
+            }
+        };
         let (version, ev) = match self.record_created(actor, &row, &value_ref).await {
             Ok(x) => x,
             Err(e) => {
@@ -124,6 +151,29 @@ impl Engine {
         tx.commit().await?;
         Ok((version, ev))
     }
+}
+
+/// The path a provider keeps a new secret's values at: the one given, or
+/// the provider's default; relative, without empty or dot segments.
+fn provider_path(given: &str, default: impl FnOnce() -> String) -> Result<String> {
+    let path = if given.is_empty() {
+        default()
+    } else {
+        given.to_string()
+    };
+    if path.len() > 512
+        || path.starts_with('/')
+        || path.ends_with('/')
+        || path
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || path.chars().any(|c| c.is_control())
+    {
+        return Err(Error::InvalidArgument(format!(
+            "provider path {path:?} must be relative, without empty, . or .. segments"
+        )));
+    }
+    Ok(path)
 }
 
 /// A schedule that parses, and windows that are not negative.

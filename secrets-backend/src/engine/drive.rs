@@ -145,9 +145,17 @@ impl Engine {
             (new, old)
         };
         let value_ref = if s.pending_version == target {
-            provider
+            match provider
                 .promote(location(&s), stored(&new), old.as_ref().map(stored))
-                .await?
+                .await
+            {
+                Ok(r) => r,
+                // Vault sealed, a policy that denies the path, a write that
+                // raced an outside change: parked like a failed step, with
+                // current unchanged at the provider and in the store.
+                Err(e @ Error::Provider { .. }) => return Err(self.abort(rot, e).await),
+                Err(e) => return Err(e),
+            }
         } else {
             new.value_ref.clone()
         };
@@ -218,7 +226,7 @@ impl Engine {
     }
 
     /// Tells the provider that a version pushed out of previous is retired.
-    async fn retire_displaced(&self, s: &SecretRow, version: i64) {
+    pub(super) async fn retire_displaced(&self, s: &SecretRow, version: i64) {
         let r = async {
             let v = {
                 let mut c = self.store.conn().await?;

@@ -1,31 +1,31 @@
-//! Outside changes: a value edited where its provider keeps it (the Vault
-//! UI, the AWS console), not through rekey. The scheduler asks each
-//! external provider for changes since its cursor; each one becomes the
-//! secret's new current version (the old current becomes previous), is
-//! delivered to every watcher and is audited with the provider as actor.
-//! A value the secret's kind refuses (an encryption key that is not 32
-//! bytes of base64) is audited as refused and never delivered.
+//! Outside changes: a value edited where its provider keeps it (`vault kv
+//! put`, the AWS console), not through rekey. The scheduler asks each
+//! external provider, every `poll_interval`, what apps read for each
+//! secret it keeps. A new value becomes the secret's new current version
+//! (the old current becomes previous), is delivered to every watcher and is
+//! audited with the provider and path as actor. What cannot be delivered
+//! (a deleted latest version, a value the secret's kind refuses) is
+//! reported in `rekey status` and audited once; watchers keep the last
+//! good version.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use super::{Actor, CAS_ATTEMPTS, Engine, event, with_current};
+use super::{Actor, CAS_ATTEMPTS, Engine, event, location, stored, with_current};
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
-use crate::provider::{OutsideChange, ValueProvider};
-use crate::store::{self};
+use crate::provider::{Observed, OutsideChange, ValueProvider};
+use crate::store::{self, SecretRow};
 
-/// How often each external provider is asked for outside changes.
-const POLL_INTERVAL: Duration = Duration::from_secs(10);
-
-fn cursor_key(provider: &str) -> String {
-    format!("provider_cursor/{provider}")
+fn problem_key(secret_id: &str) -> String {
+    format!("provider_problem/{secret_id}")
 }
 
 impl Engine {
-    /// Asks every external provider that is due for its outside changes.
+    /// Asks every external provider that is due about its secrets.
     pub(super) async fn poll_providers(&self) {
-        let due: Vec<_> = {
+        let due: Vec<Arc<dyn ValueProvider>> = {
             let mut polled = self
                 .polled_at
                 .lock()
@@ -34,7 +34,7 @@ impl Engine {
                 .external()
                 .filter(|p| {
                     let last = polled.get(p.name());
-                    let due = last.is_none_or(|t| t.elapsed() >= POLL_INTERVAL);
+                    let due = last.is_none_or(|t| t.elapsed() >= p.poll_interval());
                     if due {
                         polled.insert(p.name().to_string(), Instant::now());
                     }
@@ -45,42 +45,108 @@ impl Engine {
         };
         for p in due {
             if let Err(e) = self.take_outside_changes(p.as_ref()).await {
-                tracing::warn!(provider = p.name(), error = %e, "cannot look for outside changes; trying again later");
+                tracing::warn!(provider = p.name(), error = %e, "cannot look for outside changes; trying again at the next poll");
             }
         }
     }
 
-    /// Takes one provider's outside changes since its stored cursor, then
-    /// stores the new cursor.
+    /// Looks at every secret one provider keeps; returns how many outside
+    /// changes became current. Stops at the first error that is not about
+    /// one secret (the provider unreachable, sealed, refusing the token).
     pub(crate) async fn take_outside_changes(&self, p: &dyn ValueProvider) -> Result<usize> {
-        let cursor = {
+        let secrets = {
             let mut c = self.store.conn().await?;
-            store::meta_get(&mut c, &cursor_key(p.name())).await?
+            self.store.secrets_of(&mut c, p.name()).await?
         };
-        let changes = p
-            .changes_since(cursor.as_deref().unwrap_or_default())
-            .await?;
         let mut taken = 0;
-        for ch in &changes.changes {
-            if self.take_outside_change(p.name(), ch).await? {
-                taken += 1;
+        for s in secrets {
+            if s.current_version == 0 {
+                continue;
+            }
+            let cur = {
+                let mut c = self.store.conn().await?;
+                self.store
+                    .require_version(&mut c, &s.id, s.current_version)
+                    .await?
+            };
+            match p.observe(location(&s), stored(&cur)).await? {
+                Observed::Unchanged => self.set_problem(&s, p.name(), None).await?,
+                Observed::Problem(message) => {
+                    self.set_problem(&s, p.name(), Some(message)).await?;
+                }
+                Observed::Changed(ch) => {
+                    if self.take_outside_change(p.name(), &s, &ch).await? {
+                        taken += 1;
+                    }
+                }
             }
         }
-        let mut c = self.store.conn().await?;
-        store::meta_set(&mut c, &cursor_key(p.name()), &changes.cursor).await?;
         Ok(taken)
     }
 
+    /// The actor of an outside change: the provider and where it keeps
+    /// the secret.
+    fn outside_actor(&self, provider: &str, s: &SecretRow) -> Actor {
+        let path = match self.providers.get(provider) {
+            Ok(p) => p.full_path(location(s).path),
+            Err(_) => location(s).path.to_string(),
+        };
+        Actor::system(&format!("external:{provider}:{path}"))
+    }
+
+    /// Records what is wrong where the provider keeps `s` (audited once per
+    /// distinct problem), or clears it.
+    async fn set_problem(
+        &self,
+        s: &SecretRow,
+        provider: &str,
+        problem: Option<String>,
+    ) -> Result<()> {
+        let key = problem_key(&s.id);
+        let mut c = self.store.conn().await?;
+        let was = store::meta_get(&mut c, &key).await?.unwrap_or_default();
+        let now = problem.unwrap_or_default();
+        if was == now {
+            return Ok(());
+        }
+        store::meta_set(&mut c, &key, &now).await?;
+        drop(c);
+        if now.is_empty() {
+            tracing::info!(secret = %s.id, provider, "the provider's problem is gone");
+            return Ok(());
+        }
+        tracing::warn!(secret = %s.id, provider, problem = %now, "not delivered; sidecars keep the last good version");
+        let actor = self.outside_actor(provider, s);
+        self.record_refusal(
+            &actor,
+            "outside-change",
+            &s.id,
+            0,
+            &Error::FailedPrecondition(format!("not delivered: {now}")),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// What is wrong where the provider keeps `id`, if anything.
+    pub(super) async fn provider_problem(&self, id: &str) -> Result<Option<String>> {
+        let mut c = self.store.conn().await?;
+        Ok(store::meta_get(&mut c, &problem_key(id))
+            .await?
+            .filter(|p| !p.is_empty()))
+    }
+
     /// Records one outside change as the new current version; `false` when
-    /// it was already taken (by this or another replica) or is not a
-    /// secret rekey manages.
-    async fn take_outside_change(&self, provider: &str, ch: &OutsideChange) -> Result<bool> {
-        let s = {
+    /// it was already taken (by this or another replica) or the kind
+    /// refuses it.
+    async fn take_outside_change(
+        &self,
+        provider: &str,
+        s: &SecretRow,
+        ch: &OutsideChange,
+    ) -> Result<bool> {
+        {
             let mut c = self.store.conn().await?;
-            let Some(s) = self.store.secret_at(&mut c, provider, &ch.path).await? else {
-                tracing::debug!(provider, path = %ch.path, "outside change to a secret rekey does not manage");
-                return Ok(false);
-            };
             if self
                 .store
                 .version_by_ref(&mut c, &s.id, &ch.value_ref)
@@ -89,9 +155,8 @@ impl Engine {
             {
                 return Ok(false);
             }
-            s
-        };
-        let actor = Actor::system(&format!("provider:{provider}"));
+        }
+        let actor = self.outside_actor(provider, s);
         let kind = self.kinds.get(&s.kind)?;
         let ctx = SecretCtx {
             id: &s.id,
@@ -101,9 +166,8 @@ impl Engine {
             .check_size(&s.id, &ch.value)
             .and_then(|()| kind.check_value(&ctx, &ch.value))
         {
-            tracing::warn!(secret = %s.id, provider, error = %e, "outside change refused");
-            self.record_refusal(&actor, "outside-change", &s.id, 0, &e)
-                .await;
+            let problem = format!("{} does not fit the {} kind: {e}", ch.note, s.kind);
+            self.set_problem(s, provider, Some(problem)).await?;
             return Ok(false);
         }
         for _ in 0..CAS_ATTEMPTS {
@@ -139,6 +203,10 @@ impl Engine {
             tx.commit().await?;
             self.published(&ev);
             tracing::info!(secret = %s.id, provider, version = n, "outside change taken as the new current version");
+            self.set_problem(s, provider, None).await?;
+            if displaced > 0 {
+                self.retire_displaced(&next, displaced).await;
+            }
             self.refresh(&s.id).await;
             return Ok(true);
         }

@@ -23,6 +23,10 @@ pub(crate) struct SecretStatus {
     pub(crate) decommission_blockers: Vec<String>,
     /// Re-encryption towards the current version.
     pub(crate) reencryption: Option<ReencryptionRow>,
+    /// What is wrong where the provider keeps the value (an outside change
+    /// that was not delivered: a deleted latest version, data that does
+    /// not fit the kind); `None` when nothing is.
+    pub(crate) provider_problem: Option<String>,
 }
 
 /// One secret in a consumer's report.
@@ -157,6 +161,7 @@ impl Engine {
             rotation,
             decommission_blockers,
             reencryption,
+            provider_problem: self.provider_problem(id).await?,
             secret,
         })
     }

@@ -10,7 +10,7 @@ use rekey_keyring::{SecretBytes, SecretValue};
 
 use super::*;
 use crate::kinds::{Kind, SecretCtx};
-use crate::provider::{Changes, OutsideChange, Stored, ValueProvider, Which};
+use crate::provider::{Observed, OutsideChange, Stored, ValueProvider, Which};
 use crate::store::{RotationStep, VersionState};
 
 /// A kind whose target can be made to fail: stands in for the kinds that
@@ -65,8 +65,11 @@ impl Kind for Flaky {
 struct FakeProvider {
     values: Mutex<Vec<(String, String, SecretValue)>>,
     calls: Mutex<Vec<String>>,
-    outside: Mutex<Vec<OutsideChange>>,
+    /// What `observe` answers next (`Unchanged` when empty).
+    outside: Mutex<Vec<Observed>>,
     fail_promote: AtomicBool,
+    /// Refuse promotion as Vault does when sealed or denied.
+    refuse_promote: AtomicBool,
 }
 
 impl FakeProvider {
@@ -112,6 +115,13 @@ impl ValueProvider for FakeProvider {
     ) -> Result<String> {
         if self.fail_promote.load(Ordering::SeqCst) {
             return Err(Error::Internal("provider unavailable".into()));
+        }
+        if self.refuse_promote.load(Ordering::SeqCst) {
+            return Err(Error::Provider {
+                provider: "fake".into(),
+                message: "sealed".into(),
+                unavailable: true,
+            });
         }
         self.log(format!(
             "promote {} v{} over {:?}",
@@ -166,20 +176,20 @@ impl ValueProvider for FakeProvider {
             .retain(|(p, r, _)| !(p == at.path && r == pending.value_ref));
         Ok(())
     }
-    async fn changes_since(&self, cursor: &str) -> Result<Changes> {
-        let changes = std::mem::take(&mut *self.outside.lock().unwrap());
-        let n: usize = cursor.parse().unwrap_or(0) + changes.len();
-        for c in &changes {
+    async fn observe(&self, at: Location<'_>, _: Stored<'_>) -> Result<Observed> {
+        let mut q = self.outside.lock().unwrap();
+        if q.is_empty() {
+            return Ok(Observed::Unchanged);
+        }
+        let o = q.remove(0);
+        if let Observed::Changed(c) = &o {
             self.values.lock().unwrap().push((
-                c.path.clone(),
+                at.path.into(),
                 c.value_ref.clone(),
                 c.value.clone(),
             ));
         }
-        Ok(Changes {
-            changes,
-            cursor: n.to_string(),
-        })
+        Ok(o)
     }
 }
 
@@ -442,6 +452,20 @@ async fn a_rotation_that_fails_drops_its_pending_value_at_the_provider() {
     fake.fail_promote.store(false, Ordering::SeqCst);
     assert_eq!(e.recover().await.unwrap(), 1);
     assert_eq!(e.secret("prod/db").await.current_version, 3);
+
+    // A provider that refuses (sealed, denied, a check-and-set that lost)
+    // parks the rotation; current stays, and the next rotation succeeds.
+    e.tick().await.unwrap();
+    fake.refuse_promote.store(true, Ordering::SeqCst);
+    let err = e.rotate(&actor, "prod/db", None, None).await.unwrap_err();
+    assert_eq!(err.to_string(), "provider fake: sealed");
+    let st = e.status("prod/db").await.unwrap();
+    assert_eq!(st.secret.current_version, 3);
+    assert_eq!(st.secret.pending_version, 0);
+    assert_eq!(st.rotation.unwrap().step, RotationStep::NeedsAttention);
+    fake.refuse_promote.store(false, Ordering::SeqCst);
+    e.rotate(&actor, "prod/db", None, None).await.unwrap();
+    assert_eq!(e.secret("prod/db").await.current_version, 5);
 }
 
 #[tokio::test]
@@ -466,27 +490,45 @@ async fn outside_changes_become_current_once_are_delivered_and_audited() {
                 .into_bytes(),
         ))
     };
-    let change = |value_ref: &str, value| OutsideChange {
-        path: "kv/key".into(),
-        value,
-        value_ref: value_ref.into(),
-        note: format!("edited at {value_ref}"),
+    let change = |value_ref: &str, value| {
+        Observed::Changed(OutsideChange {
+            value,
+            value_ref: value_ref.into(),
+            note: format!("edited at {value_ref}"),
+        })
     };
-    fake.outside.lock().unwrap().extend([
-        change("kv-7", key(7)),
-        change("kv-7", key(7)),
-        change(
-            "kv-8",
-            SecretValue::Raw(SecretBytes::new(b"not a key".to_vec())),
-        ),
-    ]);
     let p: Arc<dyn ValueProvider> = fake.clone();
-    assert_eq!(e.take_outside_changes(p.as_ref()).await.unwrap(), 1);
+    let take = async |o: Observed| {
+        fake.outside.lock().unwrap().push(o);
+        e.take_outside_changes(p.as_ref()).await.unwrap()
+    };
+    assert_eq!(take(change("kv-7", key(7))).await, 1);
     let s = e.secret("prod/key").await;
     assert_eq!((s.current_version, s.previous_version), (2, 1));
     assert!(rx.has_changed().unwrap(), "watchers get the new value");
     let snap = rx.borrow_and_update().clone().unwrap();
     assert_eq!(snap.versions(), (2, 1));
+    // Seen again (another replica, the next poll): taken once only.
+    assert_eq!(take(change("kv-7", key(7))).await, 0);
+    // A value the kind refuses is not delivered, and is reported.
+    let misfit = SecretValue::Raw(SecretBytes::new(b"not a key".to_vec()));
+    assert_eq!(take(change("kv-8", misfit.clone())).await, 0);
+    assert_eq!(e.secret("prod/key").await.current_version, 2);
+    assert!(
+        !rx.has_changed().unwrap(),
+        "watchers keep the last good value"
+    );
+    let problem = e
+        .status("prod/key")
+        .await
+        .unwrap()
+        .provider_problem
+        .unwrap();
+    assert!(problem.contains("edited at kv-8 does not fit"), "{problem}");
+    // Seen again on the next poll: reported once.
+    assert_eq!(take(change("kv-8", misfit)).await, 0);
+    assert_eq!(take(Observed::Problem("latest deleted".into())).await, 0);
+    assert_eq!(take(Observed::Problem("latest deleted".into())).await, 0);
     let events = e
         .list_audit("prod/key", AuditPage::After(0), 100)
         .await
@@ -495,16 +537,26 @@ async fn outside_changes_become_current_once_are_delivered_and_audited() {
         .iter()
         .find(|ev| ev.action == "outside-change" && ev.outcome == "ok")
         .unwrap();
-    assert_eq!(took.actor, "provider:fake");
+    assert_eq!(took.actor, "external:fake:kv/key");
     assert!(took.detail.contains("edited at kv-7"), "{}", took.detail);
-    let refused = events
+    let refused: Vec<_> = events
         .iter()
-        .find(|ev| ev.action == "outside-change" && ev.outcome != "ok")
-        .unwrap();
-    assert!(refused.detail.contains("32 bytes"), "{}", refused.detail);
-    assert!(!refused.detail.contains("not a key"), "never the value");
-    // The cursor moved on: the same changes are not listed again.
-    assert_eq!(e.take_outside_changes(p.as_ref()).await.unwrap(), 0);
+        .filter(|ev| ev.action == "outside-change" && ev.outcome != "ok")
+        .map(|ev| ev.detail.as_str())
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused[0].contains("32 bytes"), "{}", refused[0]);
+    assert!(!refused[0].contains("not a key"), "never the value");
+    assert!(refused[1].contains("latest deleted"), "{}", refused[1]);
+    // Once the provider is well again the problem is gone from status.
+    assert_eq!(take(Observed::Unchanged).await, 0);
+    assert!(
+        e.status("prod/key")
+            .await
+            .unwrap()
+            .provider_problem
+            .is_none()
+    );
 }
 
 #[tokio::test]

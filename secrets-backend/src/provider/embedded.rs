@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rekey_keyring::SecretValue;
 use sqlx::Row;
 
-use super::{Changes, Location, Stage, Stored, ValueProvider, Which};
+use super::{Location, Observed, Stage, Stored, ValueProvider, Which};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -32,6 +32,46 @@ fn aad(secret_id: &str, version: i64) -> Vec<u8> {
 }
 
 impl Embedded {
+    /// Seals `value` as version `version` of `secret_id` under `value_ref`;
+    /// nothing happens when that reference is kept already.
+    pub(crate) async fn keep(
+        &self,
+        secret_id: &str,
+        version: i64,
+        value_ref: &str,
+        value: &SecretValue,
+    ) -> Result<()> {
+        let kek = self.store.kek();
+        let ct = kek.seal(value.to_storage_bytes().expose(), &aad(secret_id, version))?;
+        let mut c = self.store.conn().await?;
+        sqlx::query(
+            "INSERT INTO embedded_values (secret_id, value_ref, version, kek_id, value_ct, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, value_ref) DO NOTHING",
+        )
+        .bind(secret_id)
+        .bind(value_ref)
+        .bind(version)
+        .bind(kek.id_hex())
+        .bind(ct)
+        .bind(crate::clock::now_ms())
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    /// The value kept under `value_ref`, if there is one.
+    pub(crate) async fn kept(
+        &self,
+        secret_id: &str,
+        version: i64,
+        value_ref: &str,
+    ) -> Result<Option<SecretValue>> {
+        match self.open(secret_id, version, value_ref).await {
+            Ok(v) => Ok(Some(v)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn open(&self, secret_id: &str, version: i64, value_ref: &str) -> Result<SecretValue> {
         let mut c = self.store.conn().await?;
         let row = sqlx::query(
@@ -66,11 +106,6 @@ impl ValueProvider for Embedded {
         version: i64,
         value: &SecretValue,
     ) -> Result<String> {
-        let kek = self.store.kek();
-        let ct = kek.seal(
-            value.to_storage_bytes().expose(),
-            &aad(at.secret_id, version),
-        )?;
         // A fresh reference per write: two writers racing for one version
         // number never overwrite each other, and the loser's row is never
         // referenced.
@@ -78,18 +113,7 @@ impl ValueProvider for Embedded {
             "v{version}.{}",
             hex::encode(rekey_keyring::random_bytes(6)?.expose())
         );
-        let mut c = self.store.conn().await?;
-        sqlx::query(
-            "INSERT INTO embedded_values (secret_id, value_ref, version, kek_id, value_ct, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(at.secret_id)
-        .bind(&value_ref)
-        .bind(version)
-        .bind(kek.id_hex())
-        .bind(ct)
-        .bind(crate::clock::now_ms())
-        .execute(&mut *c)
-        .await?;
+        self.keep(at.secret_id, version, &value_ref, value).await?;
         Ok(value_ref)
     }
 
@@ -147,11 +171,8 @@ impl ValueProvider for Embedded {
         Ok(())
     }
 
-    async fn changes_since(&self, cursor: &str) -> Result<Changes> {
-        Ok(Changes {
-            changes: Vec::new(),
-            cursor: cursor.to_string(),
-        })
+    async fn observe(&self, _: Location<'_>, _: Stored<'_>) -> Result<Observed> {
+        Ok(Observed::Unchanged)
     }
 }
 

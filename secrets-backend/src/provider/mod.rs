@@ -24,9 +24,11 @@
 //! provider (the embedded one needs the connection itself on SQLite).
 
 pub(crate) mod embedded;
+pub(crate) mod vault;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rekey_keyring::SecretValue;
@@ -39,13 +41,6 @@ pub(crate) struct Location<'a> {
     pub(crate) secret_id: &'a str,
     /// The provider's own address for the secret (a KV path, a secret
     /// name); the embedded store uses the secret id.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "read by external providers; the embedded store keys by secret id"
-        )
-    )]
     pub(crate) path: &'a str,
 }
 
@@ -84,8 +79,6 @@ pub(crate) enum Which<'a> {
 
 /// A value that changed where the provider keeps it, not through rekey.
 pub(crate) struct OutsideChange {
-    /// The provider's address of the secret that changed.
-    pub(crate) path: String,
     pub(crate) value: SecretValue,
     /// The provider's reference to the new value.
     pub(crate) value_ref: String,
@@ -93,12 +86,16 @@ pub(crate) struct OutsideChange {
     pub(crate) note: String,
 }
 
-/// Outside changes and the cursor to ask from next time.
-pub(crate) struct Changes {
-    pub(crate) changes: Vec<OutsideChange>,
-    pub(crate) cursor: String,
+/// What a provider finds where it keeps a secret's current value.
+pub(crate) enum Observed {
+    /// The value rekey made current is still the one apps read.
+    Unchanged,
+    /// Someone changed it outside rekey.
+    Changed(OutsideChange),
+    /// What apps read is not a value that can be delivered (a deleted or
+    /// destroyed latest version); said in words, without the value.
+    Problem(String),
 }
-
 #[async_trait]
 pub(crate) trait ValueProvider: Send + Sync {
     /// The name secrets refer to it by (`[[providers]] name`); empty for
@@ -139,10 +136,26 @@ pub(crate) trait ValueProvider: Send + Sync {
     /// current.
     async fn discard(&self, at: Location<'_>, pending: Stored<'_>) -> Result<()>;
 
-    /// Values changed where the provider keeps them, not through rekey,
-    /// since `cursor` (empty at first). Providers that nobody else writes
-    /// return none.
-    async fn changes_since(&self, cursor: &str) -> Result<Changes>;
+    /// Looks at what apps read for one secret whose current value rekey
+    /// knows as `current`. Providers that nobody else writes always answer
+    /// [`Observed::Unchanged`].
+    async fn observe(&self, at: Location<'_>, current: Stored<'_>) -> Result<Observed>;
+
+    /// Where a secret keeps its values when `create` names no path.
+    fn default_path(&self, secret_id: &str) -> String {
+        secret_id.to_string()
+    }
+
+    /// A secret's path as the provider's own tools name it (`secret/rekey/db`
+    /// for `vault kv get`), for audit events and messages.
+    fn full_path(&self, path: &str) -> String {
+        path.to_string()
+    }
+
+    /// How often [`ValueProvider::observe`] is worth asking.
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 /// The providers a backend knows, by name; `""` is the embedded store.
@@ -158,10 +171,6 @@ impl Providers {
     }
 
     /// Adds (or replaces) the provider of that name.
-    #[cfg_attr(
-        not(test),
-        allow(dead_code, reason = "configured providers arrive with [[providers]]")
-    )]
     pub(crate) fn add(&mut self, p: Arc<dyn ValueProvider>) {
         self.0.insert(p.name().to_string(), p);
     }

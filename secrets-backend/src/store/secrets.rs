@@ -43,18 +43,13 @@ impl Store {
         Ok(sqlx::query_as(&q).fetch_all(c).await?)
     }
 
-    /// The secret a provider keeps at `path`, if rekey manages one there.
-    pub(crate) async fn secret_at(
-        &self,
-        c: &mut Conn,
-        provider: &str,
-        path: &str,
-    ) -> Result<Option<SecretRow>> {
+    /// The secrets whose values a provider keeps, by id.
+    pub(crate) async fn secrets_of(&self, c: &mut Conn, provider: &str) -> Result<Vec<SecretRow>> {
         let q = format!(
-            "SELECT {} FROM secrets WHERE provider = $1 AND provider_path = $2",
+            "SELECT {} FROM secrets WHERE provider = $1 ORDER BY id",
             SecretRow::columns()
         );
-        super::row_by(c, &q, provider, path).await
+        Ok(sqlx::query_as(&q).bind(provider).fetch_all(c).await?)
     }
 
     pub(crate) async fn insert_secret(&self, c: &mut Conn, s: &SecretRow) -> Result<()> {

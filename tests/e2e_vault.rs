@@ -1,0 +1,548 @@
+//! End to end: secrets whose values live in a real OpenBao (`bao server`,
+//! the Vault API) KV v2 mount, rotated by the real `rekey-backend`, read
+//! back with the real `bao` CLI, delivered by the real `rekey-sidecar`, and
+//! rendered by OpenBao Agent. Kubernetes auth runs against a stand-in of
+//! the TokenReview endpoint (there is no Kubernetes API server here).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rekey_testkit::*;
+use serde_json::Value;
+
+/// What rekey needs on its prefix, and nothing else.
+const POLICY: &str = r#"
+path "secret/data/rekey/*" { capabilities = ["create", "read", "update"] }
+path "secret/metadata/rekey/*" { capabilities = ["create", "read", "update"] }
+path "secret/destroy/rekey/*" { capabilities = ["update"] }
+path "secret/delete/rekey/*" { capabilities = ["update"] }
+"#;
+
+fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+/// A `[[providers]]` entry for `bao` with these auth lines.
+fn provider(bao: &Bao, auth: &str, extra: &str) -> String {
+    format!(
+        "[[providers]]\nname = \"vault-main\"\ntype = \"vault\"\naddress = \"{}\"\nmount = \"secret\"\npath_prefix = \"rekey/\"\n{auth}\n{extra}\n",
+        bao.addr
+    )
+}
+
+fn token_auth(dir: &Path, token: &str) -> String {
+    let f = write(dir, "vault-token", token);
+    format!("auth = \"token\"\ntoken_file = \"{}\"", f.display())
+}
+
+fn backend(dir: &Path, providers: &str) -> Backend {
+    Backend::start(
+        dir,
+        BackendOpts {
+            extra_toml: providers.to_string(),
+            ..BackendOpts::default()
+        },
+    )
+}
+
+fn reveal(b: &Backend, id: &str) -> String {
+    b.cli_json(&["get", id, "--reveal"])["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `bao kv get`: the latest version's `value` and its KV version.
+fn kv_get(bao: &Bao, path: &str) -> (String, u64) {
+    let j = bao.json(&["kv", "get", path]);
+    (
+        j["data"]["data"]["value"].as_str().unwrap().to_string(),
+        j["data"]["metadata"]["version"].as_u64().unwrap(),
+    )
+}
+
+fn kv_metadata(bao: &Bao, path: &str) -> Value {
+    bao.json(&["kv", "metadata", "get", path])["data"].clone()
+}
+
+fn failed(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "expected a failure: {}", stdout(o));
+    stderr(o)
+}
+
+fn audit_actions(b: &Backend, id: &str) -> Vec<(String, String, String)> {
+    b.cli_json(&["audit", "--secret", id])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or_default().to_string(),
+                e["action"].as_str().unwrap_or_default().to_string(),
+                e["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn vault_holds_current_through_rotate_rollback_and_decommission() {
+    let dir = TempDir::new("vault-stages");
+    let bao = Bao::dev(dir.path());
+    bao.policy("rekey", POLICY);
+    let token = bao.token(&["rekey"], "1h");
+    let b = backend(
+        dir.path(),
+        &provider(&bao, &token_auth(dir.path(), &token), ""),
+    );
+    let path = "secret/rekey/prod/api/key";
+
+    let created = b.cli_json(&[
+        "create",
+        "prod/api/key",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    assert_eq!(created["provider"], "vault-main", "{created}");
+    assert_eq!(created["provider_path"], "rekey/prod/api/key");
+    let v1 = reveal(&b, "prod/api/key");
+    assert_eq!(kv_get(&bao, path), (v1.clone(), 1));
+    let m = kv_metadata(&bao, path);
+    assert_eq!(m["custom_metadata"]["managed-by"], "rekey", "{m}");
+    assert_eq!(m["custom_metadata"]["rekey-secret-id"], "prod/api/key");
+    assert_eq!(m["custom_metadata"]["rekey-current-version"], "1");
+    let status = b.cli(&["status", "prod/api/key"]);
+    assert!(
+        stdout(&status).contains("vault-main (rekey/prod/api/key)"),
+        "{}",
+        stdout(&status)
+    );
+
+    // Rotate: the new value is the latest KV version, the old one previous.
+    b.cli_json(&["rotate", "prod/api/key"]);
+    let v2 = reveal(&b, "prod/api/key");
+    assert_ne!(v1, v2);
+    assert_eq!(kv_get(&bao, path), (v2.clone(), 2));
+    let m = kv_metadata(&bao, path);
+    assert_eq!(m["custom_metadata"]["rekey-current-version"], "2");
+    assert_eq!(m["custom_metadata"]["rekey-previous-version"], "1");
+
+    // Roll back: previous's data as a new latest version, as `kv rollback`.
+    b.cli_json(&["rollback", "prod/api/key"]);
+    assert_eq!(reveal(&b, "prod/api/key"), v1);
+    assert_eq!(kv_get(&bao, path), (v1.clone(), 3));
+    let m = kv_metadata(&bao, path);
+    assert_eq!(m["custom_metadata"]["rekey-current-version"], "3");
+    assert_eq!(m["custom_metadata"]["rekey-previous-version"], "2");
+
+    // Decommission destroys the old KV version (on_revoke = "destroy").
+    b.cli_json(&[
+        "revoke",
+        "prod/api/key",
+        "--version",
+        "2",
+        "--force",
+        "--reason",
+        "test",
+    ]);
+    let m = kv_metadata(&bao, path);
+    assert_eq!(m["versions"]["2"]["destroyed"], true, "{m}");
+    assert_eq!(m["versions"]["3"]["destroyed"], false);
+    assert!(m["custom_metadata"].get("rekey-previous-version").is_none());
+    assert_eq!(kv_get(&bao, path), (v1.clone(), 3));
+
+    // A path outside the token's policy: one line naming the provider,
+    // and nothing created.
+    let o = b.cli(&[
+        "create",
+        "prod/other",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+        "--provider-path",
+        "elsewhere/other",
+    ]);
+    let err = failed(&o);
+    assert!(
+        err.contains("provider vault-main") && err.contains("permission denied"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    failed(&b.cli(&["status", "prod/other"]));
+
+    // No value in the backend's log.
+    let log = b.all_logs();
+    for v in [&v1, &v2, &token] {
+        assert!(!log.contains(v.as_str()), "a value reached the log");
+    }
+}
+
+#[test]
+fn an_outside_put_reaches_a_sidecar_and_a_deleted_latest_is_reported() {
+    let dir = TempDir::new("vault-outside");
+    let bao = Bao::dev(dir.path());
+    bao.policy("rekey", POLICY);
+    // A short token lease: the backend must renew it, or log in again, to
+    // keep polling.
+    let (role_id, secret_id) = bao.approle("rekey", &["rekey"], "6s");
+    let auth = format!(
+        "auth = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
+        write(dir.path(), "role-id", &role_id).display(),
+        write(dir.path(), "secret-id", &secret_id).display()
+    );
+    let b = backend(
+        dir.path(),
+        &provider(
+            &bao,
+            &auth,
+            "poll_interval = \"1s\"\non_revoke = \"delete\"",
+        ),
+    );
+    b.cli_json(&[
+        "create",
+        "prod/db/password",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join("password");
+    let sc = Sidecar::start(
+        dir.path(),
+        &[
+            "--backend",
+            &b.grpc,
+            "--token-file",
+            b.token_path().to_str().unwrap(),
+            "--secret",
+            &format!("prod/db/password:{}", file.display()),
+        ],
+        &[],
+    );
+    wait_for("the first delivery", Duration::from_secs(10), || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s == reveal(&b, "prod/db/password"))
+    });
+
+    // Past the token's lease: polling still works.
+    std::thread::sleep(Duration::from_secs(8));
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/rekey/prod/db/password",
+        "value=set-by-hand-1",
+    ]);
+    wait_for(
+        "the outside change in the file",
+        Duration::from_secs(15),
+        || std::fs::read_to_string(&file).is_ok_and(|s| s == "set-by-hand-1"),
+    );
+    let st = b.cli_json(&["status", "prod/db/password"]);
+    assert_eq!(st[0]["current_version"], 2, "{st}");
+    assert_eq!(st[0]["previous_version"], 1);
+    let events = audit_actions(&b, "prod/db/password");
+    assert!(
+        events.contains(&(
+            "external:vault-main:secret/rekey/prod/db/password".into(),
+            "outside-change".into(),
+            "ok".into()
+        )),
+        "{events:?}"
+    );
+    let m = kv_metadata(&bao, "secret/rekey/prod/db/password");
+    assert_eq!(m["custom_metadata"]["rekey-current-version"], "2", "{m}");
+
+    // A deleted latest version is not delivered: reported, and the
+    // sidecar keeps the last good value.
+    bao.ok(&["kv", "delete", "secret/rekey/prod/db/password"]);
+    let problem = eventually_problem(&b, "prod/db/password");
+    assert!(problem.contains("deleted"), "{problem}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "set-by-hand-1");
+    let table = stdout(&b.cli(&["status", "prod/db/password"]));
+    assert!(table.contains("provider problem:"), "{table}");
+    let events = audit_actions(&b, "prod/db/password");
+    assert!(
+        events
+            .iter()
+            .any(|(a, act, o)| a.starts_with("external:vault-main:")
+                && act == "outside-change"
+                && o != "ok"),
+        "{events:?}"
+    );
+
+    // A new put fixes it and is delivered.
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/rekey/prod/db/password",
+        "value=set-by-hand-2",
+    ]);
+    wait_for("the second outside change", Duration::from_secs(15), || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s == "set-by-hand-2")
+    });
+    wait_for("the problem to clear", Duration::from_secs(10), || {
+        b.cli_json(&["status", "prod/db/password"])[0]["provider_problem"].is_null()
+    });
+    // on_revoke = "delete": a soft delete of the old KV version.
+    b.cli_json(&[
+        "revoke",
+        "prod/db/password",
+        "--version",
+        "2",
+        "--force",
+        "--reason",
+        "test",
+    ]);
+    let m = kv_metadata(&bao, "secret/rekey/prod/db/password");
+    assert_ne!(m["versions"]["2"]["deletion_time"], "", "{m}");
+    assert_eq!(m["versions"]["2"]["destroyed"], false);
+    drop(sc);
+    let log = b.all_logs();
+    for v in ["set-by-hand-1", "set-by-hand-2", &secret_id] {
+        assert!(!log.contains(v), "a value reached the log");
+    }
+}
+
+fn eventually_problem(b: &Backend, id: &str) -> String {
+    let mut problem = String::new();
+    wait_for("a provider problem", Duration::from_secs(15), || {
+        let st = b.cli_json(&["status", id]);
+        match st[0]["provider_problem"].as_str() {
+            Some(p) => {
+                problem = p.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    problem
+}
+
+#[test]
+fn a_sealed_vault_parks_the_rotation_and_unsealing_lets_it_succeed() {
+    let dir = TempDir::new("vault-sealed");
+    let bao = Bao::file_backed(dir.path());
+    bao.policy("rekey", POLICY);
+    let token = bao.token(&["rekey"], "1h");
+    let b = backend(
+        dir.path(),
+        &provider(&bao, &token_auth(dir.path(), &token), ""),
+    );
+    b.cli_json(&[
+        "create",
+        "app/key",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    let v1 = reveal(&b, "app/key");
+
+    bao.seal();
+    let err = failed(&b.cli(&["rotate", "app/key"]));
+    assert!(
+        err.contains("provider vault-main") && err.contains("sealed"),
+        "{err}"
+    );
+    let st = b.cli_json(&["status", "app/key"]);
+    assert_eq!(st[0]["rotation"]["step"], "needs-attention", "{st}");
+    assert_eq!(st[0]["current_version"], 1);
+    assert_eq!(reveal(&b, "app/key"), v1);
+
+    bao.unseal();
+    assert_eq!(kv_get(&bao, "secret/rekey/app/key"), (v1.clone(), 1));
+    b.cli_json(&["rotate", "app/key"]);
+    let v3 = reveal(&b, "app/key");
+    assert_ne!(v3, v1);
+    assert_eq!(kv_get(&bao, "secret/rekey/app/key"), (v3, 2));
+}
+
+#[test]
+fn openbao_agent_renders_what_rekey_wrote() {
+    let dir = TempDir::new("vault-agent");
+    let bao = Bao::dev(dir.path());
+    bao.policy("rekey", POLICY);
+    let token = bao.token(&["rekey"], "1h");
+    let b = backend(
+        dir.path(),
+        &provider(&bao, &token_auth(dir.path(), &token), ""),
+    );
+    b.cli_json(&[
+        "create",
+        "web/session",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    b.cli_json(&["rotate", "web/session"]);
+    let current = reveal(&b, "web/session");
+    let dest = dir.path().join("rendered");
+    let agent = bao.agent(
+        dir.path(),
+        r#"{{ with secret "secret/data/rekey/web/session" }}{{ .Data.data.value }}{{ end }}"#,
+        &dest,
+        &bao.token(&["rekey"], "1h"),
+    );
+    assert_eq!(agent.wait_rendered(), current);
+}
+
+#[test]
+fn kubernetes_auth_logs_in_with_the_service_account_token() {
+    let dir = TempDir::new("vault-k8s");
+    let bao = Bao::dev(dir.path());
+    bao.policy("rekey", POLICY);
+    let reviewer = TokenReviewServer::start(dir.path());
+    bao.kubernetes_auth(
+        &reviewer,
+        "rekey",
+        "rekey-system",
+        "rekey-backend",
+        &["rekey"],
+        "1h",
+    );
+    let jwt = dir.path().join("sa-token");
+    let _ = reviewer.service_account_jwt("rekey-system", "rekey-backend", &jwt);
+    let auth = format!(
+        "auth = \"kubernetes\"\nrole = \"rekey\"\njwt_file = \"{}\"",
+        jwt.display()
+    );
+    let b = backend(dir.path(), &provider(&bao, &auth, ""));
+    b.cli_json(&[
+        "create",
+        "k8s/key",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    assert_eq!(
+        kv_get(&bao, "secret/rekey/k8s/key").0,
+        reveal(&b, "k8s/key")
+    );
+    assert!(
+        !reviewer.reviews().is_empty(),
+        "Vault asked the TokenReview API"
+    );
+
+    // Another service account is refused at login, with the role named.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other_jwt = other_dir.join("sa-token");
+    let _ = reviewer.service_account_jwt("default", "someone-else", &other_jwt);
+    let auth = format!(
+        "auth = \"kubernetes\"\nrole = \"rekey\"\njwt_file = \"{}\"",
+        other_jwt.display()
+    );
+    let b2 = backend(&other_dir, &provider(&bao, &auth, ""));
+    let err = failed(&b2.cli(&[
+        "create",
+        "k8s/other",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]));
+    assert!(
+        err.contains("provider vault-main") && err.contains("Kubernetes login"),
+        "{err}"
+    );
+}
+
+#[test]
+fn faults_are_one_line_each_and_leave_nothing_half_done() {
+    let dir = TempDir::new("vault-faults");
+    let bao = Bao::dev(dir.path());
+    bao.policy(
+        "rekey",
+        &format!(
+            "{POLICY}\npath \"kv1/*\" {{ capabilities = [\"create\", \"read\", \"update\"] }}\n"
+        ),
+    );
+    let token = bao.token(&["rekey"], "1h");
+    bao.ok(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
+    let closed = free_port();
+    let token_file = write(dir.path(), "vault-token", &token);
+    let bad_token = write(dir.path(), "bad-token", "s.not-a-real-token");
+    let entry = |name: &str, addr: &str, mount: &str, tf: &Path, poll: &str| {
+        format!(
+            "[[providers]]\nname = \"{name}\"\ntype = \"vault\"\naddress = \"{addr}\"\nmount = \"{mount}\"\nauth = \"token\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\n",
+            tf.display()
+        )
+    };
+    let cfg = [
+        entry("vault-main", &bao.addr, "secret", &token_file, "1h"),
+        entry(
+            "down",
+            &format!("http://127.0.0.1:{closed}"),
+            "secret",
+            &token_file,
+            "1h",
+        ),
+        entry("v1", &bao.addr, "kv1", &token_file, "1h"),
+        entry("badtoken", &bao.addr, "secret", &bad_token, "1h"),
+    ]
+    .concat();
+    let b = backend(dir.path(), &cfg);
+    let create = |id: &str, p: &str| b.cli(&["create", id, "--kind", "random", "--provider", p]);
+    for (id, p, want) in [
+        ("f/down", "down", "cannot reach Vault at http://127.0.0.1:"),
+        ("f/v1", "v1", "is not a KV v2 mount"),
+        ("f/token", "badtoken", "permission denied"),
+    ] {
+        let err = failed(&create(id, p));
+        assert!(
+            err.contains(&format!("provider {p}")) && err.contains(want),
+            "{p}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        failed(&b.cli(&["status", id]));
+    }
+
+    // A path that already holds someone's data is not taken over.
+    bao.ok(&["kv", "put", "secret/rekey/f/taken", "value=theirs"]);
+    let err = failed(&create("f/taken", "vault-main"));
+    assert!(err.contains("already holds data"), "{err}");
+    assert_eq!(kv_get(&bao, "secret/rekey/f/taken"), ("theirs".into(), 1));
+
+    // custom_metadata that would go over Vault's limits: nothing written.
+    let mut args = vec!["kv".to_string(), "metadata".into(), "put".into()];
+    for i in 0..62 {
+        args.push(format!("-custom-metadata=k{i}=v"));
+    }
+    args.push("secret/rekey/f/meta".into());
+    bao.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = failed(&create("f/meta", "vault-main"));
+    assert!(
+        err.contains("custom_metadata") && err.contains("64"),
+        "{err}"
+    );
+    assert_eq!(
+        kv_metadata(&bao, "secret/rekey/f/meta")["current_version"],
+        0
+    );
+
+    // A write that raced an outside change fails instead of overwriting
+    // it (no poll in between: poll_interval is an hour).
+    b.cli_json(&[
+        "create",
+        "f/cas",
+        "--kind",
+        "random",
+        "--provider",
+        "vault-main",
+    ]);
+    bao.ok(&["kv", "put", "secret/rekey/f/cas", "value=outside"]);
+    let err = failed(&b.cli(&["rotate", "f/cas"]));
+    assert!(err.contains("check-and-set"), "{err}");
+    assert_eq!(kv_get(&bao, "secret/rekey/f/cas"), ("outside".into(), 2));
+    let st = b.cli_json(&["status", "f/cas"]);
+    assert_eq!(st[0]["rotation"]["step"], "needs-attention", "{st}");
+    assert_eq!(st[0]["current_version"], 1);
+}
