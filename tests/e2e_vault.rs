@@ -47,6 +47,20 @@ fn backend(dir: &Path, providers: &str) -> Backend {
     )
 }
 
+/// A backend whose `vault-main` provider logs in with a token limited to
+/// [`POLICY`]; and that token.
+fn with_token(dir: &Path, bao: &Bao) -> (Backend, String) {
+    bao.policy("rekey", POLICY);
+    let token = bao.token(&["rekey"], "1h");
+    let b = backend(dir, &provider(bao, &token_auth(dir, &token), ""));
+    (b, token)
+}
+
+/// `rekey create ID --kind KIND --provider vault-main`.
+fn create_in_vault(b: &Backend, id: &str, kind: &str) -> Value {
+    b.cli_json(&["create", id, "--kind", kind, "--provider", "vault-main"])
+}
+
 fn reveal(b: &Backend, id: &str) -> String {
     b.cli_json(&["get", id, "--reveal"])["value"]
         .as_str()
@@ -91,22 +105,10 @@ fn audit_actions(b: &Backend, id: &str) -> Vec<(String, String, String)> {
 fn vault_holds_current_through_rotate_rollback_and_decommission() {
     let dir = TempDir::new("vault-stages");
     let bao = Bao::dev(dir.path());
-    bao.policy("rekey", POLICY);
-    let token = bao.token(&["rekey"], "1h");
-    let b = backend(
-        dir.path(),
-        &provider(&bao, &token_auth(dir.path(), &token), ""),
-    );
+    let (b, token) = with_token(dir.path(), &bao);
     let path = "secret/rekey/prod/api/key";
 
-    let created = b.cli_json(&[
-        "create",
-        "prod/api/key",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    let created = create_in_vault(&b, "prod/api/key", "random");
     assert_eq!(created["provider"], "vault-main", "{created}");
     assert_eq!(created["provider_path"], "rekey/prod/api/key");
     let v1 = reveal(&b, "prod/api/key");
@@ -203,29 +205,11 @@ fn an_outside_put_reaches_a_sidecar_and_a_deleted_latest_is_reported() {
             "poll_interval = \"1s\"\non_revoke = \"delete\"",
         ),
     );
-    b.cli_json(&[
-        "create",
-        "prod/db/password",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    create_in_vault(&b, "prod/db/password", "random");
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let file = out.join("password");
-    let sc = Sidecar::start(
-        dir.path(),
-        &[
-            "--backend",
-            &b.grpc,
-            "--token-file",
-            b.token_path().to_str().unwrap(),
-            "--secret",
-            &format!("prod/db/password:{}", file.display()),
-        ],
-        &[],
-    );
+    let sc = Sidecar::watching(dir.path(), &b, "prod/db/password", &file, &[]);
     wait_for("the first delivery", Duration::from_secs(10), || {
         std::fs::read_to_string(&file).is_ok_and(|s| s == reveal(&b, "prod/db/password"))
     });
@@ -257,13 +241,47 @@ fn an_outside_put_reaches_a_sidecar_and_a_deleted_latest_is_reported() {
     );
     let m = kv_metadata(&bao, "secret/rekey/prod/db/password");
     assert_eq!(m["custom_metadata"]["rekey-current-version"], "2", "{m}");
+    let logins = |b: &Backend| b.log().matches("logged in to Vault").count();
+    assert_eq!(logins(&b), 1, "the token was renewed, not replaced");
+
+    // Vault revokes every token of the AppRole: the next call is refused,
+    // and the backend logs in again.
+    bao.ok(&["token", "revoke", "-mode=path", "auth/approle/login"]);
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/rekey/prod/db/password",
+        "value=set-by-hand-1b",
+    ]);
+    wait_for(
+        "a change after the revocation",
+        Duration::from_secs(15),
+        || std::fs::read_to_string(&file).is_ok_and(|s| s == "set-by-hand-1b"),
+    );
+    assert_eq!(logins(&b), 2);
+    // v1 was pushed out of previous: on_revoke = "delete" soft-deleted its
+    // KV version.
+    let m = kv_metadata(&bao, "secret/rekey/prod/db/password");
+    assert_ne!(m["versions"]["1"]["deletion_time"], "", "{m}");
+    assert_eq!(m["versions"]["1"]["destroyed"], false);
+
+    // Data that does not fit the kind is not delivered.
+    create_in_vault(&b, "prod/enc", "encryption-key");
+    let key = reveal(&b, "prod/enc");
+    bao.ok(&["kv", "put", "secret/rekey/prod/enc", "value=not-a-key"]);
+    let problem = eventually_problem(&b, "prod/enc");
+    assert!(
+        problem.contains("does not fit the encryption-key kind") && !problem.contains("not-a-key"),
+        "{problem}"
+    );
+    assert_eq!(reveal(&b, "prod/enc"), key);
 
     // A deleted latest version is not delivered: reported, and the
     // sidecar keeps the last good value.
     bao.ok(&["kv", "delete", "secret/rekey/prod/db/password"]);
     let problem = eventually_problem(&b, "prod/db/password");
     assert!(problem.contains("deleted"), "{problem}");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), "set-by-hand-1");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "set-by-hand-1b");
     let table = stdout(&b.cli(&["status", "prod/db/password"]));
     assert!(table.contains("provider problem:"), "{table}");
     let events = audit_actions(&b, "prod/db/password");
@@ -289,23 +307,19 @@ fn an_outside_put_reaches_a_sidecar_and_a_deleted_latest_is_reported() {
     wait_for("the problem to clear", Duration::from_secs(10), || {
         b.cli_json(&["status", "prod/db/password"])[0]["provider_problem"].is_null()
     });
-    // on_revoke = "delete": a soft delete of the old KV version.
-    b.cli_json(&[
-        "revoke",
-        "prod/db/password",
-        "--version",
-        "2",
-        "--force",
-        "--reason",
-        "test",
-    ]);
-    let m = kv_metadata(&bao, "secret/rekey/prod/db/password");
-    assert_ne!(m["versions"]["2"]["deletion_time"], "", "{m}");
-    assert_eq!(m["versions"]["2"]["destroyed"], false);
     drop(sc);
     let log = b.all_logs();
-    for v in ["set-by-hand-1", "set-by-hand-2", &secret_id] {
+    let metrics = http_get(&b.metrics, "/metrics");
+    for v in [
+        "set-by-hand-1",
+        "set-by-hand-2",
+        "not-a-key",
+        &key,
+        &secret_id,
+        &role_id,
+    ] {
         assert!(!log.contains(v), "a value reached the log");
+        assert!(!metrics.contains(v), "a value reached the metrics");
     }
 }
 
@@ -328,20 +342,8 @@ fn eventually_problem(b: &Backend, id: &str) -> String {
 fn a_sealed_vault_parks_the_rotation_and_unsealing_lets_it_succeed() {
     let dir = TempDir::new("vault-sealed");
     let bao = Bao::file_backed(dir.path());
-    bao.policy("rekey", POLICY);
-    let token = bao.token(&["rekey"], "1h");
-    let b = backend(
-        dir.path(),
-        &provider(&bao, &token_auth(dir.path(), &token), ""),
-    );
-    b.cli_json(&[
-        "create",
-        "app/key",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    let (b, _) = with_token(dir.path(), &bao);
+    create_in_vault(&b, "app/key", "random");
     let v1 = reveal(&b, "app/key");
 
     bao.seal();
@@ -367,20 +369,8 @@ fn a_sealed_vault_parks_the_rotation_and_unsealing_lets_it_succeed() {
 fn openbao_agent_renders_what_rekey_wrote() {
     let dir = TempDir::new("vault-agent");
     let bao = Bao::dev(dir.path());
-    bao.policy("rekey", POLICY);
-    let token = bao.token(&["rekey"], "1h");
-    let b = backend(
-        dir.path(),
-        &provider(&bao, &token_auth(dir.path(), &token), ""),
-    );
-    b.cli_json(&[
-        "create",
-        "web/session",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    let (b, _) = with_token(dir.path(), &bao);
+    create_in_vault(&b, "web/session", "random");
     b.cli_json(&["rotate", "web/session"]);
     let current = reveal(&b, "web/session");
     let dest = dir.path().join("rendered");
@@ -414,14 +404,7 @@ fn kubernetes_auth_logs_in_with_the_service_account_token() {
         jwt.display()
     );
     let b = backend(dir.path(), &provider(&bao, &auth, ""));
-    b.cli_json(&[
-        "create",
-        "k8s/key",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    create_in_vault(&b, "k8s/key", "random");
     assert_eq!(
         kv_get(&bao, "secret/rekey/k8s/key").0,
         reveal(&b, "k8s/key")
@@ -530,14 +513,7 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
 
     // A write that raced an outside change fails instead of overwriting
     // it (no poll in between: poll_interval is an hour).
-    b.cli_json(&[
-        "create",
-        "f/cas",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
+    create_in_vault(&b, "f/cas", "random");
     bao.ok(&["kv", "put", "secret/rekey/f/cas", "value=outside"]);
     let err = failed(&b.cli(&["rotate", "f/cas"]));
     assert!(err.contains("check-and-set"), "{err}");

@@ -103,7 +103,31 @@ fn the_readme_sessions_print_what_they_show() {
     );
     for steps in sessions {
         let dir = TempDir::new("readme");
-        let b = Backend::start(dir.path(), BackendOpts::default());
+        // A session that names the README's Vault provider gets a real
+        // OpenBao (dev server) behind it, and `bao` on its PATH.
+        let vault = steps
+            .iter()
+            .any(|s| s.command.contains("--provider vault-main"))
+            .then(|| Bao::dev(dir.path()));
+        let mut opts = BackendOpts::default();
+        let mut path = path.clone();
+        let mut env = Vec::new();
+        if let Some(bao) = &vault {
+            let token_file = dir.path().join("vault-token");
+            std::fs::write(&token_file, &bao.root_token).unwrap();
+            opts.extra_toml = format!(
+                "[[providers]]\nname = \"vault-main\"\ntype = \"vault\"\naddress = \"{}\"\nauth = \"token\"\ntoken_file = \"{}\"\n",
+                bao.addr,
+                token_file.display()
+            );
+            let bao_dir = bao_binary().parent().unwrap().to_path_buf();
+            path = format!("{path}:{}", bao_dir.display());
+            env = vec![
+                ("BAO_ADDR", bao.addr.clone()),
+                ("BAO_TOKEN", bao.root_token.clone()),
+            ];
+        }
+        let b = Backend::start(dir.path(), opts);
         // The README's commands run where the backend keeps ./rekey-data.
         std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("rekey-data")).unwrap();
         for step in steps {
@@ -113,6 +137,7 @@ fn the_readme_sessions_print_what_they_show() {
                 .current_dir(dir.path())
                 .env("PATH", &path)
                 .env("REKEY_ADDR", &b.grpc)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .env_remove("REKEY_TOKEN")
                 .env_remove("REKEY_TOKEN_FILE")
                 .output()

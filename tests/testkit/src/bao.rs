@@ -641,6 +641,30 @@ cluster_addr = "https://127.0.0.1:{cluster}"
         destination: &Path,
         token: &str,
     ) -> BaoAgent {
+        self.agent_with(
+            dir,
+            template_src,
+            destination,
+            token,
+            Some(AGENT_RENDER_INTERVAL),
+        )
+    }
+
+    /// [`Bao::agent`] with the agent's own re-render interval for static
+    /// secrets (`None`: its default, 5 minutes).
+    ///
+    /// # Panics
+    ///
+    /// When it cannot be started.
+    #[must_use]
+    pub fn agent_with(
+        &self,
+        dir: &Path,
+        template_src: &str,
+        destination: &Path,
+        token: &str,
+        render_interval: Option<&str>,
+    ) -> BaoAgent {
         let dir = subdir(dir, "bao-agent");
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).expect("write the agent's token");
@@ -659,15 +683,15 @@ auto_auth {{
     }}
   }}
 }}
-template_config {{
-  static_secret_render_interval = "{AGENT_RENDER_INTERVAL}"
-}}
-template {{
+{template_config}template {{
   source      = {template}
   destination = {destination}
 }}
 "#,
             addr = serde_json::Value::from(self.addr.as_str()),
+            template_config = render_interval.map_or_else(String::new, |i| format!(
+                "template_config {{\n  static_secret_render_interval = \"{i}\"\n}}\n"
+            )),
             token_file = hcl_str(&token_file),
             template = hcl_str(&template),
             destination = hcl_str(destination),

@@ -45,6 +45,35 @@ impl Sidecar {
         }
     }
 
+    /// A sidecar that writes one secret of backend `b` to `file`, with the
+    /// backend's admin token.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start (with its log).
+    #[must_use]
+    pub fn watching(
+        dir: &Path,
+        b: &crate::Backend,
+        secret: &str,
+        file: &Path,
+        env: &[(&str, &str)],
+    ) -> Sidecar {
+        let token = b.token_path();
+        Sidecar::start(
+            dir,
+            &[
+                "--backend",
+                &b.grpc,
+                "--token-file",
+                &token.to_string_lossy(),
+                "--secret",
+                &format!("{secret}:{}", file.display()),
+            ],
+            env,
+        )
+    }
+
     /// Runs the sidecar expecting it to refuse to start: (exit code,
     /// stdout, stderr).
     ///
