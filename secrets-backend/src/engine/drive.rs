@@ -145,16 +145,33 @@ impl Engine {
             (new, old)
         };
         let value_ref = if s.pending_version == target {
-            match provider
-                .promote(location(&s), stored(&new), old.as_ref().map(stored))
-                .await
-            {
-                Ok(r) => r,
-                // Vault sealed, a policy that denies the path, a write that
-                // raced an outside change: parked like a failed step, with
-                // current unchanged at the provider and in the store.
-                Err(e @ Error::Provider { .. }) => return Err(self.abort(rot, e).await),
-                Err(e) => return Err(e),
+            let mut pause = self.settings.step_backoff;
+            let mut attempt = 1;
+            loop {
+                match provider
+                    .promote(location(&s), stored(&new), old.as_ref().map(stored))
+                    .await
+                {
+                    Ok(r) => break r,
+                    // Unreachable or sealed: tried again like a step
+                    // (promote is safe to repeat).
+                    Err(
+                        e @ Error::Provider {
+                            unavailable: true, ..
+                        },
+                    ) if attempt < self.settings.step_attempts.max(1) => {
+                        tracing::warn!(secret = id, step = "finish", attempt, error = %e, retry_in = ?pause, "the provider is unavailable; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = pause.saturating_mul(2);
+                        attempt += 1;
+                    }
+                    // Still unavailable, a policy that denies the path, a
+                    // write that raced an outside change: parked like a
+                    // failed step, with current unchanged at the provider
+                    // and in the store.
+                    Err(e @ Error::Provider { .. }) => return Err(self.abort(rot, e).await),
+                    Err(e) => return Err(e),
+                }
             }
         } else {
             new.value_ref.clone()

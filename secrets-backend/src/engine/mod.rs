@@ -46,7 +46,7 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -157,6 +157,9 @@ pub(crate) struct Engine {
     consumers_dirty: Mutex<BTreeSet<String>>,
     /// When each external provider was last asked for outside changes.
     polled_at: Mutex<HashMap<String, Instant>>,
+    /// Secrets whose rollback is writing to their provider right now (an
+    /// outside change seen then is rekey's own write).
+    rolling_back: Mutex<HashSet<String>>,
     /// The newest audit event this backend appended or saw in the store.
     audit_head: Mutex<Option<audit::Head>>,
     /// Calls refused before authentication, not yet summarized.
@@ -242,6 +245,7 @@ impl Engine {
             consumers_refreshed_at: AtomicI64::new(0),
             consumers_dirty: Mutex::default(),
             polled_at: Mutex::default(),
+            rolling_back: Mutex::default(),
             audit_head: Mutex::default(),
             refusals: Mutex::default(),
         }

@@ -69,7 +69,20 @@ impl Engine {
                     .require_version(&mut c, &s.id, s.current_version)
                     .await?
             };
-            match p.observe(location(&s), stored(&cur)).await? {
+            let observed = match p.observe(location(&s), stored(&cur)).await {
+                Ok(o) => o,
+                // Vault unreachable or sealed: no other secret fares better.
+                Err(
+                    e @ Error::Provider {
+                        unavailable: true, ..
+                    },
+                ) => return Err(e),
+                // A denied path is this secret's problem; the others are
+                // still looked at.
+                Err(e @ Error::Provider { .. }) => Observed::Problem(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            match observed {
                 Observed::Unchanged => self.set_problem(&s, p.name(), None).await?,
                 Observed::Problem(message) => {
                     self.set_problem(&s, p.name(), Some(message)).await?;
@@ -169,6 +182,26 @@ impl Engine {
             let problem = format!("{} does not fit the {} kind: {e}", ch.note, s.kind);
             self.set_problem(s, provider, Some(problem)).await?;
             return Ok(false);
+        }
+        {
+            let now = {
+                let mut c = self.store.conn().await?;
+                self.store.require_secret(&mut c, &s.id).await?
+            };
+            // rekey's own write between the provider and the store: a
+            // rotation finishing or a rollback in flight. The next poll
+            // finds it recorded.
+            if now.pending_version != 0 || self.rolling_back(&s.id) {
+                return Ok(false);
+            }
+            if kind.one_rotation_at_a_time() && now.previous_version != 0 {
+                let problem = format!(
+                    "{} is not taken while previous v{} of {} may still be in use (a {} secret changes one version at a time); it is taken at the first poll after `rekey revoke {} --version {}`",
+                    ch.note, now.previous_version, s.id, s.kind, s.id, now.previous_version
+                );
+                self.set_problem(s, provider, Some(problem)).await?;
+                return Ok(false);
+            }
         }
         for _ in 0..CAS_ATTEMPTS {
             let mut tx = self.store.begin().await?;

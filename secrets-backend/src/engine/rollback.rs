@@ -54,6 +54,7 @@ impl Engine {
         .await
         .map_err(|e| step_error(id, "restore", e))?;
         drop(value);
+        let _writing = RollingBack::new(self, id);
         let value_ref = self
             .provider(&s)?
             .roll_back(location(&s), stored(&prev), stored(&cur))
@@ -100,5 +101,47 @@ impl Engine {
             version,
             replayed: false,
         })
+    }
+}
+
+/// Marks a rollback that is writing to the secret's provider until it is
+/// dropped, so that the poll does not take that write for an outside
+/// change.
+struct RollingBack<'a> {
+    engine: &'a Engine,
+    id: String,
+}
+
+impl<'a> RollingBack<'a> {
+    fn new(engine: &'a Engine, id: &str) -> Self {
+        engine
+            .rolling_back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string());
+        RollingBack {
+            engine,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for RollingBack<'_> {
+    fn drop(&mut self) {
+        self.engine
+            .rolling_back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl Engine {
+    /// Whether a rollback of `id` is writing to its provider.
+    pub(super) fn rolling_back(&self, id: &str) -> bool {
+        self.rolling_back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
     }
 }

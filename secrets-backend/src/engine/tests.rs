@@ -557,6 +557,19 @@ async fn outside_changes_become_current_once_are_delivered_and_audited() {
             .provider_problem
             .is_none()
     );
+    // An encryption key changes one version at a time: a change while
+    // previous may still be in use waits for its decommission.
+    assert_eq!(take(change("kv-9", key(9))).await, 0);
+    let problem = e
+        .status("prod/key")
+        .await
+        .unwrap()
+        .provider_problem
+        .unwrap();
+    assert!(problem.contains("previous v1"), "{problem}");
+    e.revoke(&actor, "prod/key", 1, true, "test").await.unwrap();
+    assert_eq!(take(change("kv-9", key(9))).await, 1);
+    assert_eq!(e.secret("prod/key").await.current_version, 3);
 }
 
 #[tokio::test]

@@ -32,8 +32,8 @@ fn aad(secret_id: &str, version: i64) -> Vec<u8> {
 }
 
 impl Embedded {
-    /// Seals `value` as version `version` of `secret_id` under `value_ref`;
-    /// nothing happens when that reference is kept already.
+    /// Seals `value` as version `version` of `secret_id` under `value_ref`,
+    /// in place of what that reference held before.
     pub(crate) async fn keep(
         &self,
         secret_id: &str,
@@ -45,7 +45,7 @@ impl Embedded {
         let ct = kek.seal(value.to_storage_bytes().expose(), &aad(secret_id, version))?;
         let mut c = self.store.conn().await?;
         sqlx::query(
-            "INSERT INTO embedded_values (secret_id, value_ref, version, kek_id, value_ct, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, value_ref) DO NOTHING",
+            "INSERT INTO embedded_values (secret_id, value_ref, version, kek_id, value_ct, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, value_ref) DO UPDATE SET version = excluded.version, kek_id = excluded.kek_id, value_ct = excluded.value_ct, created_at_ms = excluded.created_at_ms",
         )
         .bind(secret_id)
         .bind(value_ref)
@@ -55,6 +55,17 @@ impl Embedded {
         .bind(crate::clock::now_ms())
         .execute(&mut *c)
         .await?;
+        Ok(())
+    }
+
+    /// Drops every value kept for one version of a secret.
+    pub(crate) async fn forget_version(&self, secret_id: &str, version: i64) -> Result<()> {
+        let mut c = self.store.conn().await?;
+        sqlx::query("DELETE FROM embedded_values WHERE secret_id = $1 AND version = $2")
+            .bind(secret_id)
+            .bind(version)
+            .execute(&mut *c)
+            .await?;
         Ok(())
     }
 

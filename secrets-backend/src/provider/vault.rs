@@ -53,13 +53,13 @@ use crate::store::Store;
 /// call's own result.
 macro_rules! call_raw {
     ($self:expr, |$c:ident| $body:expr) => {{
-        let first = {
+        let (first, used) = {
             let s = $self.session().await?;
             let $c = &s.client;
-            $body.await
+            ($body.await, s.generation)
         };
         match first {
-            Err(ClientError::APIError { code: 403, .. }) if $self.relogin().await? => {
+            Err(ClientError::APIError { code: 403, .. }) if $self.relogin(used).await? => {
                 let s = $self.session().await?;
                 let $c = &s.client;
                 $body.await
@@ -107,6 +107,11 @@ struct Session {
     /// When a login token stops working.
     expires_at: Option<Instant>,
     renewable: bool,
+    /// The lease of the last login or renewal, in seconds.
+    lease_s: u64,
+    /// Grows with every new token, so that a token Vault refused is
+    /// replaced once however many calls saw the refusal.
+    generation: u64,
 }
 
 /// `sys/internal/ui/mounts/:path`: what any token with access below a
@@ -138,6 +143,8 @@ impl Vault {
                 renew_at: None,
                 expires_at: None,
                 renewable: false,
+                lease_s: 0,
+                generation: 0,
             }),
             kv2: OnceCell::new(),
             cfg,
@@ -175,12 +182,31 @@ impl Vault {
                 let said = if errors.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", errors.join("; "))
+                    // Vault's "1 error occurred:\n\t* ..." on one line.
+                    let joined = errors.join("; ");
+                    format!(
+                        ": {}",
+                        joined.split_whitespace().collect::<Vec<_>>().join(" ")
+                    )
                 };
-                (format!("{what}: Vault answered {code}{said}"), *code >= 500)
+                (
+                    format!("{what}: Vault answered {code}{said}"),
+                    *code >= 500 || *code == 429 || *code == 412,
+                )
             }
-            ClientError::RestClientError { .. } => (
+            ClientError::RestClientError {
+                source:
+                    rustify::errors::ClientError::RequestError { .. }
+                    | rustify::errors::ClientError::ResponseError { .. },
+            } => (
                 format!("{what}: cannot reach Vault at {addr}: {}", innermost(e)),
+                true,
+            ),
+            ClientError::RestClientError { .. } => (
+                format!(
+                    "{what}: an answer from {addr} that is not Vault's: {}",
+                    innermost(e)
+                ),
                 true,
             ),
             other => (format!("{what}: {other}"), false),
@@ -226,15 +252,21 @@ impl Vault {
             }
             s.client.set_token(&t);
             s.token = t;
+            s.generation += 1;
             return Ok(());
         }
         let live = s.expires_at.is_some_and(|at| Instant::now() < at);
         if s.renewable && live && !s.token.is_empty() {
             match vaultrs::token::renew_self(&s.client, None).await {
-                Ok(info) => {
+                // A lease cut short (the token's maximum lifetime is near):
+                // a new login instead of ever more frequent renewals.
+                Ok(info) if info.lease_duration > 0 && info.lease_duration * 2 >= s.lease_s => {
                     s.set_lease(info.lease_duration, info.renewable);
                     tracing::debug!(provider = %self.cfg.name, ttl_s = info.lease_duration, "Vault token renewed");
                     return Ok(());
+                }
+                Ok(_) => {
+                    tracing::info!(provider = %self.cfg.name, "the token nears its maximum lifetime; logging in again");
                 }
                 Err(e) => {
                     tracing::info!(provider = %self.cfg.name, error = %self.err("renewing the token", &e), "logging in again");
@@ -245,10 +277,25 @@ impl Vault {
     }
 
     async fn login(&self, s: &mut Session) -> Result<()> {
+        // Login requests go without a token; the old one stays in use
+        // until a new one is issued.
         s.client.set_token("");
-        s.token = Zeroizing::new(String::new());
+        let info = self.login_request(s).await;
+        s.client.set_token(&s.token);
+        let Some(info) = info? else {
+            return Ok(());
+        };
+        s.client.set_token(&info.client_token);
+        s.token = Zeroizing::new(info.client_token);
+        s.generation += 1;
+        s.set_lease(info.lease_duration, info.renewable);
+        tracing::info!(provider = %self.cfg.name, ttl_s = info.lease_duration, "logged in to Vault");
+        Ok(())
+    }
+
+    async fn login_request(&self, s: &Session) -> Result<Option<vaultrs::api::AuthInfo>> {
         let info = match &self.cfg.auth {
-            VaultAuth::Token { .. } => return Ok(()),
+            VaultAuth::Token { .. } => return Ok(None),
             VaultAuth::AppRole {
                 mount,
                 role_id_file,
@@ -276,21 +323,20 @@ impl Vault {
                     })?
             }
         };
-        s.client.set_token(&info.client_token);
-        s.token = Zeroizing::new(info.client_token);
-        s.set_lease(info.lease_duration, info.renewable);
-        tracing::info!(provider = %self.cfg.name, ttl_s = info.lease_duration, "logged in to Vault");
-        Ok(())
+        Ok(Some(info))
     }
 
-    /// Logs in again after Vault refused the token (revoked, expired
-    /// early); `false` for a token file, which only its owner replaces.
-    async fn relogin(&self) -> Result<bool> {
+    /// Logs in again after Vault refused the token of generation `used`
+    /// (revoked, expired early), unless another call did already; `false`
+    /// for a token file, which only its owner replaces.
+    async fn relogin(&self, used: u64) -> Result<bool> {
         if matches!(self.cfg.auth, VaultAuth::Token { .. }) {
             return Ok(false);
         }
         let mut s = self.session.write().await;
-        self.login(&mut s).await?;
+        if s.generation == used {
+            self.login(&mut s).await?;
+        }
         Ok(true)
     }
 
@@ -361,7 +407,8 @@ impl Vault {
     async fn write_kv(&self, at: Location<'_>, value: &SecretValue, cas: u64) -> Result<u64> {
         let mount = &self.cfg.mount;
         let path = at.path;
-        let data = KvData(encode(value));
+        let data =
+            KvData(encode(value).map_err(|m| self.fail(format!("writing {mount}/{path}: {m}")))?);
         let options = || vaultrs::api::kv2::requests::SetSecretRequestOptions {
             cas: u32::try_from(cas).unwrap_or(u32::MAX),
         };
@@ -490,6 +537,7 @@ impl Vault {
 impl Session {
     fn set_lease(&mut self, lease_s: u64, renewable: bool) {
         self.renewable = renewable;
+        self.lease_s = lease_s;
         if lease_s == 0 {
             self.renew_at = None;
             self.expires_at = None;
@@ -551,8 +599,17 @@ fn pending_ref(r: &str) -> Option<&str> {
     r.strip_prefix("pending:")
 }
 
-/// KV data for a value.
-fn encode(v: &SecretValue) -> Map<String, Value> {
+/// KV data for a value. A structured value whose one field is `value` or
+/// `value_base64` would read back as a single value: refused.
+fn encode(v: &SecretValue) -> std::result::Result<Map<String, Value>, String> {
+    if let SecretValue::Fields(f) = v
+        && f.len() == 1
+        && f.keys().any(|k| k == "value" || k == "value_base64")
+    {
+        return Err(
+            "a structured value with one field named value or value_base64 cannot be told apart from a single value in KV; add a field".into(),
+        );
+    }
     let mut m = Map::new();
     match v {
         SecretValue::Raw(b) => match std::str::from_utf8(b.expose()) {
@@ -572,7 +629,7 @@ fn encode(v: &SecretValue) -> Map<String, Value> {
             }
         }
     }
-    m
+    Ok(m)
 }
 
 /// A value from KV data; the message never quotes a value.
@@ -689,13 +746,8 @@ impl ValueProvider for Vault {
             .keep(at.secret_id, new.version, &format!("kv:{n}"), &value)
             .await?;
         drop(value);
-        let sealed_copy = Stored {
-            version: new.version,
-            value_ref: sealed,
-        };
-        if let Err(e) = self.sealed.discard(at, sealed_copy).await {
-            tracing::warn!(provider = %self.cfg.name, secret = at.secret_id, error = %e, "the sealed pending copy stays in the store");
-        }
+        // The pending copy stays until the version is revoked: a promote
+        // repeated after a crash finds its value again.
         Ok(format!("kv:{n}"))
     }
 
@@ -803,7 +855,9 @@ impl ValueProvider for Vault {
                 ))?;
             }
         }
-        self.sealed.discard(at, old).await?;
+        self.sealed
+            .forget_version(at.secret_id, old.version)
+            .await?;
         // The stages no longer name it.
         if let Some(m) = self.metadata(path).await?
             && let Some(c) = &m.custom_metadata
@@ -832,8 +886,9 @@ impl ValueProvider for Vault {
                     )
                     .await
             }
-            // Already a KV version: apps may read it, so it is not removed.
-            None => Ok(()),
+            // Already a KV version: apps may read it, so it stays in Vault;
+            // only rekey's copy goes.
+            None => self.sealed.discard(at, pending).await,
         }
     }
 
@@ -864,6 +919,11 @@ impl ValueProvider for Vault {
             return Ok(Observed::Problem(format!(
                 "the latest KV version {latest} of {where_} was {how} outside rekey; apps reading it get nothing, sidecars keep v{}",
                 current.version
+            )));
+        }
+        if latest < known {
+            return Ok(Observed::Problem(format!(
+                "{where_} was deleted and written again outside rekey (its latest KV version {latest} is older than rekey's current, {known}); take it over with `rekey rotate` once it holds what apps should read"
             )));
         }
         if latest == known {
@@ -910,7 +970,7 @@ mod tests {
     #[test]
     fn values_map_to_kv_data_and_back() {
         let raw = SecretValue::Raw(SecretBytes::new(b"s3cret".to_vec()));
-        let d = encode(&raw);
+        let d = encode(&raw).unwrap();
         assert_eq!(
             Value::Object(d.clone()),
             serde_json::json!({"value": "s3cret"})
@@ -918,7 +978,7 @@ mod tests {
         assert!(same_value(&decode(d).unwrap(), &raw));
 
         let bin = SecretValue::Raw(SecretBytes::new(vec![0xff, 0, 1]));
-        let d = encode(&bin);
+        let d = encode(&bin).unwrap();
         assert_eq!(
             Value::Object(d.clone()),
             serde_json::json!({"value_base64": "/wAB"})
@@ -929,12 +989,21 @@ mod tests {
             ("username".to_string(), SecretString::new("app".into())),
             ("password".to_string(), SecretString::new("pw".into())),
         ]));
-        let d = encode(&fields);
+        let d = encode(&fields).unwrap();
         assert_eq!(
             Value::Object(d.clone()),
             serde_json::json!({"username": "app", "password": "pw"})
         );
         assert!(same_value(&decode(d).unwrap(), &fields));
+    }
+
+    #[test]
+    fn a_structured_value_that_would_read_back_as_a_single_one_is_refused() {
+        let v = SecretValue::Fields(BTreeMap::from([(
+            "value".to_string(),
+            SecretString::new("x".into()),
+        )]));
+        assert!(encode(&v).unwrap_err().contains("add a field"));
     }
 
     #[test]

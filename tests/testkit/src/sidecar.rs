@@ -46,7 +46,7 @@ impl Sidecar {
     }
 
     /// A sidecar that writes one secret of backend `b` to `file`, with the
-    /// backend's admin token.
+    /// backend's admin token, on a free port.
     ///
     /// # Panics
     ///
@@ -69,6 +69,8 @@ impl Sidecar {
                 &token.to_string_lossy(),
                 "--secret",
                 &format!("{secret}:{}", file.display()),
+                "--listen",
+                "127.0.0.1:0",
             ],
             env,
         )
