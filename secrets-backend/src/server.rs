@@ -421,6 +421,16 @@ fn spawn_background(
         });
     }
 
+    for p in engine.external_providers() {
+        let engine = engine.clone();
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            engine
+                .poll_provider(p, async move { stopped(&mut rx).await })
+                .await;
+        });
+    }
+
     if postgres {
         let url = cfg.store_url.clone();
         let engine = engine.clone();

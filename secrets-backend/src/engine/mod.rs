@@ -46,10 +46,10 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rekey_keyring::SecretValue;
 
@@ -155,8 +155,6 @@ pub(crate) struct Engine {
     /// Gauges are recomputed there, once per secret, not per report: a
     /// rotation makes every sidecar report at once.
     consumers_dirty: Mutex<BTreeSet<String>>,
-    /// When each external provider was last asked for outside changes.
-    polled_at: Mutex<HashMap<String, Instant>>,
     /// Secrets whose rollback is writing to their provider right now (an
     /// outside change seen then is rekey's own write).
     rolling_back: Mutex<HashSet<String>>,
@@ -244,7 +242,6 @@ impl Engine {
             settings,
             consumers_refreshed_at: AtomicI64::new(0),
             consumers_dirty: Mutex::default(),
-            polled_at: Mutex::default(),
             rolling_back: Mutex::default(),
             audit_head: Mutex::default(),
             refusals: Mutex::default(),

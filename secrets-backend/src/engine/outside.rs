@@ -1,6 +1,6 @@
 //! Outside changes: a value edited where its provider keeps it (`vault kv
 //! put`, the AWS console), not through rekey. The scheduler asks each
-//! external provider, every `poll_interval`, what apps read for each
+//! external provider, every `poll_interval` (a loop of its own), what apps read for each
 //! secret it keeps. A new value becomes the secret's new current version
 //! (the old current becomes previous), is delivered to every watcher and is
 //! audited with the provider and path as actor. What cannot be delivered
@@ -9,7 +9,6 @@
 //! good version.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::{Actor, CAS_ATTEMPTS, Engine, event, location, stored, with_current};
 use crate::clock::now_ms;
@@ -23,31 +22,32 @@ fn problem_key(secret_id: &str) -> String {
 }
 
 impl Engine {
-    /// Asks every external provider that is due about its secrets.
-    pub(super) async fn poll_providers(&self) {
-        let due: Vec<Arc<dyn ValueProvider>> = {
-            let mut polled = self
-                .polled_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.providers
-                .external()
-                .filter(|p| {
-                    let last = polled.get(p.name());
-                    let due = last.is_none_or(|t| t.elapsed() >= p.poll_interval());
-                    if due {
-                        polled.insert(p.name().to_string(), Instant::now());
+    /// Looks for outside changes at `p` every `poll_interval` until
+    /// `stop` resolves. Each provider has a loop of its own, apart from
+    /// the scheduler's tick, so that a short interval is kept.
+    pub(crate) async fn poll_provider(
+        &self,
+        p: Arc<dyn ValueProvider>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let mut every = tokio::time::interval(p.poll_interval());
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    if let Err(e) = self.take_outside_changes(p.as_ref()).await {
+                        tracing::warn!(provider = p.name(), error = %e, "cannot look for outside changes; trying again at the next poll");
                     }
-                    due
-                })
-                .cloned()
-                .collect()
-        };
-        for p in due {
-            if let Err(e) = self.take_outside_changes(p.as_ref()).await {
-                tracing::warn!(provider = p.name(), error = %e, "cannot look for outside changes; trying again at the next poll");
+                }
+                () = &mut stop => break,
             }
         }
+    }
+
+    /// The providers that can change outside rekey.
+    pub(crate) fn external_providers(&self) -> Vec<Arc<dyn ValueProvider>> {
+        self.providers.external().cloned().collect()
     }
 
     /// Looks at every secret one provider keeps; returns how many outside

@@ -1,5 +1,6 @@
 //! The scheduler pass: due rotations (exactly one replica fires each),
-//! the consumer gauges, outside changes at providers, and decommission.
+//! the consumer gauges, and decommission. (Outside changes at providers
+//! are looked for by a loop per provider: [`Engine::poll_provider`].)
 
 use std::sync::atomic::Ordering;
 
@@ -17,13 +18,12 @@ const CONSUMER_GAUGE_REFRESH_MS: i64 = 15_000;
 
 impl Engine {
     /// One scheduler pass: fire due rotations, refresh the consumer gauges,
-    /// take outside changes, then decommission previous versions whose
+    /// then decommission previous versions whose
     /// conditions hold.
     pub(crate) async fn tick(&self) -> Result<()> {
         let now = now_ms();
         self.rotate_due(now).await?;
         self.refresh_consumer_gauges(now).await?;
-        self.poll_providers().await;
         self.check_audit_head().await;
         self.summarize_refusals(false).await;
         self.decommission_due(now).await
