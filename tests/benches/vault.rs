@@ -15,7 +15,9 @@
 //!    its default template settings) renders the same KV path to a file of
 //!    its own. Per change: `bao kv put` with a new value; the time runs from
 //!    the moment the put returned (the version is written) until the
-//!    sidecar's file holds the new value (checked every 2 ms). After M
+//!    sidecar's file holds the new value (checked every 2 ms); between two
+//!    changes a pause of 0 to 999 ms (379·i mod 1000), so that the puts
+//!    fall at different points of the poll's second. After M
 //!    changes (p50/p99), the program waits for the agent's file to show the
 //!    last value, up to REKEY_BENCH_AGENT_WAIT_S seconds.
 //!
@@ -174,8 +176,9 @@ async fn run(s: &Settings) -> Result<String> {
         ]);
         last_put = Instant::now();
         delivered.push(wait_file(&file, &last, DELIVERY_TIMEOUT)?);
-        // Spread the puts over the poll's phase.
-        std::thread::sleep(Duration::from_millis(137));
+        // Spread the puts over the poll's phase: a pause of 0 to 999 ms,
+        // a different fraction of the interval each time.
+        std::thread::sleep(Duration::from_millis((i as u64 * 379) % 1000));
     }
     let mut t2 = Table::stats("from `bao kv put` to the file");
     t2.stats_row("rekey-sidecar (poll_interval 1s)", &stats(delivered));

@@ -48,6 +48,20 @@ pub(crate) fn field<'a>(v: &'a SecretValue, name: &str) -> Option<&'a str> {
     }
 }
 
+/// A database credential (postgres, redis) has a username and a password;
+/// checked on values that arrive from outside (an edit in Vault). The
+/// error names the fields, never their content.
+pub(crate) fn check_credential(v: &SecretValue) -> Result<()> {
+    for name in ["username", "password"] {
+        if field(v, name).is_none_or(str::is_empty) {
+            return Err(Error::InvalidArgument(format!(
+                "the value has no {name} field (a credential needs username and password)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The admin URL in `--admin-url-file`, read once at create time to check
 /// it and to default where apps connect; a problem is added to `problems`.
 pub(crate) fn admin_url_option(
@@ -407,6 +421,34 @@ impl Kind for Static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_from_outside_needs_username_and_password() {
+        let v = |pairs: &[(&str, &str)]| {
+            SecretValue::Fields(
+                pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            (*k).to_string(),
+                            rekey_keyring::SecretString::new((*v).into()),
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        check_credential(&v(&[("username", "app_a"), ("password", "pw")])).unwrap();
+        let e = check_credential(&v(&[("username", "app_a")])).unwrap_err();
+        assert!(e.to_string().contains("no password field"), "{e}");
+        let e = check_credential(&v(&[("username", "app_a"), ("password", "")])).unwrap_err();
+        assert!(e.to_string().contains("no password field"), "{e}");
+        assert!(
+            check_credential(&SecretValue::Raw(rekey_keyring::SecretBytes::new(
+                b"pw".to_vec()
+            )))
+            .is_err()
+        );
+    }
 
     fn ctx(opts: &KindOptions) -> SecretCtx<'_> {
         SecretCtx {

@@ -373,6 +373,10 @@ impl Kind for Postgres {
         enable(ctx.id, "restore", ctx.options.postgres(ctx.id)?, previous).await
     }
 
+    fn check_value(&self, _: &SecretCtx<'_>, value: &SecretValue) -> Result<()> {
+        super::check_credential(value)
+    }
+
     fn one_rotation_at_a_time(&self) -> bool {
         true
     }

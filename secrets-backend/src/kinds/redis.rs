@@ -210,6 +210,10 @@ impl Kind for Redis {
         setuser(ctx.id, "restore", ctx.options.redis(ctx.id)?, '>', pw).await
     }
 
+    fn check_value(&self, _: &SecretCtx<'_>, value: &SecretValue) -> Result<()> {
+        super::check_credential(value)
+    }
+
     fn one_rotation_at_a_time(&self) -> bool {
         true
     }
