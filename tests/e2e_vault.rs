@@ -522,3 +522,92 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
     assert_eq!(st[0]["rotation"]["step"], "needs-attention", "{st}");
     assert_eq!(st[0]["current_version"], 1);
 }
+
+/// A `bao server -dev -dev-tls` process, killed on drop.
+struct TlsBao(std::process::Child);
+
+impl Drop for TlsBao {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_with_the_ca_file_and_a_clear_error_without_it() {
+    let dir = TempDir::new("vault-tls");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+    let _bao = TlsBao(
+        std::process::Command::new(bao_binary())
+            .args([
+                "server",
+                "-dev",
+                "-dev-tls",
+                &format!("-dev-tls-cert-dir={}", certs.display()),
+                "-dev-root-token-id=tls-root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .env("HOME", dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let ca = certs.join("vault-ca.pem");
+    wait_for("the dev server's CA", Duration::from_secs(20), || {
+        ca.exists()
+    });
+    let token = write(dir.path(), "vault-token", "tls-root");
+    let entry = |name: &str, ca_line: &str| {
+        format!(
+            "[[providers]]\nname = \"{name}\"\ntype = \"vault\"\naddress = \"https://127.0.0.1:{port}\"\nauth = \"token\"\ntoken_file = \"{}\"\n{ca_line}\n",
+            token.display()
+        )
+    };
+    let b = backend(
+        dir.path(),
+        &[
+            entry("vault-tls", &format!("ca_file = \"{}\"", ca.display())),
+            entry("no-ca", ""),
+        ]
+        .concat(),
+    );
+    // The server answers once it is up: the create goes through over
+    // https, checked against the CA file.
+    wait_for("a create over https", Duration::from_secs(20), || {
+        b.cli(&[
+            "create",
+            "tls/key",
+            "--kind",
+            "random",
+            "--provider",
+            "vault-tls",
+        ])
+        .status
+        .success()
+    });
+    assert_eq!(
+        b.cli_json(&["status", "tls/key"])[0]["provider"],
+        "vault-tls"
+    );
+    // Without the CA the server's certificate is not trusted: one line,
+    // naming the provider, and nothing created.
+    let err = failed(&b.cli(&[
+        "create",
+        "tls/other",
+        "--kind",
+        "random",
+        "--provider",
+        "no-ca",
+    ]));
+    assert!(
+        err.contains("provider no-ca") && err.contains("cannot reach Vault at https://127.0.0.1"),
+        "{err}"
+    );
+    assert!(err.contains("invalid peer certificate"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    failed(&b.cli(&["status", "tls/other"]));
+}
