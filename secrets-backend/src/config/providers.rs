@@ -274,9 +274,8 @@ fn vault(label: &str, r: RawVault, errors: &mut Vec<String>) -> Option<VaultConf
     if let Some(f) = &r.ca_file {
         readable(label, "ca_file", f, errors);
     }
-    let poll_interval = duration(
-        label,
-        "poll_interval",
+    let poll_interval = super::duration(
+        &format!("{label}: poll_interval"),
         r.poll_interval.as_deref(),
         Duration::from_secs(10),
         errors,
@@ -284,18 +283,12 @@ fn vault(label: &str, r: RawVault, errors: &mut Vec<String>) -> Option<VaultConf
     if poll_interval < Duration::from_millis(100) {
         errors.push(format!("{label}: poll_interval must be at least 100ms"));
     }
-    let request_timeout = duration(
-        label,
-        "request_timeout",
+    let request_timeout = super::positive_duration(
+        &format!("{label}: request_timeout"),
         r.request_timeout.as_deref(),
         Duration::from_secs(10),
         errors,
     );
-    if request_timeout.is_zero() {
-        errors.push(format!(
-            "{label}: request_timeout must be greater than zero"
-        ));
-    }
     let on_revoke = match r.on_revoke.as_deref().unwrap_or("destroy") {
         "destroy" => OnRevoke::Destroy,
         "delete" => OnRevoke::Delete,
@@ -322,22 +315,6 @@ fn vault(label: &str, r: RawVault, errors: &mut Vec<String>) -> Option<VaultConf
         poll_interval,
         on_revoke,
         request_timeout,
-    })
-}
-
-fn duration(
-    label: &str,
-    setting: &str,
-    v: Option<&str>,
-    default: Duration,
-    errors: &mut Vec<String>,
-) -> Duration {
-    let Some(v) = v else { return default };
-    humantime::parse_duration(v.trim()).unwrap_or_else(|_| {
-        errors.push(format!(
-            "{label}: {setting}: {v:?} is not a duration such as 10s or 1m"
-        ));
-        default
     })
 }
 
@@ -435,5 +412,16 @@ addres = "http://x"
 "#,
         );
         assert!(errors[0].contains("unknown field `addres`"), "{errors:?}");
+        let dir = std::env::temp_dir();
+        let f = dir.join(format!("rekey-provider-twice-{}", std::process::id()));
+        std::fs::write(&f, "t").unwrap();
+        let entry = format!(
+            "[[providers]]\nname = \"v\"\ntype = \"vault\"\naddress = \"http://x:1\"\ntoken_file = \"{}\"\n",
+            f.display()
+        );
+        let (p, errors) = parse(&entry.repeat(2));
+        std::fs::remove_file(f).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(errors, ["providers[1] (v): the name \"v\" is used twice"]);
     }
 }

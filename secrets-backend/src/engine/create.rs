@@ -43,10 +43,8 @@ impl Engine {
             let mut c = self.store.conn().await?;
             if let Some(other) = self
                 .store
-                .secrets_of(&mut c, &spec.provider)
+                .secret_at(&mut c, &spec.provider, &spec.provider_path)
                 .await?
-                .into_iter()
-                .find(|s| s.provider_path == spec.provider_path)
             {
                 return Err(Error::AlreadyExists(format!(
                     "{} keeps {} at {} already",

@@ -92,12 +92,28 @@ impl Engine {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<()>>,
     {
+        self.retrying_if(id, step, f, |_| true).await
+    }
+
+    /// Runs a step up to `step_attempts` times with doubling pauses, while
+    /// its error is one that `again` says is worth another try.
+    async fn retrying_if<T, F, Fut>(
+        &self,
+        id: &str,
+        step: &str,
+        f: F,
+        again: impl Fn(&Error) -> bool,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut pause = self.settings.step_backoff;
         let mut attempt = 1;
         loop {
             match f().await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < self.settings.step_attempts.max(1) => {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < self.settings.step_attempts.max(1) && again(&e) => {
                     tracing::warn!(secret = id, step, attempt, error = %e, retry_in = ?pause, "rotation step failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = pause.saturating_mul(2);
@@ -145,33 +161,31 @@ impl Engine {
             (new, old)
         };
         let value_ref = if s.pending_version == target {
-            let mut pause = self.settings.step_backoff;
-            let mut attempt = 1;
-            loop {
-                match provider
-                    .promote(location(&s), stored(&new), old.as_ref().map(stored))
-                    .await
-                {
-                    Ok(r) => break r,
-                    // Unreachable or sealed: tried again like a step
-                    // (promote is safe to repeat).
-                    Err(
-                        e @ Error::Provider {
-                            unavailable: true, ..
-                        },
-                    ) if attempt < self.settings.step_attempts.max(1) => {
-                        tracing::warn!(secret = id, step = "finish", attempt, error = %e, retry_in = ?pause, "the provider is unavailable; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = pause.saturating_mul(2);
-                        attempt += 1;
-                    }
-                    // Still unavailable, a policy that denies the path, a
-                    // write that raced an outside change: parked like a
-                    // failed step, with current unchanged at the provider
-                    // and in the store.
-                    Err(e @ Error::Provider { .. }) => return Err(self.abort(rot, e).await),
-                    Err(e) => return Err(e),
-                }
+            // Unreachable or sealed: tried again like a step (promote is
+            // safe to repeat).
+            let promoted = self
+                .retrying_if(
+                    id,
+                    "finish",
+                    || provider.promote(location(&s), stored(&new), old.as_ref().map(stored)),
+                    |e| {
+                        matches!(
+                            e,
+                            Error::Provider {
+                                unavailable: true,
+                                ..
+                            }
+                        )
+                    },
+                )
+                .await;
+            match promoted {
+                Ok(r) => r,
+                // Still unavailable, a policy that denies the path, a write
+                // that raced an outside change: parked like a failed step,
+                // with current unchanged at the provider and in the store.
+                Err(e @ Error::Provider { .. }) => return Err(self.abort(rot, e).await),
+                Err(e) => return Err(e),
             }
         } else {
             new.value_ref.clone()

@@ -83,12 +83,12 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             match observed {
-                Observed::Unchanged => self.set_problem(&s, p.name(), None).await?,
+                Observed::Unchanged => self.set_problem(&s, p, None).await?,
                 Observed::Problem(message) => {
-                    self.set_problem(&s, p.name(), Some(message)).await?;
+                    self.set_problem(&s, p, Some(message)).await?;
                 }
                 Observed::Changed(ch) => {
-                    if self.take_outside_change(p.name(), &s, &ch).await? {
+                    if self.take_outside_change(p, &s, &ch).await? {
                         taken += 1;
                     }
                 }
@@ -99,12 +99,12 @@ impl Engine {
 
     /// The actor of an outside change: the provider and where it keeps
     /// the secret.
-    fn outside_actor(&self, provider: &str, s: &SecretRow) -> Actor {
-        let path = match self.providers.get(provider) {
-            Ok(p) => p.full_path(location(s).path),
-            Err(_) => location(s).path.to_string(),
-        };
-        Actor::system(&format!("external:{provider}:{path}"))
+    fn outside_actor(p: &dyn ValueProvider, s: &SecretRow) -> Actor {
+        Actor::system(&format!(
+            "external:{}:{}",
+            p.name(),
+            p.full_path(location(s).path)
+        ))
     }
 
     /// Records what is wrong where the provider keeps `s` (audited once per
@@ -112,7 +112,7 @@ impl Engine {
     async fn set_problem(
         &self,
         s: &SecretRow,
-        provider: &str,
+        p: &dyn ValueProvider,
         problem: Option<String>,
     ) -> Result<()> {
         let key = problem_key(&s.id);
@@ -125,11 +125,11 @@ impl Engine {
         store::meta_set(&mut c, &key, &now).await?;
         drop(c);
         if now.is_empty() {
-            tracing::info!(secret = %s.id, provider, "the provider's problem is gone");
+            tracing::info!(secret = %s.id, provider = p.name(), "the provider's problem is gone");
             return Ok(());
         }
-        tracing::warn!(secret = %s.id, provider, problem = %now, "not delivered; sidecars keep the last good version");
-        let actor = self.outside_actor(provider, s);
+        tracing::warn!(secret = %s.id, provider = p.name(), problem = %now, "not delivered; sidecars keep the last good version");
+        let actor = Self::outside_actor(p, s);
         self.record_refusal(
             &actor,
             "outside-change",
@@ -154,11 +154,11 @@ impl Engine {
     /// refuses it.
     async fn take_outside_change(
         &self,
-        provider: &str,
+        p: &dyn ValueProvider,
         s: &SecretRow,
         ch: &OutsideChange,
     ) -> Result<bool> {
-        {
+        let now = {
             let mut c = self.store.conn().await?;
             if self
                 .store
@@ -168,8 +168,9 @@ impl Engine {
             {
                 return Ok(false);
             }
-        }
-        let actor = self.outside_actor(provider, s);
+            self.store.require_secret(&mut c, &s.id).await?
+        };
+        let actor = Self::outside_actor(p, s);
         let kind = self.kinds.get(&s.kind)?;
         let ctx = SecretCtx {
             id: &s.id,
@@ -180,28 +181,22 @@ impl Engine {
             .and_then(|()| kind.check_value(&ctx, &ch.value))
         {
             let problem = format!("{} does not fit the {} kind: {e}", ch.note, s.kind);
-            self.set_problem(s, provider, Some(problem)).await?;
+            self.set_problem(s, p, Some(problem)).await?;
             return Ok(false);
         }
-        {
-            let now = {
-                let mut c = self.store.conn().await?;
-                self.store.require_secret(&mut c, &s.id).await?
-            };
-            // rekey's own write between the provider and the store: a
-            // rotation finishing or a rollback in flight. The next poll
-            // finds it recorded.
-            if now.pending_version != 0 || self.rolling_back(&s.id) {
-                return Ok(false);
-            }
-            if kind.one_rotation_at_a_time() && now.previous_version != 0 {
-                let problem = format!(
-                    "{} is not taken while previous v{} of {} may still be in use (a {} secret changes one version at a time); it is taken at the first poll after `rekey revoke {} --version {}`",
-                    ch.note, now.previous_version, s.id, s.kind, s.id, now.previous_version
-                );
-                self.set_problem(s, provider, Some(problem)).await?;
-                return Ok(false);
-            }
+        // rekey's own write between the provider and the store: a rotation
+        // finishing or a rollback in flight. The next poll finds it
+        // recorded.
+        if now.pending_version != 0 || self.rolling_back(&s.id) {
+            return Ok(false);
+        }
+        if kind.one_rotation_at_a_time() && now.previous_version != 0 {
+            let problem = format!(
+                "{} is not taken while previous v{} of {} may still be in use (a {} secret changes one version at a time); it is taken at the first poll after `rekey revoke {} --version {}`",
+                ch.note, now.previous_version, s.id, s.kind, s.id, now.previous_version
+            );
+            self.set_problem(s, p, Some(problem)).await?;
+            return Ok(false);
         }
         for _ in 0..CAS_ATTEMPTS {
             let mut tx = self.store.begin().await?;
@@ -235,8 +230,8 @@ impl Engine {
                 .await?;
             tx.commit().await?;
             self.published(&ev);
-            tracing::info!(secret = %s.id, provider, version = n, "outside change taken as the new current version");
-            self.set_problem(s, provider, None).await?;
+            tracing::info!(secret = %s.id, provider = p.name(), version = n, "outside change taken as the new current version");
+            self.set_problem(s, p, None).await?;
             if displaced > 0 {
                 self.retire_displaced(&next, displaced).await;
             }

@@ -465,7 +465,7 @@ impl Vault {
             Some(p) => m.insert(META_PREVIOUS.into(), p.to_string()),
             None => m.remove(META_PREVIOUS),
         };
-        let where_ = format!("{}/{}", self.cfg.mount, at.path);
+        let where_ = self.full_path(at.path);
         if m.len() > MAX_META_KEYS {
             return Err(self.fail(format!(
                 "custom_metadata of {where_} would have {} keys with rekey's; Vault allows {MAX_META_KEYS}: remove some",
@@ -508,21 +508,16 @@ impl Vault {
     ) -> Result<u64> {
         self.check_kv2().await?;
         let before = self.metadata(at.path).await?;
-        // Limits are checked before the data is written, so that a
-        // metadata problem leaves nothing half-done.
-        self.merged_metadata(
+        // Made (and checked against Vault's limits) before the data is
+        // written, so that a metadata problem leaves nothing half-done.
+        let mut m = self.merged_metadata(
             at,
             before.as_ref().and_then(|m| m.custom_metadata.as_ref()),
             cas + 1,
             previous,
         )?;
         let n = self.write_kv(at, value, cas).await?;
-        let m = self.merged_metadata(
-            at,
-            before.as_ref().and_then(|m| m.custom_metadata.as_ref()),
-            n,
-            previous,
-        )?;
+        m.insert(META_CURRENT.into(), n.to_string());
         if let Err(e) = self.write_metadata(at, m).await {
             tracing::warn!(provider = %self.cfg.name, secret = at.secret_id, error = %e, "the value is written; its custom_metadata is repaired at the next poll");
         }
@@ -595,8 +590,13 @@ fn kv_ref(r: &str) -> Option<u64> {
     r.strip_prefix("kv:")?.parse().ok()
 }
 
-fn pending_ref(r: &str) -> Option<&str> {
-    r.strip_prefix("pending:")
+/// The sealed copy of a pending value, under the reference rekey's store
+/// gave it; `None` once the value is a KV version.
+fn sealed_copy(v: Stored<'_>) -> Option<Stored<'_>> {
+    Some(Stored {
+        version: v.version,
+        value_ref: v.value_ref.strip_prefix("pending:")?,
+    })
 }
 
 /// KV data for a value. A structured value whose one field is `value` or
@@ -721,20 +721,11 @@ impl ValueProvider for Vault {
         new: Stored<'_>,
         old: Option<Stored<'_>>,
     ) -> Result<String> {
-        let Some(sealed) = pending_ref(new.value_ref) else {
+        let Some(copy) = sealed_copy(new) else {
             // Promoted before (a repeated step): already a KV version.
             return Ok(new.value_ref.to_string());
         };
-        let value = self
-            .sealed
-            .read(
-                at,
-                Which::Version(Stored {
-                    version: new.version,
-                    value_ref: sealed,
-                }),
-            )
-            .await?;
+        let value = self.sealed.read(at, Which::Version(copy)).await?;
         let cas = match old {
             Some(o) => self.kv_version(o.value_ref)?,
             None => 0,
@@ -753,18 +744,8 @@ impl ValueProvider for Vault {
 
     async fn read(&self, at: Location<'_>, which: Which<'_>) -> Result<SecretValue> {
         match which {
-            Which::Version(v) => match (pending_ref(v.value_ref), kv_ref(v.value_ref)) {
-                (Some(sealed), _) => {
-                    self.sealed
-                        .read(
-                            at,
-                            Which::Version(Stored {
-                                version: v.version,
-                                value_ref: sealed,
-                            }),
-                        )
-                        .await
-                }
+            Which::Version(v) => match (sealed_copy(v), kv_ref(v.value_ref)) {
+                (Some(copy), _) => self.sealed.read(at, Which::Version(copy)).await,
                 (None, Some(n)) => {
                     if let Some(kept) = self
                         .sealed
@@ -786,7 +767,7 @@ impl ValueProvider for Vault {
             },
             Which::Stage(Stage::Current) => {
                 let m = self.metadata(at.path).await?.ok_or_else(|| {
-                    self.fail(format!("{}/{} does not exist", self.cfg.mount, at.path))
+                    self.fail(format!("{} does not exist", self.full_path(at.path)))
                 })?;
                 self.read_kv(at.path, m.current_version).await
             }
@@ -799,8 +780,8 @@ impl ValueProvider for Vault {
                     .and_then(|v| v.parse().ok())
                     .ok_or_else(|| {
                         self.fail(format!(
-                            "{}/{} has no previous version",
-                            self.cfg.mount, at.path
+                            "{} has no previous version",
+                            self.full_path(at.path)
                         ))
                     })?;
                 self.read_kv(at.path, n).await
@@ -828,7 +809,7 @@ impl ValueProvider for Vault {
     }
 
     async fn revoke(&self, at: Location<'_>, old: Stored<'_>) -> Result<()> {
-        if pending_ref(old.value_ref).is_some() {
+        if sealed_copy(old).is_some() {
             return self.discard(at, old).await;
         }
         let n = self.kv_version(old.value_ref)?;
@@ -874,22 +855,11 @@ impl ValueProvider for Vault {
     }
 
     async fn discard(&self, at: Location<'_>, pending: Stored<'_>) -> Result<()> {
-        match pending_ref(pending.value_ref) {
-            Some(sealed) => {
-                self.sealed
-                    .discard(
-                        at,
-                        Stored {
-                            version: pending.version,
-                            value_ref: sealed,
-                        },
-                    )
-                    .await
-            }
-            // Already a KV version: apps may read it, so it stays in Vault;
-            // only rekey's copy goes.
-            None => self.sealed.discard(at, pending).await,
-        }
+        // Already a KV version: apps may read it, so it stays in Vault;
+        // only rekey's copy goes.
+        self.sealed
+            .discard(at, sealed_copy(pending).unwrap_or(pending))
+            .await
     }
 
     async fn observe(&self, at: Location<'_>, current: Stored<'_>) -> Result<Observed> {
@@ -897,7 +867,7 @@ impl ValueProvider for Vault {
             return Ok(Observed::Unchanged);
         };
         self.check_kv2().await?;
-        let where_ = format!("{}/{}", self.cfg.mount, at.path);
+        let where_ = self.full_path(at.path);
         let Some(m) = self.metadata(at.path).await? else {
             return Ok(Observed::Problem(format!(
                 "{where_} no longer exists in Vault (its metadata was deleted); apps reading it get nothing"
@@ -1019,6 +989,12 @@ mod tests {
     fn references() {
         assert_eq!(kv_ref("kv:12"), Some(12));
         assert_eq!(kv_ref("pending:v2.ab"), None);
-        assert_eq!(pending_ref("pending:v2.ab"), Some("v2.ab"));
+        let stored = |value_ref| Stored {
+            version: 2,
+            value_ref,
+        };
+        let copy = sealed_copy(stored("pending:v2.ab")).unwrap();
+        assert_eq!((copy.version, copy.value_ref), (2, "v2.ab"));
+        assert!(sealed_copy(stored("kv:12")).is_none());
     }
 }

@@ -52,6 +52,20 @@ impl Store {
         Ok(sqlx::query_as(&q).bind(provider).fetch_all(c).await?)
     }
 
+    /// The secret a provider keeps at `path`, if rekey manages one there.
+    pub(crate) async fn secret_at(
+        &self,
+        c: &mut Conn,
+        provider: &str,
+        path: &str,
+    ) -> Result<Option<SecretRow>> {
+        let q = format!(
+            "SELECT {} FROM secrets WHERE provider = $1 AND provider_path = $2",
+            SecretRow::columns()
+        );
+        super::row_by(c, &q, provider, path).await
+    }
+
     pub(crate) async fn insert_secret(&self, c: &mut Conn, s: &SecretRow) -> Result<()> {
         let r = sqlx::query(&format!(
             "INSERT INTO secrets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) ON CONFLICT (id) DO NOTHING",
