@@ -56,9 +56,14 @@ fn with_token(dir: &Path, bao: &Bao) -> (Backend, String) {
     (b, token)
 }
 
-/// `rekey create ID --kind KIND --provider vault-main`.
+/// `rekey create ID --kind KIND --provider vault-main`, which must succeed.
 fn create_in_vault(b: &Backend, id: &str, kind: &str) -> Value {
     b.cli_json(&["create", id, "--kind", kind, "--provider", "vault-main"])
+}
+
+/// `rekey create ID --kind random --provider PROVIDER`, however it ends.
+fn try_create(b: &Backend, id: &str, provider: &str) -> std::process::Output {
+    b.cli(&["create", id, "--kind", "random", "--provider", provider])
 }
 
 fn reveal(b: &Backend, id: &str) -> String {
@@ -424,14 +429,7 @@ fn kubernetes_auth_logs_in_with_the_service_account_token() {
         other_jwt.display()
     );
     let b2 = backend(&other_dir, &provider(&bao, &auth, ""));
-    let err = failed(&b2.cli(&[
-        "create",
-        "k8s/other",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]));
+    let err = failed(&try_create(&b2, "k8s/other", "vault-main"));
     assert!(
         err.contains("provider vault-main") && err.contains("Kubernetes login"),
         "{err}"
@@ -473,13 +471,12 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
     ]
     .concat();
     let b = backend(dir.path(), &cfg);
-    let create = |id: &str, p: &str| b.cli(&["create", id, "--kind", "random", "--provider", p]);
     for (id, p, want) in [
         ("f/down", "down", "cannot reach Vault at http://127.0.0.1:"),
         ("f/v1", "v1", "is not a KV v2 mount"),
         ("f/token", "badtoken", "permission denied"),
     ] {
-        let err = failed(&create(id, p));
+        let err = failed(&try_create(&b, id, p));
         assert!(
             err.contains(&format!("provider {p}")) && err.contains(want),
             "{p}: {err}"
@@ -490,7 +487,7 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
 
     // A path that already holds someone's data is not taken over.
     bao.ok(&["kv", "put", "secret/rekey/f/taken", "value=theirs"]);
-    let err = failed(&create("f/taken", "vault-main"));
+    let err = failed(&try_create(&b, "f/taken", "vault-main"));
     assert!(err.contains("already holds data"), "{err}");
     assert_eq!(kv_get(&bao, "secret/rekey/f/taken"), ("theirs".into(), 1));
 
@@ -501,7 +498,7 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
     }
     args.push("secret/rekey/f/meta".into());
     bao.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let err = failed(&create("f/meta", "vault-main"));
+    let err = failed(&try_create(&b, "f/meta", "vault-main"));
     assert!(
         err.contains("custom_metadata") && err.contains("64"),
         "{err}"
@@ -578,16 +575,7 @@ fn https_with_the_ca_file_and_a_clear_error_without_it() {
     // The server answers once it is up: the create goes through over
     // https, checked against the CA file.
     wait_for("a create over https", Duration::from_secs(20), || {
-        b.cli(&[
-            "create",
-            "tls/key",
-            "--kind",
-            "random",
-            "--provider",
-            "vault-tls",
-        ])
-        .status
-        .success()
+        try_create(&b, "tls/key", "vault-tls").status.success()
     });
     assert_eq!(
         b.cli_json(&["status", "tls/key"])[0]["provider"],
@@ -595,14 +583,7 @@ fn https_with_the_ca_file_and_a_clear_error_without_it() {
     );
     // Without the CA the server's certificate is not trusted: one line,
     // naming the provider, and nothing created.
-    let err = failed(&b.cli(&[
-        "create",
-        "tls/other",
-        "--kind",
-        "random",
-        "--provider",
-        "no-ca",
-    ]));
+    let err = failed(&try_create(&b, "tls/other", "no-ca"));
     assert!(
         err.contains("provider no-ca") && err.contains("cannot reach Vault at https://127.0.0.1"),
         "{err}"

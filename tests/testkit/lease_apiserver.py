@@ -25,7 +25,9 @@ import ssl
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from kube_stand_in import JsonHandler, status
 
 PREFIX = "/apis/coordination.k8s.io/v1/namespaces/"
 LEASE_SPEC_FIELDS = {
@@ -37,18 +39,6 @@ MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 lock = threading.Lock()
 leases = {}  # (namespace, name) -> object
 version = [1000]
-
-
-def status(code, reason, message):
-    return code, {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
 
 
 def invalid(obj, ns, name):
@@ -79,20 +69,7 @@ def invalid(obj, ns, name):
     return None
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):
-        pass
-
-    def reply(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class Handler(JsonHandler):
     def authorized(self):
         with open(self.server.token_file) as f:
             token = f.read().strip()
