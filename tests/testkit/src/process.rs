@@ -65,6 +65,66 @@ pub(crate) fn rand_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// `n` random bytes as hex.
+pub(crate) fn random_hex(n: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(2 * n);
+    for _ in 0..n.div_ceil(4) {
+        let _ = write!(s, "{:08x}", rand_u32());
+    }
+    s.truncate(2 * n);
+    s
+}
+
+/// A random UUID-shaped string.
+pub(crate) fn random_uuid() -> String {
+    let h = random_hex(16);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// A test tool that `./scripts/test` installs into the tools venv: the
+/// path in `$ENV_VAR` when set; else `target/tools/venv/bin/NAME` in the
+/// workspace (`venv/bin/NAME` under `$REKEY_TOOLS_DIR` when that is set);
+/// else `NAME` on the `PATH`.
+///
+/// # Panics
+///
+/// When there is none.
+pub(crate) fn tool_binary(name: &str, env_var: &str) -> PathBuf {
+    if let Some(b) = std::env::var_os(env_var).filter(|b| !b.is_empty()) {
+        return PathBuf::from(b);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest.parent().and_then(Path::parent).unwrap_or(manifest);
+    let tools = std::env::var_os("REKEY_TOOLS_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| workspace.join("target/tools"), |d| workspace.join(d));
+    let venv = tools.join("venv/bin").join(name);
+    if venv.is_file() {
+        return venv;
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` not found: {} is missing and there is none on PATH; \
+                 run ./scripts/test once (it installs {name} there) or set {env_var} to a {name} binary",
+                venv.display()
+            )
+        })
+}
+
 /// Spawns `cmd` (stdout piped) and waits up to `secs` for the first line
 /// it prints; the rest of stdout is drained so the child never blocks.
 ///
