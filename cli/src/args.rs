@@ -287,10 +287,12 @@ pub struct CreateArgs {
     #[arg(long)]
     pub value_file: Option<PathBuf>,
     /// Where the values live: a [[providers]] name from the backend's
-    /// config (e.g. Vault / OpenBao KV v2). Default: rekey's embedded store.
+    /// config (Vault / OpenBao KV v2, AWS Secrets Manager). Default: rekey's
+    /// embedded store. An AWS secret that exists already is adopted: its
+    /// AWSCURRENT value becomes version 1.
     #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
     pub provider: Option<String>,
-    /// Where the provider keeps the values (e.g. a KV path). Requires
+    /// Where the provider keeps the values (a KV path, an AWS secret name). Requires
     /// --provider; default: the provider's path_prefix followed by SECRET.
     #[arg(long, value_name = "PATH", requires = "provider",
         value_parser = NonEmptyStringValueParser::new())]

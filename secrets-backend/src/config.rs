@@ -16,7 +16,8 @@ use crate::auth::Operation;
 
 mod providers;
 
-pub use providers::{OnRevoke, ProviderConfig, VaultAuth, VaultConfig};
+pub(crate) use providers::asm_name_byte;
+pub use providers::{AwsConfig, OnRevoke, ProviderConfig, VaultAuth, VaultConfig};
 
 /// Default gRPC address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::kinds::exec::ExecOptions;
 use crate::kinds::postgres::PgOptions;
 use crate::kinds::redis::RedisOptions;
-use crate::kinds::{DEFAULT_RANDOM_LENGTH, Encoding, KindOptions, RandomOptions};
+use crate::kinds::{DEFAULT_RANDOM_LENGTH, Encoding, InlineUrl, KindOptions, RandomOptions};
 use crate::store::{SecretRow, TokenRow, VersionRow, VersionState};
 
 /// Protobuf counts are unsigned; rekey's are non-negative `i64` (the type
@@ -142,6 +142,7 @@ pub(crate) fn kind_options(r: &pb::CreateSecretRequest) -> Result<KindOptions> {
             })?,
             probe: p.probe.clone(),
             terminate_sessions: p.terminate_sessions,
+            admin_url: InlineUrl::default(),
         }),
     };
     Ok(KindOptions {
@@ -151,6 +152,7 @@ pub(crate) fn kind_options(r: &pb::CreateSecretRequest) -> Result<KindOptions> {
             admin_url_file: p.admin_url_file.clone(),
             username: p.username.clone(),
             address: p.address.clone(),
+            admin_url: InlineUrl::default(),
         }),
         exec: r.exec.as_ref().map(|p| ExecOptions {
             create: p.create.clone(),

@@ -2,8 +2,9 @@
 //! `rekey.v1` gRPC API. The operator CLI is a client of that API and lives
 //! in its own crate (`rekey-cli`).
 //!
-//! The binary is thin: `rekey-backend` loads a [`config::Config`] and calls
-//! [`server::run`].
+//! The binaries are thin: `rekey-backend` loads a [`config::Config`] and
+//! calls [`server::run`]; `rekey-lambda`, the rotation function AWS Secrets
+//! Manager calls, runs [`lambda::run`].
 
 mod audit;
 mod auth;
@@ -15,6 +16,7 @@ mod error;
 mod front;
 mod hub;
 mod kinds;
+pub mod lambda;
 mod limits;
 mod metrics;
 mod provider;

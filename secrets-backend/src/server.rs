@@ -20,7 +20,7 @@ use crate::engine::{self, Engine};
 use crate::front::Front;
 use crate::limits::StreamLimits;
 use crate::metrics::{self, Metrics};
-use crate::provider::{Providers, embedded::Embedded, vault::Vault};
+use crate::provider::{Providers, aws::Aws, embedded::Embedded, vault::Vault};
 use crate::service::RekeyService;
 use crate::store::{self, Dialect, Store};
 
@@ -211,6 +211,10 @@ pub async fn run(
             config::ProviderConfig::Vault(v) => {
                 tracing::info!(provider = %v.name, address = %v.address, mount = %v.mount, "Vault provider");
                 providers.add(Arc::new(Vault::new(v.clone(), store.clone())?));
+            }
+            config::ProviderConfig::Aws(a) => {
+                tracing::info!(provider = %a.name, region = a.region.as_deref().unwrap_or("(from the SDK's chain)"), endpoint = a.endpoint_url.as_deref().unwrap_or("(AWS)"), "AWS Secrets Manager provider");
+                providers.add(Arc::new(Aws::new(a.clone(), store.clone())));
             }
         }
     }

@@ -729,6 +729,29 @@ impl Rekey for RekeyService {
         }))
     }
 
+    async fn sync(&self, request: Request<pb::SyncRequest>) -> Reply<pb::SyncResponse> {
+        let r = request.get_ref();
+        let id = if r.secret_id.is_empty() {
+            check_text("provider path", &r.provider_path, 512)?;
+            self.caller(&request, "Sync", "")?;
+            self.engine.secret_at_path(&r.provider_path).await?.id
+        } else {
+            validate_id(&r.secret_id)?;
+            r.secret_id.clone()
+        };
+        let caller = self.caller(&request, "Sync", &id);
+        let (s, changed, problem) = self
+            .changing(caller, Operation::Rotate, &id, 0, |_, _| {
+                self.engine.sync_secret(&id, "")
+            })
+            .await?;
+        Ok(Response::new(pb::SyncResponse {
+            secret: Some(convert::secret(&s)),
+            changed,
+            provider_problem: problem.unwrap_or_default(),
+        }))
+    }
+
     async fn verify_audit(
         &self,
         request: Request<pb::VerifyAuditRequest>,

@@ -16,8 +16,16 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The Vault client's own error events repeat what rekey reports in its
-    // words (with the provider's name), and would print Vault's answers.
-    for quiet in ["vaultrs=off", "rustify=off"] {
+    // words (with the provider's name), and would print Vault's answers;
+    // the AWS SDK's say the same about each retry.
+    for quiet in [
+        "vaultrs=off",
+        "rustify=off",
+        "aws_smithy_runtime=warn",
+        "aws_config=warn",
+        "lambda_runtime=warn",
+        "lambda_runtime_api_client=warn",
+    ] {
         if let Ok(d) = quiet.parse() {
             filter = filter.add_directive(d);
         }

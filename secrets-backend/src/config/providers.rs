@@ -13,6 +13,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     Vault(VaultConfig),
+    Aws(AwsConfig),
 }
 
 impl ProviderConfig {
@@ -21,6 +22,7 @@ impl ProviderConfig {
     pub fn name(&self) -> &str {
         match self {
             ProviderConfig::Vault(v) => &v.name,
+            ProviderConfig::Aws(a) => &a.name,
         }
     }
 }
@@ -77,6 +79,36 @@ pub struct VaultConfig {
     pub request_timeout: Duration,
 }
 
+/// A `type = "aws-secrets-manager"` provider. Credentials come from the
+/// AWS SDK's default chain (environment, profile, web identity, instance
+/// role); nothing here holds one.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    pub name: String,
+    /// The region; `None`: from the SDK's chain (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Another endpoint than AWS's own (a VPC endpoint, a test server).
+    pub endpoint_url: Option<String>,
+    /// Put before a secret's id to make its default secret name.
+    pub name_prefix: String,
+    pub poll_interval: Duration,
+    /// How long one request to Secrets Manager may take.
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    name: String,
+    #[serde(rename = "type")]
+    _type: String,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    name_prefix: Option<String>,
+    poll_interval: Option<String>,
+    request_timeout: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVault {
@@ -103,6 +135,9 @@ struct RawVault {
 /// The service account token every Kubernetes pod has.
 const POD_JWT: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
+/// The provider types `[[providers]]` knows.
+const TYPES: &str = "vault, aws-secrets-manager";
+
 /// Validates every `[[providers]]` entry; problems go to `errors`.
 pub(super) fn validate(raw: Vec<toml::Table>, errors: &mut Vec<String>) -> Vec<ProviderConfig> {
     let mut out = Vec::new();
@@ -125,12 +160,19 @@ pub(super) fn validate(raw: Vec<toml::Table>, errors: &mut Vec<String>) -> Vec<P
                     None
                 }
             },
+            "aws-secrets-manager" => match toml::Value::Table(t).try_into::<RawAws>() {
+                Ok(r) => aws(&label, r, errors).map(ProviderConfig::Aws),
+                Err(e) => {
+                    errors.push(format!("{label}: {}", e.message()));
+                    None
+                }
+            },
             "" => {
-                errors.push(format!("{label}: type is missing (one of: vault)"));
+                errors.push(format!("{label}: type is missing (one of: {TYPES})"));
                 None
             }
             other => {
-                errors.push(format!("{label}: unknown type {other:?} (one of: vault)"));
+                errors.push(format!("{label}: unknown type {other:?} (one of: {TYPES})"));
                 None
             }
         };
@@ -174,17 +216,100 @@ fn required<T>(
     v
 }
 
+/// `poll_interval` and `request_timeout`, as every provider type has them.
+fn timings(
+    label: &str,
+    poll_interval: Option<&str>,
+    request_timeout: Option<&str>,
+    errors: &mut Vec<String>,
+) -> (Duration, Duration) {
+    let poll = super::duration(
+        &format!("{label}: poll_interval"),
+        poll_interval,
+        Duration::from_secs(10),
+        errors,
+    );
+    if poll < Duration::from_millis(100) {
+        errors.push(format!("{label}: poll_interval must be at least 100ms"));
+    }
+    let timeout = super::positive_duration(
+        &format!("{label}: request_timeout"),
+        request_timeout,
+        Duration::from_secs(10),
+        errors,
+    );
+    (poll, timeout)
+}
+
+fn check_name(label: &str, name: &str, errors: &mut Vec<String>) {
+    if !valid_name(name) {
+        errors.push(format!(
+            "{label}: name must be 1 to 64 of a-z, 0-9, - and _"
+        ));
+    }
+}
+
+fn aws(label: &str, r: RawAws, errors: &mut Vec<String>) -> Option<AwsConfig> {
+    let before = errors.len();
+    check_name(label, &r.name, errors);
+    let region = r.region.filter(|x| !x.is_empty());
+    if let Some(x) = &region
+        && !x
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        errors.push(format!(
+            "{label}: region {x:?} is not a region name (e.g. eu-west-1)"
+        ));
+    }
+    let endpoint_url = r
+        .endpoint_url
+        .map(|u| u.trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty());
+    if let Some(u) = &endpoint_url
+        && !(u.starts_with("https://") || u.starts_with("http://"))
+    {
+        errors.push(format!(
+            "{label}: endpoint_url must be http(s)://host[:port], not {u:?}"
+        ));
+    }
+    let name_prefix = r.name_prefix.unwrap_or_else(|| "rekey/".into());
+    if !name_prefix.bytes().all(asm_name_byte) {
+        errors.push(format!(
+            "{label}: name_prefix may hold letters, digits and /_+=.@- only"
+        ));
+    }
+    let (poll_interval, request_timeout) = timings(
+        label,
+        r.poll_interval.as_deref(),
+        r.request_timeout.as_deref(),
+        errors,
+    );
+    if errors.len() > before {
+        return None;
+    }
+    Some(AwsConfig {
+        name: r.name,
+        region,
+        endpoint_url,
+        name_prefix,
+        poll_interval,
+        request_timeout,
+    })
+}
+
+/// A byte Secrets Manager allows in a secret's name.
+pub(crate) fn asm_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"/_+=.@-".contains(&b)
+}
+
 #[allow(
     clippy::too_many_lines,
     reason = "one setting after another with its default and its checks"
 )]
 fn vault(label: &str, r: RawVault, errors: &mut Vec<String>) -> Option<VaultConfig> {
     let before = errors.len();
-    if !valid_name(&r.name) {
-        errors.push(format!(
-            "{label}: name must be 1 to 64 of a-z, 0-9, - and _"
-        ));
-    }
+    check_name(label, &r.name, errors);
     let address = r.address.unwrap_or_default();
     let address = address.trim_end_matches('/').to_string();
     if address.is_empty() {
@@ -274,19 +399,10 @@ fn vault(label: &str, r: RawVault, errors: &mut Vec<String>) -> Option<VaultConf
     if let Some(f) = &r.ca_file {
         readable(label, "ca_file", f, errors);
     }
-    let poll_interval = super::duration(
-        &format!("{label}: poll_interval"),
+    let (poll_interval, request_timeout) = timings(
+        label,
         r.poll_interval.as_deref(),
-        Duration::from_secs(10),
-        errors,
-    );
-    if poll_interval < Duration::from_millis(100) {
-        errors.push(format!("{label}: poll_interval must be at least 100ms"));
-    }
-    let request_timeout = super::positive_duration(
-        &format!("{label}: request_timeout"),
         r.request_timeout.as_deref(),
-        Duration::from_secs(10),
         errors,
     );
     let on_revoke = match r.on_revoke.as_deref().unwrap_or("destroy") {
@@ -343,7 +459,9 @@ mod tests {
             f.display()
         ));
         assert!(errors.is_empty(), "{errors:?}");
-        let ProviderConfig::Vault(v) = &p[0];
+        let ProviderConfig::Vault(v) = &p[0] else {
+            panic!("{p:?}")
+        };
         assert_eq!(v.address, "https://vault:8200");
         assert_eq!(
             (v.mount.as_str(), v.path_prefix.as_str()),
@@ -358,6 +476,61 @@ mod tests {
             }
         );
         std::fs::remove_file(f).unwrap();
+    }
+
+    #[test]
+    fn an_aws_entry_with_defaults_and_its_problems() {
+        let (p, errors) = parse(
+            "[[providers]]\nname = \"aws-main\"\ntype = \"aws-secrets-manager\"\nregion = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:4566/\"\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let ProviderConfig::Aws(a) = &p[0] else {
+            panic!("{p:?}")
+        };
+        assert_eq!(a.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(a.endpoint_url.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(a.name_prefix, "rekey/");
+        assert_eq!(a.poll_interval, Duration::from_secs(10));
+
+        let (p, errors) = parse(
+            r#"
+[[providers]]
+name = "a"
+type = "aws-secrets-manager"
+region = "EU West"
+endpoint_url = "127.0.0.1:4566"
+name_prefix = "rekey prod/"
+poll_interval = "10ms"
+mount = "secret"
+"#,
+        );
+        assert!(p.is_empty());
+        assert_eq!(
+            errors,
+            [
+                "providers[0] (a): unknown field `mount`, expected one of `name`, `type`, `region`, `endpoint_url`, `name_prefix`, `poll_interval`, `request_timeout`"
+            ]
+        );
+        let (_, errors) = parse(
+            r#"
+[[providers]]
+name = "a"
+type = "aws-secrets-manager"
+region = "EU West"
+endpoint_url = "127.0.0.1:4566"
+name_prefix = "rekey prod/"
+poll_interval = "10ms"
+"#,
+        );
+        let all = errors.join("\n");
+        for want in [
+            "region \"EU West\" is not a region name",
+            "endpoint_url must be http(s)://host[:port]",
+            "name_prefix may hold letters, digits and /_+=.@- only",
+            "poll_interval must be at least 100ms",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in\n{all}");
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@ use super::{Actor, CreateSpec, Engine, Outcome, event, location, step_error, val
 use crate::audit;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::kinds::SecretCtx;
-use crate::provider::Stored;
+use crate::kinds::{Kind, SecretCtx};
+use crate::provider::{Location, OutsideChange, Stored, ValueProvider};
 use crate::schedule;
 use crate::store::{SecretRow, VersionRow};
 
@@ -24,6 +24,7 @@ impl Engine {
         if !spec.provider.is_empty() {
             spec.provider_path =
                 provider_path(&spec.provider_path, || provider.default_path(&spec.id))?;
+            provider.check_path(&spec.provider_path)?;
         } else if !spec.provider_path.is_empty() {
             return Err(Error::InvalidArgument(
                 "a provider path needs a provider (--provider NAME)".into(),
@@ -59,15 +60,29 @@ impl Engine {
         if let Some(v) = &spec.value {
             self.check_size(&spec.id, v)?;
         }
-        Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
-        let value = kind.create(&ctx, None, spec.value).await?;
-        self.check_size(&spec.id, &value)?;
-        kind.set(&ctx, &value, None)
-            .await
-            .map_err(|e| step_error(&spec.id, "set", e))?;
-        kind.test(&ctx, &value)
-            .await
-            .map_err(|e| step_error(&spec.id, "test", e))?;
+        let here = Location {
+            secret_id: &spec.id,
+            path: &spec.provider_path,
+        };
+        let adopted = if spec.provider.is_empty() {
+            None
+        } else {
+            provider.adopt(here).await?
+        };
+        if let Some(found) = &adopted {
+            self.check_adopted(kind.as_ref(), &ctx, provider.as_ref(), &spec, found)?;
+        } else {
+            Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
+            let value = kind.create(&ctx, None, spec.value).await?;
+            self.check_size(&spec.id, &value)?;
+            kind.set(&ctx, &value, None)
+                .await
+                .map_err(|e| step_error(&spec.id, "set", e))?;
+            kind.test(&ctx, &value)
+                .await
+                .map_err(|e| step_error(&spec.id, "test", e))?;
+            spec.value = Some(value);
+        }
 
         let now = now_ms();
         let mut row = SecretRow {
@@ -90,6 +105,25 @@ impl Engine {
         };
         row.next_rotation_at_ms = schedule::next_rotation(&row, now)?;
         let at = location(&row);
+        if let Some(found) = adopted {
+            let detail = format!(
+                "kind {}; adopted from {}: {}",
+                row.kind, row.provider, found.note
+            );
+            return self
+                .finish_create(
+                    actor,
+                    row,
+                    &found.value_ref,
+                    detail,
+                    started,
+                    provider.as_ref(),
+                )
+                .await;
+        }
+        let Some(value) = spec.value.take() else {
+            return Err(Error::Internal("no value for version 1".into()));
+        };
         let pending = provider.write_pending(at, 1, &value).await?;
         let pending = Stored {
             version: 1,
@@ -104,15 +138,31 @@ impl Engine {
                 return Err(e);
             }
         };
-        let (version, ev) = match self.record_created(actor, &row, &value_ref).await {
+        let detail = format!("kind {}", row.kind);
+        self.finish_create(actor, row, &value_ref, detail, started, provider.as_ref())
+            .await
+    }
+
+    /// Records version 1 under `value_ref`; on failure the provider drops
+    /// what this call wrote.
+    async fn finish_create(
+        &self,
+        actor: &Actor,
+        row: SecretRow,
+        value_ref: &str,
+        detail: String,
+        started: Instant,
+        provider: &dyn ValueProvider,
+    ) -> Result<Outcome> {
+        let (version, ev) = match self.record_created(actor, &row, value_ref, detail).await {
             Ok(x) => x,
             Err(e) => {
                 // The reference is this call's own: nobody else uses it.
                 let mine = Stored {
                     version: 1,
-                    value_ref: &value_ref,
+                    value_ref,
                 };
-                if let Err(d) = provider.discard(at, mine).await {
+                if let Err(d) = provider.discard(location(&row), mine).await {
                     tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
                 }
                 return Err(e);
@@ -129,12 +179,40 @@ impl Engine {
         })
     }
 
+    /// What a new secret takes over from its provider must suit its kind,
+    /// and no value may be supplied beside it.
+    fn check_adopted(
+        &self,
+        kind: &dyn Kind,
+        ctx: &SecretCtx<'_>,
+        provider: &dyn ValueProvider,
+        spec: &CreateSpec,
+        found: &OutsideChange,
+    ) -> Result<()> {
+        let where_ = provider.full_path(&spec.provider_path);
+        if spec.value.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{where_} already holds a value in {}; create adopts it, so leave out the value, or choose another --provider-path",
+                spec.provider
+            )));
+        }
+        self.check_size(&spec.id, &found.value)?;
+        kind.check_value(ctx, &found.value).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{where_} already holds a value in {} that a {} secret cannot take over: {e}",
+                spec.provider,
+                kind.name()
+            ))
+        })
+    }
+
     /// Records a new secret with version 1 current, and its audit event.
     async fn record_created(
         &self,
         actor: &Actor,
         row: &SecretRow,
         value_ref: &str,
+        detail: String,
     ) -> Result<(VersionRow, audit::Event)> {
         let mut tx = self.store.begin().await?;
         self.store.insert_secret(&mut tx, row).await?;
@@ -142,7 +220,6 @@ impl Engine {
             .store
             .insert_version(&mut tx, &row.id, 1, row.created_at_ms, value_ref)
             .await?;
-        let detail = format!("kind {}", row.kind);
         let ev = self
             .record(&mut tx, event(actor, "create", &row.id, 1, "ok", detail))
             .await?;

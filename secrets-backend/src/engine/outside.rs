@@ -63,38 +63,94 @@ impl Engine {
             if s.current_version == 0 {
                 continue;
             }
-            let cur = {
-                let mut c = self.store.conn().await?;
-                self.store
-                    .require_version(&mut c, &s.id, s.current_version)
-                    .await?
-            };
-            let observed = match p.observe(location(&s), stored(&cur)).await {
-                Ok(o) => o,
-                // Vault unreachable or sealed: no other secret fares better.
-                Err(
-                    e @ Error::Provider {
-                        unavailable: true, ..
-                    },
-                ) => return Err(e),
-                // A denied path is this secret's problem; the others are
-                // still looked at.
-                Err(e @ Error::Provider { .. }) => Observed::Problem(e.to_string()),
-                Err(e) => return Err(e),
-            };
-            match observed {
-                Observed::Unchanged => self.set_problem(&s, p, None).await?,
-                Observed::Problem(message) => {
-                    self.set_problem(&s, p, Some(message)).await?;
-                }
-                Observed::Changed(ch) => {
-                    if self.take_outside_change(p, &s, &ch).await? {
-                        taken += 1;
-                    }
-                }
+            if self.look_at(p, &s).await? {
+                taken += 1;
             }
         }
         Ok(taken)
+    }
+
+    /// Looks at one secret where `p` keeps it; `true` when an outside
+    /// change became current. Errs when the provider cannot be asked at all
+    /// (unreachable, sealed, refusing the token).
+    async fn look_at(&self, p: &dyn ValueProvider, s: &SecretRow) -> Result<bool> {
+        let cur = {
+            let mut c = self.store.conn().await?;
+            self.store
+                .require_version(&mut c, &s.id, s.current_version)
+                .await?
+        };
+        let observed = match p.observe(location(s), stored(&cur)).await {
+            Ok(o) => o,
+            // Unreachable or sealed: no other secret fares better.
+            Err(
+                e @ Error::Provider {
+                    unavailable: true, ..
+                },
+            ) => return Err(e),
+            // A denied path is this secret's problem; the others are
+            // still looked at.
+            Err(e @ Error::Provider { .. }) => Observed::Problem(e.to_string()),
+            Err(e) => return Err(e),
+        };
+        match observed {
+            Observed::Unchanged => self.set_problem(s, p, None).await?,
+            Observed::Problem(message) => {
+                self.set_problem(s, p, Some(message)).await?;
+            }
+            Observed::Changed(ch) => return self.take_outside_change(p, s, &ch).await,
+        }
+        Ok(false)
+    }
+
+    /// [`Engine::look_at`] for one secret, named by id or by where its
+    /// provider keeps it, now rather than at the next poll. Returns the
+    /// secret as it is afterwards, whether a change was taken, and the
+    /// provider's problem, if any.
+    pub(crate) async fn sync_secret(
+        &self,
+        id: &str,
+        provider_path: &str,
+    ) -> Result<(SecretRow, bool, Option<String>)> {
+        let s = if id.is_empty() {
+            self.secret_at_path(provider_path).await?
+        } else {
+            let mut c = self.store.conn().await?;
+            self.store.require_secret(&mut c, id).await?
+        };
+        if s.provider.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} lives in rekey's own store; only secrets kept by a provider change outside rekey",
+                s.id
+            )));
+        }
+        let p = self.providers.get(&s.provider)?;
+        let changed = s.current_version != 0 && self.look_at(p.as_ref(), &s).await?;
+        let problem = self.provider_problem(&s.id).await?;
+        let mut c = self.store.conn().await?;
+        let now = self.store.require_secret(&mut c, &s.id).await?;
+        Ok((now, changed, problem))
+    }
+
+    /// The secret an external provider keeps at `path`.
+    pub(crate) async fn secret_at_path(&self, path: &str) -> Result<SecretRow> {
+        if path.is_empty() {
+            return Err(Error::InvalidArgument(
+                "name the secret by id or by provider path".into(),
+            ));
+        }
+        let names: Vec<String> = self
+            .providers
+            .external()
+            .map(|p| p.name().to_string())
+            .collect();
+        let mut c = self.store.conn().await?;
+        for name in names {
+            if let Some(s) = self.store.secret_at(&mut c, &name, path).await? {
+                return Ok(s);
+            }
+        }
+        Err(Error::NotFound(format!("a secret kept at {path:?}")))
     }
 
     /// The actor of an outside change: the provider and where it keeps

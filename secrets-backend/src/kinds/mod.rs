@@ -62,12 +62,71 @@ pub(crate) fn check_credential(v: &SecretValue) -> Result<()> {
     Ok(())
 }
 
-/// The admin URL in `--admin-url-file`, read once at create time to check
-/// it and to default where apps connect; a problem is added to `problems`.
+/// An admin URL handed to a kind in memory instead of through
+/// `--admin-url-file` (`rekey-lambda` reads it from another Secrets Manager
+/// secret). Never stored, compared or shown.
+#[derive(Clone, Default)]
+pub(crate) struct InlineUrl(Option<std::sync::Arc<zeroize::Zeroizing<String>>>);
+
+impl InlineUrl {
+    pub(crate) fn new(url: zeroize::Zeroizing<String>) -> Self {
+        InlineUrl(Some(std::sync::Arc::new(url)))
+    }
+}
+
+impl std::fmt::Debug for InlineUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "InlineUrl(..)"
+        } else {
+            "InlineUrl(none)"
+        })
+    }
+}
+
+/// Not part of what options are: two options differing only here are
+/// the same options.
+impl PartialEq for InlineUrl {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for InlineUrl {}
+
+/// The admin URL for a step: the one handed in memory, else the one in
+/// `file`, read at each step so that a changed file is used.
+pub(crate) fn admin_url(
+    secret: &str,
+    step_name: &'static str,
+    file: &str,
+    inline: &InlineUrl,
+) -> Result<zeroize::Zeroizing<String>> {
+    if let Some(u) = &inline.0 {
+        return Ok(zeroize::Zeroizing::new(u.as_str().to_string()));
+    }
+    std::fs::read_to_string(file)
+        .map(|s| zeroize::Zeroizing::new(s.trim().to_string()))
+        .map_err(|e| {
+            step(
+                secret,
+                step_name,
+                format!("cannot read the admin URL file {file}: {e}"),
+            )
+        })
+}
+
+/// The admin URL in `--admin-url-file` (or handed in memory), read once at
+/// create time to check it and to default where apps connect; a problem is
+/// added to `problems`.
 pub(crate) fn admin_url_option(
     file: &str,
+    inline: &InlineUrl,
     problems: &mut Vec<String>,
 ) -> Option<zeroize::Zeroizing<String>> {
+    if let Some(u) = &inline.0 {
+        return Some(zeroize::Zeroizing::new(u.as_str().to_string()));
+    }
     if file.is_empty() {
         problems.push("--admin-url-file is required".to_string());
         return None;

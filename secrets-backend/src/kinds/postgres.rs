@@ -19,7 +19,10 @@ use ring::{digest, hmac, pbkdf2};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
-use super::{Encoding, Kind, KindOptions, SecretCtx, admin_url_option, field, generate, step};
+use super::{
+    Encoding, InlineUrl, Kind, KindOptions, SecretCtx, admin_url, admin_url_option, field,
+    generate, step,
+};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -38,6 +41,9 @@ pub(crate) struct PgOptions {
     pub(crate) probe: String,
     /// Terminate the old role's sessions at decommission.
     pub(crate) terminate_sessions: bool,
+    /// The admin URL handed in memory instead of `admin_url_file`.
+    #[serde(skip)]
+    pub(crate) admin_url: InlineUrl,
 }
 
 /// Role names rekey creates and quotes: lower-case, digits, underscore.
@@ -72,22 +78,6 @@ pub(crate) fn scram_verifier(password: &str) -> Result<String> {
         b64.encode(stored_key.as_ref()),
         b64.encode(server_key.as_ref())
     ))
-}
-
-fn read_admin_url(
-    secret: &str,
-    step_name: &'static str,
-    file: &str,
-) -> Result<zeroize::Zeroizing<String>> {
-    std::fs::read_to_string(file)
-        .map(|s| zeroize::Zeroizing::new(s.trim().to_string()))
-        .map_err(|e| {
-            step(
-                secret,
-                step_name,
-                format!("cannot read the admin URL file {file}: {e}"),
-            )
-        })
 }
 
 /// Connects without statement logging, within 10 s; errors never include
@@ -202,7 +192,7 @@ async fn enable(
             format!("{user:?} is not a role rekey manages"),
         ));
     }
-    let url = read_admin_url(secret, step_name, &o.admin_url_file)?;
+    let url = admin_url(secret, step_name, &o.admin_url_file, &o.admin_url)?;
     let mut c = connect(secret, step_name, &url).await?;
     ensure_roles(secret, step_name, &mut c, o).await?;
     let verifier = scram_verifier(pw)?;
@@ -229,7 +219,7 @@ impl Kind for Postgres {
         let admin_url_file = p.admin_url_file.trim().to_string();
         let mut host = p.host.trim().to_string();
         let mut port = p.port;
-        if let Some(u) = admin_url_option(&admin_url_file, &mut problems) {
+        if let Some(u) = admin_url_option(&admin_url_file, &p.admin_url, &mut problems) {
             if let Ok(o) = PgConnectOptions::from_str(&u) {
                 if host.is_empty() {
                     host = o.get_host().to_string();
@@ -273,6 +263,7 @@ impl Kind for Postgres {
             port,
             probe,
             terminate_sessions: p.terminate_sessions,
+            admin_url: p.admin_url.clone(),
         };
         Ok(o.into())
     }
@@ -347,7 +338,7 @@ impl Kind for Postgres {
                 "the old value lacks a managed username",
             ));
         }
-        let url = read_admin_url(ctx.id, "revoke", &o.admin_url_file)?;
+        let url = admin_url(ctx.id, "revoke", &o.admin_url_file, &o.admin_url)?;
         let mut c = connect(ctx.id, "revoke", &url).await?;
         exec(
             ctx.id,

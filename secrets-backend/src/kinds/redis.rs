@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use rekey_keyring::{SecretString, SecretValue};
 use serde::{Deserialize, Serialize};
 
-use super::{Encoding, Kind, KindOptions, SecretCtx, admin_url_option, field, generate, step};
+use super::{
+    Encoding, InlineUrl, Kind, KindOptions, SecretCtx, admin_url, admin_url_option, field,
+    generate, step,
+};
 use crate::error::{Error, Result};
 use rekey_probe::redis::{self as resp, Conn, Reply};
 
@@ -23,6 +26,9 @@ pub(crate) struct RedisOptions {
     pub(crate) username: String,
     /// Where apps connect (default: the admin URL's address).
     pub(crate) address: String,
+    /// The admin URL handed in memory instead of `admin_url_file`.
+    #[serde(skip)]
+    pub(crate) admin_url: InlineUrl,
 }
 
 fn valid_user(u: &str) -> bool {
@@ -34,18 +40,7 @@ fn valid_user(u: &str) -> bool {
 
 /// An authenticated admin connection.
 async fn admin(secret: &str, step_name: &'static str, o: &RedisOptions) -> Result<Conn> {
-    let url = zeroize::Zeroizing::new(
-        std::fs::read_to_string(&o.admin_url_file)
-            .map_err(|e| {
-                step(
-                    secret,
-                    step_name,
-                    format!("cannot read the admin URL file {}: {e}", o.admin_url_file),
-                )
-            })?
-            .trim()
-            .to_string(),
-    );
+    let url = admin_url(secret, step_name, &o.admin_url_file, &o.admin_url)?;
     let (addr, user, pass) = resp::parse_url(&url)
         .ok_or_else(|| step(secret, step_name, "the admin URL is not a redis:// URL"))?;
     let mut c = Conn::connect(&addr)
@@ -131,7 +126,7 @@ impl Kind for Redis {
         let mut problems = Vec::new();
         let admin_url_file = r.admin_url_file.trim().to_string();
         let mut address = r.address.trim().to_string();
-        if let Some(u) = admin_url_option(&admin_url_file, &mut problems) {
+        if let Some(u) = admin_url_option(&admin_url_file, &r.admin_url, &mut problems) {
             match resp::parse_url(&u) {
                 Some((addr, _, _)) if address.is_empty() => address = addr,
                 Some(_) => {}
@@ -151,6 +146,7 @@ impl Kind for Redis {
             admin_url_file,
             username,
             address,
+            admin_url: r.admin_url.clone(),
         }
         .into())
     }

@@ -23,6 +23,7 @@
 //! step again. The engine never holds a store connection while it calls a
 //! provider (the embedded one needs the connection itself on SQLite).
 
+pub(crate) mod aws;
 pub(crate) mod embedded;
 pub(crate) mod vault;
 
@@ -141,6 +142,19 @@ pub(crate) trait ValueProvider: Send + Sync {
     /// [`Observed::Unchanged`].
     async fn observe(&self, at: Location<'_>, current: Stored<'_>) -> Result<Observed>;
 
+    /// What already lives at a new secret's path, for it to take over as
+    /// version 1 (with the reference rekey records); `None` when the path
+    /// is free. Providers that refuse to take over a path answer `None`
+    /// and refuse at the first write instead.
+    async fn adopt(&self, _at: Location<'_>) -> Result<Option<OutsideChange>> {
+        Ok(None)
+    }
+
+    /// Checks a path against the provider's own naming rules.
+    fn check_path(&self, _path: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Where a secret keeps its values when `create` names no path.
     fn default_path(&self, secret_id: &str) -> String {
         secret_id.to_string()
@@ -156,6 +170,11 @@ pub(crate) trait ValueProvider: Send + Sync {
     fn poll_interval(&self) -> Duration {
         Duration::from_secs(10)
     }
+}
+
+/// Whether two values are the same, in constant time.
+pub(crate) fn same_value(a: &SecretValue, b: &SecretValue) -> bool {
+    rekey_keyring::ct_eq(a.to_storage_bytes().expose(), b.to_storage_bytes().expose())
 }
 
 /// The providers a backend knows, by name; `""` is the embedded store.

@@ -43,7 +43,7 @@ use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
 use super::embedded::Embedded;
-use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which};
+use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, same_value};
 use crate::config::{OnRevoke, VaultAuth, VaultConfig};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -681,10 +681,6 @@ impl Drop for KvData {
             }
         }
     }
-}
-
-fn same_value(a: &SecretValue, b: &SecretValue) -> bool {
-    rekey_keyring::ct_eq(a.to_storage_bytes().expose(), b.to_storage_bytes().expose())
 }
 
 #[async_trait]
