@@ -234,6 +234,25 @@ async fn asm_keeps_the_stages_through_rotate_rollback_decommission_and_outside_c
     let v = reveal(&b, "prod/api/key");
     assert_eq!(current(&c, name).await, v);
 
+    // A secret scheduled for deletion in ASM is a problem shown in status,
+    // not a value: the sidecar keeps the last good one.
+    c.delete_secret()
+        .secret_id(name)
+        .recovery_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    settle(
+        "the problem shows in status",
+        Duration::from_secs(15),
+        || {
+            b.cli_json(&["status", "prod/api/key"])[0]["provider_problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("scheduled for deletion"))
+        },
+    );
+    assert_eq!(read_file(&file), v);
+
     // No value in the backend's log.
     let log = b.all_logs();
     for secret in [
@@ -856,6 +875,52 @@ async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
         assert!(
             !log.contains(p.as_str()),
             "a password in the function's log"
+        );
+    }
+}
+
+/// A Lambda custom runtime on `provided.al2023` has glibc 2.34: the
+/// function must need nothing newer, and no library beyond libc, libm and
+/// libgcc_s.
+#[test]
+fn rekey_lambda_runs_on_provided_al2023() {
+    let bin = LAMBDA.path();
+    let o = std::process::Command::new("objdump")
+        .arg("-T")
+        .arg(&bin)
+        .output()
+        .expect("objdump (binutils) is needed to read the binary's symbol versions");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let newest = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .filter_map(|v| {
+            let mut p = v.split('.').map(|n| n.parse::<u32>().ok());
+            Some((p.next()??, p.next().flatten().unwrap_or(0)))
+        })
+        .max()
+        .expect("glibc symbols");
+    assert!(newest <= (2, 34), "needs GLIBC_{}.{}", newest.0, newest.1);
+    let o = std::process::Command::new("objdump")
+        .arg("-p")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    for line in stdout(&o)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("NEEDED"))
+    {
+        let lib = line.split_whitespace().nth(1).unwrap_or_default();
+        assert!(
+            [
+                "libc.so.6",
+                "libm.so.6",
+                "libgcc_s.so.1",
+                "ld-linux-x86-64.so.2"
+            ]
+            .contains(&lib),
+            "{lib} is not on provided.al2023"
         );
     }
 }

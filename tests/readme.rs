@@ -127,6 +127,18 @@ fn the_readme_sessions_print_what_they_show() {
                 ("BAO_TOKEN", bao.root_token.clone()),
             ];
         }
+        // One that names the AWS provider gets moto's server as ASM.
+        let moto = steps
+            .iter()
+            .any(|s| s.command.contains("--provider aws-main"))
+            .then(|| Moto::start(dir.path()));
+        if let Some(m) = &moto {
+            opts.extra_toml.push_str(&format!(
+                "[[providers]]\nname = \"aws-main\"\ntype = \"aws-secrets-manager\"\nregion = \"eu-west-1\"\nendpoint_url = \"{}\"\n",
+                m.endpoint()
+            ));
+            opts.env = m.env();
+        }
         let b = Backend::start(dir.path(), opts);
         // The README's commands run where the backend keeps ./rekey-data.
         std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("rekey-data")).unwrap();
