@@ -56,6 +56,27 @@ async fn stages(c: &Client, name: &str) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
+/// Creates `name` in ASM with `value` as its first version, as an operator
+/// would.
+async fn new_secret(c: &Client, name: &str, value: impl Into<String>) {
+    c.create_secret()
+        .name(name)
+        .secret_string(value)
+        .send()
+        .await
+        .unwrap();
+}
+
+/// `PutSecretValue` by hand: a new `AWSCURRENT`.
+async fn put_value(c: &Client, name: &str, value: impl Into<String>) {
+    c.put_secret_value()
+        .secret_id(name)
+        .secret_string(value)
+        .send()
+        .await
+        .unwrap();
+}
+
 /// The version holding `label`.
 async fn holder(c: &Client, name: &str, label: &str) -> Option<String> {
     stages(c, name)
@@ -201,12 +222,7 @@ async fn asm_keeps_the_stages_through_rotate_rollback_decommission_and_outside_c
     assert_eq!(s[&id1], ["AWSCURRENT"]);
 
     // A new value put in ASM by hand (the console, the CLI) is delivered.
-    c.put_secret_value()
-        .secret_id(name)
-        .secret_string("set-by-hand-in-the-console")
-        .send()
-        .await
-        .unwrap();
+    put_value(&c, name, "set-by-hand-in-the-console").await;
     settle(
         "the outside change reaches the sidecar",
         Duration::from_secs(15),
@@ -272,12 +288,7 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
     let c = sdk(&moto).await;
     let b = backend(dir.path(), &moto, "1h");
 
-    c.create_secret()
-        .name("legacy/jwt")
-        .secret_string("the-jwt-secret-apps-use-today")
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, "legacy/jwt", "the-jwt-secret-apps-use-today").await;
     let before = holder(&c, "legacy/jwt", "AWSCURRENT").await.unwrap();
     let o = b.cli(&[
         "create",
@@ -309,12 +320,7 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
 
     // A structured value is a JSON object in SecretString; a value beside
     // an adopted one is refused.
-    c.create_secret()
-        .name("legacy/db")
-        .secret_string(r#"{"username": "app", "host": "db"}"#)
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, "legacy/db", r#"{"username": "app", "host": "db"}"#).await;
     let value_file = dir.path().join("value");
     std::fs::write(&value_file, "x").unwrap();
     let e = failed(&b.cli(&[
@@ -400,12 +406,7 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
 /// the token `AWSPENDING`, as ASM does before it calls `createSecret`).
 async fn rotation_ready(c: &Client, name: &str, value: &str, token: &str) {
     if c.describe_secret().secret_id(name).send().await.is_err() {
-        c.create_secret()
-            .name(name)
-            .secret_string(value)
-            .send()
-            .await
-            .unwrap();
+        new_secret(c, name, value).await;
     }
     start_rotation(c, name, token).await;
 }
@@ -533,12 +534,7 @@ async fn lambda_rotates_a_random_token_and_refuses_every_bad_input() {
     assert_eq!(stages(&c, name).await[t1], ["AWSCURRENT"]);
 
     // Rotation not enabled.
-    c.create_secret()
-        .name("svc/unrotated")
-        .secret_string("x")
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, "svc/unrotated", "x").await;
     let id = holder(&c, "svc/unrotated", "AWSCURRENT").await.unwrap();
     let e = refused(&rt, "createSecret", "svc/unrotated", &id);
     assert_eq!(e.error_type, "RotationNotEnabled", "{e:?}");
@@ -618,24 +614,14 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
         "engine": "postgres", "host": "127.0.0.1", "port": pg.port.to_string(),
         "username": "postgres", "password": pg.admin_password, "dbname": "appdb"
     });
-    c.create_secret()
-        .name("admin/pg")
-        .secret_string(admin.to_string())
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, "admin/pg", admin.to_string()).await;
     let name = "app/db";
     let initial = json!({"username": "app_b", "password": "initial-b-password"}).to_string();
 
     // A backend delivers the secret to a sidecar; it polls ASM only hourly,
     // so only the function's call can bring the new value quickly.
     let b = backend(dir.path(), &moto, "1h");
-    c.create_secret()
-        .name(name)
-        .secret_string(&initial)
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, name, &initial).await;
     b.cli_json(&[
         "create",
         "app/db",
@@ -667,12 +653,7 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
         || read_file(&file).contains("initial-b-password"),
     );
     // The backend token lives in ASM too.
-    c.create_secret()
-        .name("rekey/backend-token")
-        .secret_string(b.token())
-        .send()
-        .await
-        .unwrap();
+    new_secret(&c, "rekey/backend-token", b.token()).await;
 
     let rt = LambdaRuntime::start();
     let port = pg.port.to_string();
@@ -733,12 +714,7 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
     ok(&rt, "createSecret", name, t2);
     let mut wrong = admin.clone();
     wrong["password"] = json!("not-the-admin-password");
-    c.put_secret_value()
-        .secret_id("admin/pg")
-        .secret_string(wrong.to_string())
-        .send()
-        .await
-        .unwrap();
+    put_value(&c, "admin/pg", wrong.to_string()).await;
     let e = refused(&rt, "setSecret", name, t2);
     assert_eq!(e.error_type, "SetFailed", "{e:?}");
     assert!(!e.message.contains("not-the-admin-password"), "{e:?}");
@@ -747,12 +723,7 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
     assert_eq!(s[t2], ["AWSPENDING"], "{s:?}");
     pg_login(&pg, &current(&c, name).await).await.unwrap();
     // ASM retries once the credential is fixed.
-    c.put_secret_value()
-        .secret_id("admin/pg")
-        .secret_string(admin.to_string())
-        .send()
-        .await
-        .unwrap();
+    put_value(&c, "admin/pg", admin.to_string()).await;
     for step in ["setSecret", "testSecret", "finishSecret"] {
         ok(&rt, step, name, t2);
     }
@@ -784,27 +755,6 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
     }
 }
 
-fn redis(args: &[&str]) -> String {
-    let o = std::process::Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", "6379"])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn redis_auth(user: &str, pass: &str) -> bool {
-    redis(&[
-        "--user",
-        user,
-        "--pass",
-        pass,
-        "--no-auth-warning",
-        "ACL",
-        "WHOAMI",
-    ]) == user
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
     let dir = TempDir::new("lambda-redis");
@@ -813,7 +763,7 @@ async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
     let user = format!("rk_lambda_{}", std::process::id());
     let _cleanup = RedisUsers(vec![user.clone()]);
     assert_eq!(
-        redis(&[
+        redis_cli(&[
             "ACL",
             "SETUSER",
             &user,
@@ -824,12 +774,12 @@ async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
         ]),
         "OK"
     );
-    c.create_secret()
-        .name("admin/redis")
-        .secret_string(json!({"url": "redis://127.0.0.1:6379"}).to_string())
-        .send()
-        .await
-        .unwrap();
+    new_secret(
+        &c,
+        "admin/redis",
+        json!({"url": "redis://127.0.0.1:6379"}).to_string(),
+    )
+    .await;
     let rt = LambdaRuntime::start();
     let f = LambdaFunction::start(
         dir.path(),

@@ -265,29 +265,6 @@ async fn postgres_failures_stop_before_finish_and_current_keeps_working() {
     assert_eq!(versions[2]["state"], "revoked");
 }
 
-fn redis(args: &[&str]) -> String {
-    let o = std::process::Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", "6379"])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// True when `user` / `pass` authenticates (redis-cli goes on as the
-/// default user after a failed AUTH, so ask who we are).
-fn redis_auth(user: &str, pass: &str) -> bool {
-    redis(&[
-        "--user",
-        user,
-        "--pass",
-        pass,
-        "--no-auth-warning",
-        "ACL",
-        "WHOAMI",
-    ]) == user
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_acl_user_holds_two_passwords_during_the_window() {
     let dir = TempDir::new("redis");
@@ -295,7 +272,7 @@ async fn redis_acl_user_holds_two_passwords_during_the_window() {
     let weak = format!("rk_weak_{}", std::process::id());
     let _cleanup = RedisUsers(vec![user.clone(), weak.clone()]);
     assert_eq!(
-        redis(&[
+        redis_cli(&[
             "ACL",
             "SETUSER",
             &user,
@@ -365,7 +342,7 @@ async fn redis_acl_user_holds_two_passwords_during_the_window() {
 
     // An admin without ACL permissions: the rotation stops before finish.
     assert_eq!(
-        redis(&[
+        redis_cli(&[
             "ACL",
             "SETUSER",
             &weak,
@@ -394,7 +371,7 @@ async fn redis_acl_user_holds_two_passwords_during_the_window() {
     let o = b.cli(&["rotate", "prod/api/redis"]);
     fails_with(&o, "the admin user lacks ACL permissions");
     assert!(redis_auth(&user, &p2), "current keeps working");
-    redis(&["ACL", "DELUSER", &user, &weak]);
+    redis_cli(&["ACL", "DELUSER", &user, &weak]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,7 +519,10 @@ async fn rotate_wait_waits_for_decommission() {
     let dir = TempDir::new("wait");
     let user = format!("rk_wait_{}", std::process::id());
     let _cleanup = RedisUsers(vec![user.clone()]);
-    assert_eq!(redis(&["ACL", "SETUSER", &user, "on", "~*", "+@all"]), "OK");
+    assert_eq!(
+        redis_cli(&["ACL", "SETUSER", &user, "on", "~*", "+@all"]),
+        "OK"
+    );
     let admin = dir.path().join("admin-url");
     std::fs::write(&admin, "redis://127.0.0.1:6379").unwrap();
     let b = Backend::start(
@@ -576,5 +556,5 @@ async fn rotate_wait_waits_for_decommission() {
     );
     assert!(started.elapsed() >= Duration::from_millis(500));
     assert_eq!(b.cli_json(&["get", "prod/r"])["version"], 3);
-    redis(&["ACL", "DELUSER", &user]);
+    redis_cli(&["ACL", "DELUSER", &user]);
 }

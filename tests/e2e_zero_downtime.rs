@@ -191,15 +191,6 @@ async fn run_app(
     }
 }
 
-fn redis_cli(args: &[&str]) -> String {
-    let o = std::process::Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", "6379"])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_credential() {
     let dir = TempDir::new("zero");

@@ -732,19 +732,7 @@ mod tests {
 
     #[test]
     fn admin_urls_from_aws_template_fields() {
-        let fields = |pairs: &[(&str, &str)]| {
-            SecretValue::Fields(
-                pairs
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            (*k).to_string(),
-                            rekey_keyring::SecretString::new((*v).into()),
-                        )
-                    })
-                    .collect(),
-            )
-        };
+        let fields = crate::kinds::fields_of;
         let v = fields(&[
             ("engine", "postgres"),
             ("username", "admin"),

@@ -32,8 +32,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use rekey_proto::v1 as pb;
-use rekey_testkit::bench::{Table, env_usize, stats};
+use rekey_testkit::bench::{Table, env_usize, rotations_in_turn, stats};
 use rekey_testkit::{
     Backend, BackendOpts, LambdaFunction, LambdaRuntime, Moto, PgServer, ROTATION_LAMBDA_ARN,
     TempDir,
@@ -69,17 +68,6 @@ fn main() {
 
 fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
-}
-
-async fn rotate(c: &mut rekey_testkit::Client, id: &str) -> Result<Duration> {
-    let t = Instant::now();
-    c.rotate(pb::RotateRequest {
-        secret_id: id.into(),
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("rotate {id}"))?;
-    Ok(t.elapsed())
 }
 
 /// A Secrets Manager call to moto; its error as text.
@@ -150,18 +138,19 @@ async fn run(s: &Settings) -> Result<String> {
     ]);
     let mut c = b.client().await;
     progress(&format!("{} rotations per store", s.rotations));
-    for _ in 0..WARMUP {
-        rotate(&mut c, "bench/embedded").await?;
-        rotate(&mut c, "bench/asm").await?;
-    }
-    let (mut embedded, mut asm_times) = (Vec::new(), Vec::new());
-    for _ in 0..s.rotations {
-        embedded.push(rotate(&mut c, "bench/embedded").await?);
-        asm_times.push(rotate(&mut c, "bench/asm").await?);
-    }
+    let [embedded, other] = <[Vec<Duration>; 2]>::try_from(
+        rotations_in_turn(
+            &mut c,
+            &["bench/embedded", "bench/asm"],
+            WARMUP,
+            s.rotations,
+        )
+        .await?,
+    )
+    .map_err(|_| anyhow::anyhow!("two sides"))?;
     let mut t1 = Table::stats("store");
     t1.stats_row("embedded (SQLite)", &stats(embedded));
-    t1.stats_row("aws-secrets-manager (moto)", &stats(asm_times));
+    t1.stats_row("aws-secrets-manager (moto)", &stats(other));
     out.push_str(&format!(
         "Rotate latency, client side ({} rotations each):\n{}\n",
         s.rotations,

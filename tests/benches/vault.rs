@@ -33,9 +33,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use rekey_proto::v1 as pb;
-use rekey_testkit::bench::{Table, env_usize, ms, stats};
+use anyhow::{Result, ensure};
+use rekey_testkit::bench::{Table, env_usize, ms, rotations_in_turn, stats};
 use rekey_testkit::{Backend, BackendOpts, Bao, Sidecar, TempDir};
 
 const WARMUP: usize = 5;
@@ -71,17 +70,6 @@ fn main() {
 
 fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
-}
-
-async fn rotate(c: &mut rekey_testkit::Client, id: &str) -> Result<Duration> {
-    let t = Instant::now();
-    c.rotate(pb::RotateRequest {
-        secret_id: id.into(),
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("rotate {id}"))?;
-    Ok(t.elapsed())
 }
 
 fn wait_file(path: &Path, want: &str, timeout: Duration) -> Result<Duration> {
@@ -129,18 +117,19 @@ async fn run(s: &Settings) -> Result<String> {
     let mut c = b.client().await;
 
     progress(&format!("{} rotations per store", s.rotations));
-    for _ in 0..WARMUP {
-        rotate(&mut c, "bench/embedded").await?;
-        rotate(&mut c, "bench/vault").await?;
-    }
-    let (mut embedded, mut vault) = (Vec::new(), Vec::new());
-    for _ in 0..s.rotations {
-        embedded.push(rotate(&mut c, "bench/embedded").await?);
-        vault.push(rotate(&mut c, "bench/vault").await?);
-    }
+    let [embedded, other] = <[Vec<Duration>; 2]>::try_from(
+        rotations_in_turn(
+            &mut c,
+            &["bench/embedded", "bench/vault"],
+            WARMUP,
+            s.rotations,
+        )
+        .await?,
+    )
+    .map_err(|_| anyhow::anyhow!("two sides"))?;
     let mut t1 = Table::stats("store");
     t1.stats_row("embedded (SQLite)", &stats(embedded));
-    t1.stats_row("vault (OpenBao KV v2)", &stats(vault));
+    t1.stats_row("vault (OpenBao KV v2)", &stats(other));
 
     progress(&format!("{} outside changes", s.changes));
     let out = dir.path().join("out");

@@ -477,25 +477,29 @@ impl Kind for Static {
     }
 }
 
+/// A structured value from name / value pairs.
+#[cfg(test)]
+pub(crate) fn fields_of(pairs: &[(&str, &str)]) -> SecretValue {
+    SecretValue::Fields(
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_string(),
+                    rekey_keyring::SecretString::new((*v).into()),
+                )
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_credential_from_outside_needs_username_and_password() {
-        let v = |pairs: &[(&str, &str)]| {
-            SecretValue::Fields(
-                pairs
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            (*k).to_string(),
-                            rekey_keyring::SecretString::new((*v).into()),
-                        )
-                    })
-                    .collect(),
-            )
-        };
+        let v = fields_of;
         check_credential(&v(&[("username", "app_a"), ("password", "pw")])).unwrap();
         let e = check_credential(&v(&[("username", "app_a")])).unwrap_err();
         assert!(e.to_string().contains("no password field"), "{e}");

@@ -39,7 +39,7 @@ use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
 
 use super::embedded::Embedded;
-use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which};
+use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, sealed_copy};
 use crate::config::AwsConfig;
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -274,14 +274,6 @@ pub(crate) fn holder<'a>(
 
 fn asm_ref(r: &str) -> Option<&str> {
     r.strip_prefix("asm:")
-}
-
-/// The sealed copy of a first version not yet in ASM.
-fn sealed_copy(v: Stored<'_>) -> Option<Stored<'_>> {
-    Some(Stored {
-        version: v.version,
-        value_ref: v.value_ref.strip_prefix("pending:")?,
-    })
 }
 
 /// What `DescribeSecret` says about one secret.

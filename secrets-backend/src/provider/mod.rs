@@ -172,6 +172,16 @@ pub(crate) trait ValueProvider: Send + Sync {
     }
 }
 
+/// The sealed copy in rekey's store behind a `pending:REF` reference (a
+/// value an external provider does not hold yet); `None` for a reference
+/// of the provider's own.
+pub(crate) fn sealed_copy(v: Stored<'_>) -> Option<Stored<'_>> {
+    Some(Stored {
+        version: v.version,
+        value_ref: v.value_ref.strip_prefix("pending:")?,
+    })
+}
+
 /// Whether two values are the same, in constant time.
 pub(crate) fn same_value(a: &SecretValue, b: &SecretValue) -> bool {
     rekey_keyring::ct_eq(a.to_storage_bytes().expose(), b.to_storage_bytes().expose())

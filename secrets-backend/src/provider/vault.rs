@@ -43,7 +43,9 @@ use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
 use super::embedded::Embedded;
-use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, same_value};
+use super::{
+    Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, same_value, sealed_copy,
+};
 use crate::config::{OnRevoke, VaultAuth, VaultConfig};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -588,15 +590,6 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn kv_ref(r: &str) -> Option<u64> {
     r.strip_prefix("kv:")?.parse().ok()
-}
-
-/// The sealed copy of a pending value, under the reference rekey's store
-/// gave it; `None` once the value is a KV version.
-fn sealed_copy(v: Stored<'_>) -> Option<Stored<'_>> {
-    Some(Stored {
-        version: v.version,
-        value_ref: v.value_ref.strip_prefix("pending:")?,
-    })
 }
 
 /// KV data for a value. A structured value whose one field is `value` or

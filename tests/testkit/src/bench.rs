@@ -301,6 +301,47 @@ pub fn env_usize(name: &str, default: usize, min: usize) -> anyhow::Result<usize
     }
 }
 
+/// The client-side time of one Rotate call.
+///
+/// # Errors
+///
+/// When the backend refuses or fails it.
+pub async fn rotate(c: &mut crate::Client, id: &str) -> anyhow::Result<Duration> {
+    let t = std::time::Instant::now();
+    c.rotate(rekey_proto::v1::RotateRequest {
+        secret_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("rotate {id}: {}", s.message()))?;
+    Ok(t.elapsed())
+}
+
+/// `warmup` rotations of each secret (not counted), then `n` of each,
+/// taking turns so that both sides see the same machine: the times per
+/// secret, in the order of `ids`.
+///
+/// # Errors
+///
+/// When a rotation fails.
+pub async fn rotations_in_turn(
+    c: &mut crate::Client,
+    ids: &[&str],
+    warmup: usize,
+    n: usize,
+) -> anyhow::Result<Vec<Vec<Duration>>> {
+    let mut out = vec![Vec::with_capacity(n); ids.len()];
+    for i in 0..warmup + n {
+        for (k, id) in ids.iter().enumerate() {
+            let d = rotate(c, id).await?;
+            if i >= warmup {
+                out[k].push(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
 pub use bao::{AGENT_RENDER_INTERVAL, Bao, BaoAgent, TokenReviewServer, bao_binary};
 pub use bins::{BACKEND, Binary, CLI, LAMBDA, SIDECAR};
 pub use lease::LeaseApiServer;
-pub use pg::{PgDb, PgServer, RedisUsers};
+pub use pg::{PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
     TempDir, eventually, free_port, http_get, http_request, metric, sha256_hex, stderr, stdout,

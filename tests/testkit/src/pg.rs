@@ -213,3 +213,34 @@ impl Drop for RedisUsers {
         }
     }
 }
+
+/// `redis-cli` against the machine's Redis (127.0.0.1:6379): its output,
+/// trimmed.
+///
+/// # Panics
+///
+/// When `redis-cli` cannot run.
+pub fn redis_cli(args: &[&str]) -> String {
+    let o = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", "6379"])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// True when `user` / `pass` authenticates at the machine's Redis
+/// (redis-cli goes on as the default user after a failed AUTH, so it asks
+/// who it is).
+#[must_use]
+pub fn redis_auth(user: &str, pass: &str) -> bool {
+    redis_cli(&[
+        "--user",
+        user,
+        "--pass",
+        pass,
+        "--no-auth-warning",
+        "ACL",
+        "WHOAMI",
+    ]) == user
+}
