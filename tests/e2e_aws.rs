@@ -575,17 +575,6 @@ async fn lambda_rotates_a_random_token_and_refuses_every_bad_input() {
     );
 }
 
-async fn pg_setup(pg: &PgServer) {
-    pg.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
-        .await;
-    pg.sql(
-        "appdb",
-        "SET ROLE app_owner; CREATE TABLE items (id int); INSERT INTO items VALUES (1)",
-    )
-    .await;
-}
-
 /// Logs in with the credential JSON an app read from ASM.
 async fn pg_login(pg: &PgServer, credential: &str) -> Result<(), String> {
     let v: Value = serde_json::from_str(credential).unwrap();
@@ -603,7 +592,7 @@ async fn lambda_rotates_postgres_alternating_users_and_tells_the_backend() {
     let moto = Moto::start(dir.path());
     let c = sdk(&moto).await;
     let pg = PgServer::start("lambda");
-    pg_setup(&pg).await;
+    pg.app_database().await;
     pg.sql(
         "postgres",
         "CREATE ROLE app_b LOGIN PASSWORD 'initial-b-password' IN ROLE app_owner",

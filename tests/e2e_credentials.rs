@@ -27,22 +27,11 @@ fn fields(b: &Backend, id: &str, stage: &str) -> Value {
     b.cli_json(&["get", id, "--stage", stage, "--reveal"])["value"].clone()
 }
 
-async fn pg_setup(pg: &PgServer) {
-    pg.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
-        .await;
-    pg.sql(
-        "appdb",
-        "SET ROLE app_owner; CREATE TABLE items (id int); INSERT INTO items VALUES (1)",
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_alternating_users_rotate_decommission_and_roll_back() {
     let dir = TempDir::new("pgkind");
     let pg = PgServer::start("kind");
-    pg_setup(&pg).await;
+    pg.app_database().await;
     let admin = dir.path().join("admin-url");
     std::fs::write(&admin, pg.admin_url("appdb")).unwrap();
     let b = Backend::start(
@@ -160,7 +149,7 @@ async fn postgres_alternating_users_rotate_decommission_and_roll_back() {
 async fn postgres_failures_stop_before_finish_and_current_keeps_working() {
     let dir = TempDir::new("pgbad");
     let pg = PgServer::start("bad");
-    pg_setup(&pg).await;
+    pg.app_database().await;
     let admin = dir.path().join("admin-url");
     std::fs::write(&admin, pg.admin_url("appdb")).unwrap();
     let b = Backend::start(

@@ -195,9 +195,7 @@ async fn run(s: &Settings) -> Result<String> {
 
     // 3. Step times per kind.
     let pg = PgServer::start("bench-lambda");
-    pg.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
-        .await;
+    pg.app_database().await;
     let admin = json!({"engine": "postgres", "host": "127.0.0.1", "port": pg.port.to_string(),
                        "username": "postgres", "password": pg.admin_password, "dbname": "appdb"});
     asm(

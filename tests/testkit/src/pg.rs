@@ -151,6 +151,24 @@ impl PgServer {
         )
     }
 
+    /// An app's database as the credential kinds expect it: the group role
+    /// `app_owner` (NOLOGIN) owns database `appdb` and its table `items`
+    /// (one row); login roles are rekey's to create.
+    ///
+    /// # Panics
+    ///
+    /// When the SQL fails.
+    pub async fn app_database(&self) {
+        self.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
+        self.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
+            .await;
+        self.sql(
+            "appdb",
+            "SET ROLE app_owner; CREATE TABLE items (id int); INSERT INTO items VALUES (1)",
+        )
+        .await;
+    }
+
     /// Runs SQL as the superuser.
     ///
     /// # Panics
