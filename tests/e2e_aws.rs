@@ -779,6 +779,12 @@ async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
             ("REKEY_ADMIN_SECRET_ID", "admin/redis"),
             ("REKEY_USERNAME", &user),
             ("REKEY_ADDRESS", "127.0.0.1:6379"),
+            // A backend that is down: the rotation still completes in ASM.
+            (
+                "REKEY_BACKEND",
+                &format!("http://127.0.0.1:{}", free_port()),
+            ),
+            ("REKEY_BACKEND_TOKEN", "backend-token-never-logged"),
         ],
     );
     let name = "app/redis";
@@ -810,11 +816,16 @@ async fn lambda_rotates_a_redis_user_keeping_two_passwords_at_most() {
         }
     }
     let log = f.log();
-    for p in &passwords {
-        assert!(
-            !log.contains(p.as_str()),
-            "a password in the function's log"
-        );
+    assert!(
+        log.contains("the rekey backend takes the new version at its next poll"),
+        "{log}"
+    );
+    for p in passwords
+        .iter()
+        .map(String::as_str)
+        .chain(["backend-token-never-logged"])
+    {
+        assert!(!log.contains(p), "a secret in the function's log");
     }
 }
 
