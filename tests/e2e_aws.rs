@@ -318,6 +318,24 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
     let s = stages(&c, "legacy/jwt").await;
     assert_eq!(s[&before], ["AWSPREVIOUS"], "{s:?}");
 
+    // The backend polls hourly; `rekey sync` takes a change now.
+    put_value(&c, "legacy/jwt", "set-in-the-console").await;
+    let o = b.cli(&["sync", "prod/jwt"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim(),
+        "prod/jwt took a change made in aws-main: v3 is current"
+    );
+    assert_eq!(reveal(&b, "prod/jwt"), "set-in-the-console");
+    let o = b.cli(&["sync", "prod/jwt"]);
+    assert_eq!(
+        stdout(&o).trim(),
+        "prod/jwt is unchanged in aws-main (v3 is current)"
+    );
+    b.cli_json(&["create", "local/key", "--kind", "random"]);
+    let e = failed(&b.cli(&["sync", "local/key"]));
+    assert!(e.contains("lives in rekey's own store"), "{e}");
+
     // A structured value is a JSON object in SecretString; a value beside
     // an adopted one is refused.
     new_secret(&c, "legacy/db", r#"{"username": "app", "host": "db"}"#).await;

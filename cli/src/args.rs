@@ -150,6 +150,12 @@ pub enum Command {
     },
     /// Revoke a version (not the current one).
     Revoke(RevokeArgs),
+    /// Take a change made where a provider keeps the secret (Vault, AWS
+    /// Secrets Manager) now instead of at the provider's next poll.
+    Sync {
+        /// The secret's id, e.g. prod/api/database.
+        secret: String,
+    },
     /// Stages, rotation state, consumers and what holds decommission back.
     Status {
         /// One secret's id; every secret you may read when absent.

@@ -69,6 +69,7 @@ async fn dispatch(cli: &Cli) -> Result<(), CliError> {
         Command::Versions { secret } => commands::versions(&cx()?, secret).await,
         Command::List { prefix } => commands::list(&cx()?, prefix.as_deref()).await,
         Command::Rollback { secret } => commands::rollback(&cx()?, secret).await,
+        Command::Sync { secret } => commands::sync(&cx()?, secret).await,
         Command::Revoke(a) => commands::revoke(&cx()?, a).await,
         Command::Status { secret } => commands::status(&cx()?, secret.as_deref()).await,
         Command::Audit(a) => commands::audit(&cx()?, a).await,

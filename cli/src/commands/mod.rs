@@ -10,6 +10,7 @@ mod revoke;
 mod rollback;
 mod rotate;
 mod status;
+mod sync;
 mod token;
 mod versions;
 
@@ -21,6 +22,7 @@ pub use revoke::revoke;
 pub use rollback::rollback;
 pub use rotate::rotate;
 pub use status::status;
+pub use sync::sync;
 pub use token::token;
 pub use versions::versions;
 
