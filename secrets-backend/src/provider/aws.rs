@@ -680,11 +680,10 @@ impl ValueProvider for Aws {
         let Some(current) = holder(&d.stages, AWSCURRENT, None) else {
             return Err(self.fail(format!("{} has no AWSCURRENT version to adopt", at.path)));
         };
+        // Its sealed copy is made at the first read, once the secret is
+        // recorded: a create refused now leaves nothing behind.
         let value = self.read_version(at.path, current).await?;
         let value_ref = format!("asm:{current}");
-        self.sealed
-            .keep(at.secret_id, 1, &value_ref, &value)
-            .await?;
         Ok(Some(OutsideChange {
             value,
             value_ref,
