@@ -98,6 +98,13 @@ async fn postgres_alternating_users_rotate_decommission_and_roll_back() {
         "failed precondition: previous v1 of prod/api/database is not decommissioned yet",
     );
 
+    // The admin connection rekey keeps between steps is checked before
+    // use: one the server dropped is replaced.
+    pg.sql(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'postgres' AND pid <> pg_backend_pid()",
+    )
+    .await;
     // Rollback re-enables app_a first (it still works), then moves current.
     let rb = b.cli_json(&["rollback", "prod/api/database"]);
     assert_eq!(rb["version"], 1);
@@ -546,4 +553,101 @@ async fn rotate_wait_waits_for_decommission() {
     assert!(started.elapsed() >= Duration::from_millis(500));
     assert_eq!(b.cli_json(&["get", "prod/r"])["version"], 3);
     redis_cli(&["ACL", "DELUSER", &user]);
+}
+
+/// A revoke hook that takes 20 s on one secret holds up neither another
+/// secret's decommission nor another's scheduled rotation: each secret's
+/// scheduler work runs on its own (`scheduler.concurrency` at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_hook_on_one_secret_delays_no_other_secret() {
+    let dir = TempDir::new("slow-hook");
+    let started = dir.path().join("revoke-started");
+    let ended = dir.path().join("revoke-ended");
+    let hook = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        write_exec(&p, body);
+        p.display().to_string()
+    };
+    let create = hook("create", r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#);
+    let quick = hook("quick", "cat > /dev/null; echo '{}'");
+    let revoke = hook(
+        "revoke",
+        &format!(
+            "cat > /dev/null; touch {}; sleep 20; touch {}; echo '{{}}'",
+            started.display(),
+            ended.display()
+        ),
+    );
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            env: vec![
+                ("REKEY_SCHEDULER_TICK".into(), "100ms".into()),
+                ("REKEY_SCHEDULER_CONCURRENCY".into(), "4".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        "slow/agent",
+        "--kind",
+        "exec",
+        "--hook-create",
+        &create,
+        "--hook-set",
+        &quick,
+        "--hook-test",
+        &quick,
+        "--hook-revoke",
+        &revoke,
+        "--hook-timeout",
+        "30s",
+        "--window",
+        "0s",
+    ]);
+    b.cli_json(&["create", "fast/jwt", "--kind", "random", "--window", "0s"]);
+    // The slow secret's decommission starts and sleeps in its hook.
+    b.cli_json(&["rotate", "slow/agent"]);
+    eventually(Duration::from_secs(10), "the slow revoke hook", || {
+        let s = started.exists();
+        async move { s.then_some(()) }
+    })
+    .await;
+    let t = std::time::Instant::now();
+    // Meanwhile: another secret's decommission ...
+    b.cli_json(&["rotate", "fast/jwt"]);
+    eventually(Duration::from_secs(5), "fast/jwt's decommission", || {
+        let v = b.cli_json(&["versions", "fast/jwt"]);
+        async move { (v[1]["state"] == "revoked").then_some(()) }
+    })
+    .await;
+    // ... and a due scheduled rotation of a third.
+    b.cli_json(&[
+        "create",
+        "fast/due",
+        "--kind",
+        "random",
+        "--schedule",
+        "every 1s",
+    ]);
+    eventually(
+        Duration::from_secs(5),
+        "fast/due's scheduled rotation",
+        || {
+            let s = b.cli_json(&["status", "fast/due"]);
+            async move { (s[0]["current_version"].as_u64() >= Some(2)).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        !ended.exists() && t.elapsed() < Duration::from_secs(15),
+        "the other secrets waited for the slow hook"
+    );
+    // The slow decommission still completes.
+    eventually(Duration::from_secs(30), "slow/agent's decommission", || {
+        let v = b.cli_json(&["versions", "slow/agent"]);
+        async move { (v[1]["state"] == "revoked").then_some(()) }
+    })
+    .await;
 }

@@ -100,6 +100,7 @@ struct RawTls {
 struct RawScheduler {
     enabled: Option<bool>,
     tick: Option<String>,
+    concurrency: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +198,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub scheduler_enabled: bool,
     pub scheduler_tick: Duration,
+    /// Scheduled rotations and decommissions running at once, each for a
+    /// secret of its own.
+    pub scheduler_concurrency: usize,
     /// A consumer that has not reported for this long is not live.
     pub consumer_ttl: Duration,
     /// Pause before each rotation step. For demonstrations and crash tests
@@ -262,6 +266,11 @@ const ENV_OVERRIDES: &[(&str, &str, EnvType)] = &[
         EnvType::Bool,
     ),
     ("REKEY_SCHEDULER_TICK", "scheduler.tick", EnvType::Str),
+    (
+        "REKEY_SCHEDULER_CONCURRENCY",
+        "scheduler.concurrency",
+        EnvType::Int,
+    ),
     ("REKEY_CONSUMERS_TTL", "consumers.ttl", EnvType::Str),
     ("REKEY_ENGINE_STEP_DELAY", "engine.step_delay", EnvType::Str),
     (
@@ -526,6 +535,12 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         errors,
     );
     let step_attempts = at_least_one("engine.step_attempts", raw.engine.step_attempts, 3, errors);
+    let scheduler_concurrency = at_least_one(
+        "scheduler.concurrency",
+        raw.scheduler.concurrency,
+        8,
+        errors,
+    );
     let step_backoff = duration(
         "engine.step_backoff",
         raw.engine.step_backoff.as_deref(),
@@ -599,6 +614,7 @@ fn validate(raw: RawConfig, errors: &mut Vec<String>) -> Config {
         tls,
         scheduler_enabled: raw.scheduler.enabled.unwrap_or(true),
         scheduler_tick,
+        scheduler_concurrency: scheduler_concurrency as usize,
         consumer_ttl,
         step_delay,
     }
@@ -797,6 +813,7 @@ prefixes = []
 operations = ["rotate", "fly"]
 [scheduler]
 tick = "often"
+concurrency = 0
 "#;
         let e = Config::from_toml(text, env(&[])).unwrap_err();
         let s = e.to_string();
@@ -807,11 +824,12 @@ tick = "often"
             "\"fly\"",
             "prefixes",
             "scheduler.tick",
+            "scheduler.concurrency: must be at least 1",
         ] {
             assert!(s.contains(needle), "missing {needle} in {s}");
         }
         assert!(!s.contains("my-plain-token-value"), "{s}");
-        assert_eq!(e.0.len(), 6, "{s}");
+        assert_eq!(e.0.len(), 7, "{s}");
     }
 
     #[test]

@@ -229,6 +229,7 @@ pub async fn run(
             consumer_ttl: cfg.consumer_ttl,
             max_value_bytes: cfg.max_value_bytes,
             refusal_summary_interval: cfg.refusal_summary_interval,
+            scheduler_concurrency: cfg.scheduler_concurrency,
         },
     ));
 
@@ -412,16 +413,21 @@ fn spawn_background(
         tasks.spawn(async move {
             let mut every = tokio::time::interval(tick);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Per-secret rotations and decommissions the passes started.
+            let mut work = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     _ = every.tick() => {
-                        if let Err(e) = engine.tick().await {
+                        if let Err(e) = engine.tick(&mut work).await {
                             tracing::warn!(error = %e, "scheduler pass failed");
                         }
                     }
                     () = stopped(&mut rx) => break,
                 }
             }
+            // Work in flight ends as it would have inside a pass; what a
+            // hard stop cuts short is resumed at the next start.
+            while work.join_next().await.is_some() {}
         });
     }
 

@@ -121,7 +121,7 @@ impl Engine {
 
     /// Revokes `version` of `s` at its target (the kind), at its provider,
     /// and in the store.
-    async fn revoke_unchecked(
+    pub(super) async fn revoke_unchecked(
         &self,
         actor: &Actor,
         s: &SecretRow,
@@ -194,28 +194,5 @@ impl Engine {
         Err(Error::FailedPrecondition(format!(
             "{id} is changing too often to revoke; try again"
         )))
-    }
-
-    /// Revokes every previous version whose decommission conditions hold.
-    pub(super) async fn decommission_due(&self, now: i64) -> Result<()> {
-        let candidates = {
-            let mut c = self.store.conn().await?;
-            self.store.secrets_with_previous(&mut c).await?
-        };
-        for s in candidates {
-            if s.pending_version != 0 {
-                continue;
-            }
-            if self.decommission_blockers(&s, now).await?.is_empty() {
-                let actor = Actor::system("decommission");
-                if let Err(e) = self
-                    .revoke_unchecked(&actor, &s, s.previous_version, None, Instant::now())
-                    .await
-                {
-                    tracing::warn!(secret = %s.id, error = %e, "decommission failed; retrying later");
-                }
-            }
-        }
-        Ok(())
     }
 }

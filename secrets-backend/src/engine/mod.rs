@@ -139,6 +139,9 @@ pub(crate) struct Settings {
     /// How often, at most, refusals before authentication are audited as
     /// one summary.
     pub(crate) refusal_summary_interval: Duration,
+    /// Scheduled rotations and decommissions running at once, each for
+    /// a secret of its own.
+    pub(crate) scheduler_concurrency: usize,
 }
 
 pub(crate) struct Engine {
@@ -162,6 +165,10 @@ pub(crate) struct Engine {
     audit_head: Mutex<Option<audit::Head>>,
     /// Calls refused before authentication, not yet summarized.
     refusals: Mutex<refusals::Refusals>,
+    /// Secrets with scheduler work (a rotation, a decommission) running.
+    scheduled: Mutex<HashSet<String>>,
+    /// Slots for that work: `scheduler_concurrency`.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Secret ids look like paths: `prod/api/database`.
@@ -233,6 +240,9 @@ impl Engine {
         metrics: Arc<Metrics>,
         settings: Settings,
     ) -> Self {
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            settings.scheduler_concurrency.max(1),
+        ));
         Self {
             store,
             kinds,
@@ -245,6 +255,8 @@ impl Engine {
             rolling_back: Mutex::default(),
             audit_head: Mutex::default(),
             refusals: Mutex::default(),
+            scheduled: Mutex::default(),
+            slots,
         }
     }
 

@@ -194,7 +194,7 @@ impl ValueProvider for FakeProvider {
 }
 
 struct Fixture {
-    engine: Engine,
+    engine: Arc<Engine>,
     flaky: Arc<Flaky>,
     fake: Arc<FakeProvider>,
 }
@@ -225,10 +225,11 @@ async fn fixture() -> Fixture {
             consumer_ttl: Duration::from_secs(60),
             max_value_bytes: 64 << 10,
             refusal_summary_interval: Duration::from_secs(60),
+            scheduler_concurrency: 4,
         },
     );
     Fixture {
-        engine,
+        engine: Arc::new(engine),
         flaky,
         fake,
     }
@@ -316,7 +317,7 @@ async fn one_rotation_at_a_time_until_previous_is_decommissioned() {
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     assert!(err.to_string().contains("not decommissioned yet"), "{err}");
     // Validation window 0 and no consumers: decommission runs on tick.
-    e.tick().await.unwrap();
+    e.tick_and_wait().await.unwrap();
     assert_eq!(e.secret("prod/db").await.previous_version, 0);
     assert_eq!(
         e.rotate(&actor, "prod/db", None, None)
@@ -414,7 +415,7 @@ async fn a_provider_is_asked_in_the_order_of_the_state_machine() {
 
     e.rollback(&actor, "prod/db").await.unwrap();
     assert_eq!(fake.calls(), ["roll_back kv/prod/db to v1 from v2"]);
-    e.tick().await.unwrap();
+    e.tick_and_wait().await.unwrap();
     assert_eq!(
         fake.calls(),
         ["revoke kv/prod/db v2"],
@@ -455,7 +456,7 @@ async fn a_rotation_that_fails_drops_its_pending_value_at_the_provider() {
 
     // A provider that refuses (sealed, denied, a check-and-set that lost)
     // parks the rotation; current stays, and the next rotation succeeds.
-    e.tick().await.unwrap();
+    e.tick_and_wait().await.unwrap();
     fake.refuse_promote.store(true, Ordering::SeqCst);
     let err = e.rotate(&actor, "prod/db", None, None).await.unwrap_err();
     assert_eq!(err.to_string(), "provider fake: sealed");
