@@ -230,7 +230,7 @@ impl Default for Kinds {
         k.register(Arc::new(Random));
         k.register(Arc::new(EncryptionKey));
         k.register(Arc::new(Static));
-        k.register(Arc::new(postgres::Postgres));
+        k.register(Arc::new(postgres::Postgres::default()));
         k.register(Arc::new(redis::Redis));
         k.register(Arc::new(exec::Exec));
         k

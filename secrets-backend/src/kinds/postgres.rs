@@ -5,11 +5,18 @@
 //! grants and ownership never drift. A rotation gives the idle role a new
 //! password and LOGIN while the other keeps working; decommission clears the
 //! old role's password and sets NOLOGIN. Passwords are sent to Postgres as
-//! SCRAM-SHA-256 verifiers computed here, so the plaintext never reaches the
-//! server or its statement log, and rekey's own connections never log
-//! statements.
+//! SCRAM-SHA-256 verifiers computed here (on the blocking pool: 4096
+//! PBKDF2 rounds), so the plaintext never reaches the server or its
+//! statement log, and rekey's own connections never log statements.
+//!
+//! The admin connection of each secret is kept between steps and checked
+//! with a ping before each use; it is opened again when the ping fails, the
+//! admin URL changed, or it sat idle for [`ADMIN_IDLE`].
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -112,20 +119,27 @@ fn exec<'a>(
     })
 }
 
-fn role_exists<'a>(
+/// Which of `names` exist as roles, in one query.
+fn roles_present<'a>(
     secret: &'a str,
     step_name: &'static str,
     c: &'a mut PgConnection,
-    name: String,
-) -> BoxFut<'a, Result<bool>> {
+    names: Vec<String>,
+) -> BoxFut<'a, Result<Vec<String>>> {
     Box::pin(async move {
-        sqlx::query("SELECT 1 FROM pg_roles WHERE rolname = $1")
-            .bind(name)
-            .fetch_optional(&mut *c)
-            .await
-            .map(|r| r.is_some())
-            .map_err(|e| step(secret, step_name, pg_error(&e)))
+        sqlx::query_scalar::<_, String>(
+            "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
+        )
+        .bind(names)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(|e| step(secret, step_name, pg_error(&e)))
     })
+}
+
+/// Checks that a kept connection still answers.
+fn ping(c: &mut PgConnection) -> BoxFut<'_, bool> {
+    Box::pin(async move { sqlx::Connection::ping(c).await.is_ok() })
 }
 
 /// Makes sure the group and both login roles exist (creating the login
@@ -136,7 +150,16 @@ async fn ensure_roles(
     c: &mut PgConnection,
     o: &PgOptions,
 ) -> Result<()> {
-    if !role_exists(secret, step_name, c, o.group_role.clone()).await? {
+    let a = format!("{}_a", o.role_base);
+    let b = format!("{}_b", o.role_base);
+    let present = roles_present(
+        secret,
+        step_name,
+        c,
+        vec![o.group_role.clone(), a.clone(), b.clone()],
+    )
+    .await?;
+    if !present.contains(&o.group_role) {
         return Err(step(
             secret,
             step_name,
@@ -146,9 +169,8 @@ async fn ensure_roles(
             ),
         ));
     }
-    for suffix in ["a", "b"] {
-        let role = format!("{}_{suffix}", o.role_base);
-        if !role_exists(secret, step_name, c, role.clone()).await? {
+    for role in [a, b] {
+        if !present.contains(&role) {
             exec(
                 secret,
                 step_name,
@@ -173,6 +195,7 @@ async fn ensure_roles(
 }
 
 async fn enable(
+    kind: &Postgres,
     secret: &str,
     step_name: &'static str,
     o: &PgOptions,
@@ -192,20 +215,101 @@ async fn enable(
             format!("{user:?} is not a role rekey manages"),
         ));
     }
-    let url = admin_url(secret, step_name, &o.admin_url_file, &o.admin_url)?;
-    let mut c = connect(secret, step_name, &url).await?;
-    ensure_roles(secret, step_name, &mut c, o).await?;
-    let verifier = scram_verifier(pw)?;
-    exec(
-        secret,
-        step_name,
-        &mut c,
-        format!("ALTER ROLE \"{user}\" WITH LOGIN PASSWORD '{verifier}'"),
-    )
-    .await
+    // The verifier's PBKDF2 runs beside the admin connection's check.
+    let pw = zeroize::Zeroizing::new(pw.to_string());
+    let verifier = tokio::task::spawn_blocking(move || scram_verifier(&pw));
+    let mut c = kind.admin(secret, step_name, o).await?;
+    let verifier = verifier
+        .await
+        .map_err(|e| Error::Internal(format!("computing a SCRAM verifier: {e}")))??;
+    let done = async {
+        ensure_roles(secret, step_name, &mut c.conn, o).await?;
+        exec(
+            secret,
+            step_name,
+            &mut c.conn,
+            format!("ALTER ROLE \"{user}\" WITH LOGIN PASSWORD '{verifier}'"),
+        )
+        .await
+    }
+    .await;
+    kind.keep(secret, c, done.is_ok());
+    done
 }
 
-pub(crate) struct Postgres;
+/// How long a kept admin connection may sit unused before it is closed.
+pub(crate) const ADMIN_IDLE: Duration = Duration::from_secs(300);
+/// How many admin connections are kept at most (one per secret).
+const ADMIN_KEPT: usize = 64;
+
+/// An admin connection kept for one secret.
+struct Kept {
+    conn: PgConnection,
+    /// Which admin URL it was opened with (a digest; never the URL).
+    url: [u8; 32],
+    used: Instant,
+}
+
+fn url_digest(url: &str) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, url.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl Postgres {
+    /// The secret's admin connection: the kept one if it still answers and
+    /// was opened with today's admin URL, else a new one.
+    async fn admin(&self, secret: &str, step_name: &'static str, o: &PgOptions) -> Result<Kept> {
+        let url = admin_url(secret, step_name, &o.admin_url_file, &o.admin_url)?;
+        let want = url_digest(&url);
+        let kept = self.kept().remove(secret);
+        if let Some(mut k) = kept
+            && k.url == want
+            && k.used.elapsed() < ADMIN_IDLE
+            && ping(&mut k.conn).await
+        {
+            return Ok(k);
+        }
+        Ok(Kept {
+            conn: connect(secret, step_name, &url).await?,
+            url: want,
+            used: Instant::now(),
+        })
+    }
+
+    /// Keeps `c` for the secret's next step when the step went well (a
+    /// failed one may have left the session in a state nobody wants).
+    fn keep(&self, secret: &str, mut c: Kept, ok: bool) {
+        if !ok {
+            return;
+        }
+        c.used = Instant::now();
+        let mut kept = self.kept();
+        kept.retain(|_, k| k.used.elapsed() < ADMIN_IDLE);
+        if kept.len() >= ADMIN_KEPT
+            && let Some(oldest) = kept
+                .iter()
+                .min_by_key(|(_, k)| k.used)
+                .map(|(id, _)| id.clone())
+        {
+            kept.remove(&oldest);
+        }
+        kept.insert(secret.to_string(), c);
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.admin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Postgres {
+    /// One admin connection per secret, kept between steps.
+    admin: Mutex<HashMap<String, Kept>>,
+}
 
 #[async_trait]
 impl Kind for Postgres {
@@ -309,7 +413,7 @@ impl Kind for Postgres {
         new: &SecretValue,
         _old: Option<&SecretValue>,
     ) -> Result<()> {
-        enable(ctx.id, "set", ctx.options.postgres(ctx.id)?, new).await
+        enable(self, ctx.id, "set", ctx.options.postgres(ctx.id)?, new).await
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
@@ -338,30 +442,41 @@ impl Kind for Postgres {
                 "the old value lacks a managed username",
             ));
         }
-        let url = admin_url(ctx.id, "revoke", &o.admin_url_file, &o.admin_url)?;
-        let mut c = connect(ctx.id, "revoke", &url).await?;
-        exec(
-            ctx.id,
-            "revoke",
-            &mut c,
-            format!("ALTER ROLE \"{user}\" WITH NOLOGIN PASSWORD NULL"),
-        )
-        .await?;
-        if o.terminate_sessions {
-            // `user` passed valid_ident: safe inside a literal.
+        let mut c = self.admin(ctx.id, "revoke", o).await?;
+        let done = async {
             exec(
                 ctx.id,
                 "revoke",
-                &mut c,
-                format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{user}'"),
+                &mut c.conn,
+                format!("ALTER ROLE \"{user}\" WITH NOLOGIN PASSWORD NULL"),
             )
             .await?;
+            if o.terminate_sessions {
+                // `user` passed valid_ident: safe inside a literal.
+                exec(
+                    ctx.id,
+                    "revoke",
+                    &mut c.conn,
+                    format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{user}'"),
+                )
+                .await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.keep(ctx.id, c, done.is_ok());
+        done
     }
 
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
-        enable(ctx.id, "restore", ctx.options.postgres(ctx.id)?, previous).await
+        enable(
+            self,
+            ctx.id,
+            "restore",
+            ctx.options.postgres(ctx.id)?,
+            previous,
+        )
+        .await
     }
 
     fn check_value(&self, _: &SecretCtx<'_>, value: &SecretValue) -> Result<()> {
