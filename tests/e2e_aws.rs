@@ -281,6 +281,96 @@ async fn asm_keeps_the_stages_through_rotate_rollback_decommission_and_outside_c
     }
 }
 
+/// A rotation whose finish finds `AWSCURRENT` moved by someone else moves
+/// nothing: it is parked, its `AWSPENDING` is dropped, and the outside
+/// value is taken at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_races_an_outside_change_is_parked_and_the_change_taken() {
+    let dir = TempDir::new("asm-race");
+    let moto = Moto::start(dir.path());
+    let c = sdk(&moto).await;
+    let b = backend(dir.path(), &moto, "300ms");
+    let (started, go) = (dir.path().join("set-started"), dir.path().join("go"));
+    let hook = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        write_exec(&p, body);
+        p.display().to_string()
+    };
+    let create = hook("create", r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#);
+    let quick = hook("quick", "cat > /dev/null; echo '{}'");
+    // set waits until the test says go.
+    let set = hook(
+        "set",
+        &format!(
+            "cat > /dev/null; touch {}; while [ ! -f {} ]; do sleep 0.05; done; echo '{{}}'",
+            started.display(),
+            go.display()
+        ),
+    );
+    std::fs::write(&go, "").unwrap();
+    b.cli_json(&[
+        "create",
+        "prod/agent/key",
+        "--kind",
+        "exec",
+        "--hook-create",
+        &create,
+        "--hook-set",
+        &set,
+        "--hook-test",
+        &quick,
+        "--hook-revoke",
+        &quick,
+        "--hook-timeout",
+        "30s",
+        "--provider",
+        "aws-main",
+    ]);
+    let name = "rekey/prod/agent/key";
+    let v1 = holder(&c, name, "AWSCURRENT").await.unwrap();
+    std::fs::remove_file(&go).unwrap();
+    std::fs::remove_file(&started).unwrap();
+
+    let rotating = b.spawn_cli(&["rotate", "prod/agent/key"]);
+    settle("the set hook runs", Duration::from_secs(10), || {
+        started.exists()
+    });
+    assert!(
+        stages(&c, name)
+            .await
+            .values()
+            .any(|l| l.iter().any(|x| x == "AWSPENDING")),
+        "the new value waits as AWSPENDING"
+    );
+    put_value(&c, name, "moved-by-hand").await;
+    std::fs::write(&go, "").unwrap();
+    let o = tokio::task::block_in_place(|| rotating.wait_with_output()).unwrap();
+    assert!(!o.status.success(), "the rotation failed");
+    let st = b.cli_json(&["status", "prod/agent/key"]);
+    let rotation = &st[0]["rotation"];
+    assert_eq!(rotation["step"], "needs-attention", "{st}");
+    let e = rotation["error"].as_str().unwrap();
+    assert!(e.contains("changed outside rekey"), "{e}");
+    assert!(e.contains("nothing was moved"), "{e}");
+
+    // Parked, its pending value no longer AWSPENDING; the hand-made value
+    // becomes current at the next poll.
+    settle(
+        "the outside change is taken",
+        Duration::from_secs(10),
+        || reveal(&b, "prod/agent/key") == "moved-by-hand",
+    );
+    let s = stages(&c, name).await;
+    assert!(
+        !s.values().any(|l| l.iter().any(|x| x == "AWSPENDING")),
+        "{s:?}"
+    );
+    assert_eq!(current(&c, name).await, "moved-by-hand");
+    let st = b.cli_json(&["status", "prod/agent/key"]);
+    assert_eq!(st[0]["previous_version"], 1, "{st}");
+    assert_ne!(holder(&c, name, "AWSCURRENT").await.unwrap(), v1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
     let dir = TempDir::new("asm-adopt");

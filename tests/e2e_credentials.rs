@@ -4,18 +4,10 @@
 //! rollback, one rotation at a time, and every failure stopping a rotation
 //! before finish with current still working.
 
-use std::path::Path;
 use std::time::Duration;
 
 use rekey_testkit::*;
 use serde_json::Value;
-
-fn write_exec(path: &Path, body: &str) {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    let mut p = std::fs::metadata(path).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
-    std::fs::set_permissions(path, p).unwrap();
-}
 
 fn fails_with(o: &std::process::Output, needle: &str) {
     assert!(!o.status.success(), "expected failure: {}", stdout(o));

@@ -49,6 +49,6 @@ pub use pg::{PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
     TempDir, eventually, free_port, http_get, http_request, metric, sha256_hex, stderr, stdout,
-    succeed, wait_for,
+    succeed, wait_for, write_exec,
 };
 pub use sidecar::{Sidecar, reencrypt_sidecar_config};

@@ -337,6 +337,18 @@ pub fn metric(exposition: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Writes an executable `/bin/sh` script (a hook) at `path`.
+///
+/// # Panics
+///
+/// When it cannot be written.
+pub fn write_exec(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let mut p = std::fs::metadata(path).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
+    std::fs::set_permissions(path, p).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
