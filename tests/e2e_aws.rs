@@ -291,12 +291,8 @@ async fn a_rotation_that_races_an_outside_change_is_parked_and_the_change_taken(
     let c = sdk(&moto).await;
     let b = backend(dir.path(), &moto, "300ms");
     let (started, go) = (dir.path().join("set-started"), dir.path().join("go"));
-    let hook = |name: &str, body: &str| {
-        let p = dir.path().join(name);
-        write_exec(&p, body);
-        p.display().to_string()
-    };
-    let create = hook("create", r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#);
+    let hook = |name: &str, body: &str| write_hook(dir.path(), name, body);
+    let create = hook("create", KEY_HOOK);
     let quick = hook("quick", "cat > /dev/null; echo '{}'");
     // set waits until the test says go.
     let set = hook(

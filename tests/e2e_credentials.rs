@@ -368,12 +368,8 @@ async fn exec_hooks_get_values_on_stdin_and_failures_park_the_rotation() {
     let log = dir.path().join("hooks.log");
     let mode = dir.path().join("mode");
     std::fs::write(&mode, "ok").unwrap();
-    let hook = |name: &str, body: &str| {
-        let p = dir.path().join(name);
-        write_exec(&p, body);
-        p.display().to_string()
-    };
-    let create = hook("create", r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#);
+    let hook = |name: &str, body: &str| write_hook(dir.path(), name, body);
+    let create = hook("create", KEY_HOOK);
     let set = hook(
         "set",
         &format!(
@@ -555,12 +551,8 @@ async fn a_slow_hook_on_one_secret_delays_no_other_secret() {
     let dir = TempDir::new("slow-hook");
     let started = dir.path().join("revoke-started");
     let ended = dir.path().join("revoke-ended");
-    let hook = |name: &str, body: &str| {
-        let p = dir.path().join(name);
-        write_exec(&p, body);
-        p.display().to_string()
-    };
-    let create = hook("create", r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#);
+    let hook = |name: &str, body: &str| write_hook(dir.path(), name, body);
+    let create = hook("create", KEY_HOOK);
     let quick = hook("quick", "cat > /dev/null; echo '{}'");
     let revoke = hook(
         "revoke",

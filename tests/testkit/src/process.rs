@@ -337,6 +337,17 @@ pub fn metric(exposition: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// An `exec` kind's create hook: a new `key-<nanoseconds>` each time.
+pub const KEY_HOOK: &str = r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#;
+
+/// [`write_exec`] as `dir/name`; the path, as `--hook-*` takes it.
+#[must_use]
+pub fn write_hook(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    write_exec(&p, body);
+    p.display().to_string()
+}
+
 /// Writes an executable `/bin/sh` script (a hook) at `path`.
 ///
 /// # Panics
