@@ -125,6 +125,38 @@ async fn reencrypt_the_platform_columns_dry_run_then_for_real_then_again() {
             assert!(hyvve::open(&old, &v).is_err(), "the old key opens nothing");
         }
     }
+    // Each batch of 5 was sealed under one fresh salt (one derivation),
+    // each row with its own IV; an independent implementation of the
+    // platform's decrypt (Python's cryptography) opens every row.
+    let rows: Vec<(String, String)> = all(&pool, "mcp_server_configs")
+        .await
+        .into_iter()
+        .filter_map(|(id, v)| Some((id, v?)))
+        .collect();
+    let salts = salts_and_ivs(rows.iter().map(|(_, v)| v.as_str()));
+    let distinct = |v: Vec<Vec<u8>>| {
+        v.into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    assert!(
+        distinct(salts.0.clone()) <= 16usize.div_ceil(5) + 1,
+        "about one salt per batch: {}",
+        distinct(salts.0)
+    );
+    assert_eq!(distinct(salts.1), rows.len(), "a fresh IV per row");
+    let envelopes: Vec<String> = rows.iter().map(|(_, v)| v.clone()).collect();
+    let opened = hyvve_open_in_python(NEW, &envelopes);
+    for ((id, _), plain) in rows.iter().zip(opened) {
+        let i: u32 = id.rsplit('-').next().unwrap().parse().unwrap();
+        assert_eq!(plain, Some(format!("mcp-{i}")), "row {id}");
+    }
+    assert!(
+        hyvve_open_in_python(OLD, &envelopes)
+            .iter()
+            .all(Option::is_none)
+    );
+
     // Again: nothing left to do.
     let o = reencrypt(&db, &keys(), &["--preset", "hyvve"]);
     let j: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -148,6 +180,51 @@ async fn reencrypt_the_platform_columns_dry_run_then_for_real_then_again() {
         .unwrap();
     assert!(stdout(&o).contains("ai_provider_configs"), "{}", stdout(&o));
     assert!(stdout(&o).contains("dry run: nothing was written"));
+}
+
+/// The salts and the IVs of HYVVE envelopes.
+fn salts_and_ivs<'a>(envelopes: impl Iterator<Item = &'a str>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    envelopes
+        .map(|e| {
+            let raw = hyvve::parse(e).unwrap();
+            (raw[..64].to_vec(), raw[64..80].to_vec())
+        })
+        .unzip()
+}
+
+/// `--salt per-row` keeps the platform's own shape: every row its own salt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencrypt_with_a_salt_per_row() {
+    let db = PgDb::create("reencrow").await;
+    let pool = seed(&db).await;
+    let o = reencrypt(
+        &db,
+        &keys(),
+        &[
+            "--preset",
+            "hyvve",
+            "--batch-size",
+            "5",
+            "--salt",
+            "per-row",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<String> = all(&pool, "mcp_server_configs")
+        .await
+        .into_iter()
+        .filter_map(|(_, v)| v)
+        .collect();
+    let (salts, _) = salts_and_ivs(rows.iter().map(String::as_str));
+    let n = salts
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    assert_eq!(n, rows.len(), "a salt per row");
+    assert!(hyvve_open_in_python(NEW, &rows).iter().all(Option::is_some));
+    let o = reencrypt(&db, &keys(), &["--preset", "hyvve", "--salt", "sometimes"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("per-batch"), "{}", stderr(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

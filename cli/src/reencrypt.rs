@@ -50,6 +50,11 @@ pub struct ReencryptArgs {
     /// Rows per batch (one UPDATE statement each).
     #[arg(long, default_value_t = 200)]
     pub batch_size: usize,
+    /// hyvve: seal each batch under one fresh salt (one PBKDF2 derivation
+    /// per batch, a fresh IV per row), or each row under its own salt, as
+    /// the platform does.
+    #[arg(long, value_parser = ["per-batch", "per-row"], default_value = "per-batch")]
+    pub salt: String,
     /// `hyvve`: ai_provider_configs.api_key_encrypted and
     /// mcp_server_configs.api_key_encrypted (id column `id`, codec hyvve).
     #[arg(long, value_parser = ["hyvve"], required_unless_present = "column")]
@@ -311,6 +316,7 @@ async fn reencrypt(
     let opts = Options {
         batch_size: args.batch_size,
         dry_run: args.dry_run,
+        salt: args.salt.parse().map_err(CliError::usage)?,
         ..Options::default()
     };
     let mut progress = Progress {

@@ -78,13 +78,18 @@ impl Codec {
     /// hyvve value is tried with first; it follows the last value's key,
     /// since rows come in runs: a first pass finds mostly old rows, a
     /// sweep or a re-run mostly new ones, and each wrong guess costs a
-    /// PBKDF2 derivation.
+    /// PBKDF2 derivation. `sealer` seals hyvve values under the batch's
+    /// salt (none: a fresh salt per value); `new_opener` remembers the new
+    /// key derived for the last salt, so values sealed by one batch cost
+    /// one derivation to recognize.
     fn classify(
         self,
         old: &MasterKey,
         new: &MasterKey,
         text: &str,
         new_first: &mut bool,
+        sealer: Option<&hyvve::Sealer>,
+        new_opener: &mut hyvve::Opener<'_>,
     ) -> Verdict {
         use rekey_keyring::KeyError;
         match self {
@@ -105,23 +110,35 @@ impl Codec {
                     Ok(_) => Verdict::Neither,
                 }
             }
-            // A row under the old key costs two derivations (open, seal
-            // with the new key) and one already moved costs one, plus one
-            // when the guess was wrong.
+            // A row under the old key costs one derivation to open and a
+            // share of its batch's one to seal; one already moved costs one
+            // per batch salt; a wrong guess costs one more.
             Codec::Hyvve => {
-                let rotate = |p: rekey_keyring::SecretBytes| match hyvve::seal(new, p.expose()) {
-                    Ok(s) => Verdict::Rotated(s),
-                    Err(_) => Verdict::Neither,
+                let rotate = |p: rekey_keyring::SecretBytes| {
+                    let sealed = match sealer {
+                        Some(s) => s.seal(p.expose()),
+                        None => hyvve::seal(new, p.expose()),
+                    };
+                    match sealed {
+                        Ok(s) => Verdict::Rotated(s),
+                        Err(_) => Verdict::Neither,
+                    }
                 };
-                let (first, second) = if *new_first { (new, old) } else { (old, new) };
-                match hyvve::open(first, text) {
+                let mut open = |with_new: bool| {
+                    if with_new {
+                        new_opener.open(text)
+                    } else {
+                        hyvve::open(old, text)
+                    }
+                };
+                match open(*new_first) {
                     Ok(p) if *new_first => {
                         drop(p);
                         Verdict::AlreadyNew
                     }
                     Ok(p) => rotate(p),
                     Err(KeyError::Malformed(_)) => Verdict::Malformed,
-                    Err(_) => match hyvve::open(second, text) {
+                    Err(_) => match open(!*new_first) {
                         Ok(p) => {
                             *new_first = !*new_first;
                             if *new_first {
@@ -211,12 +228,38 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+/// How re-encrypted hyvve values get their salt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Salt {
+    /// One fresh salt per batch, and so one PBKDF2 derivation per batch
+    /// to seal it, with a fresh IV per row. The envelope still carries the
+    /// salt: the platform's decrypt reads every row unchanged.
+    #[default]
+    PerBatch,
+    /// A fresh salt (and derivation) per row, as the platform seals.
+    PerRow,
+}
+
+impl std::str::FromStr for Salt {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-batch" => Ok(Salt::PerBatch),
+            "per-row" => Ok(Salt::PerRow),
+            other => Err(format!(
+                "unknown salt {other:?} (expected per-batch or per-row)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub batch_size: usize,
     pub dry_run: bool,
     /// OS threads for the codec (default: the cores).
     pub workers: usize,
+    pub salt: Salt,
 }
 
 impl Default for Options {
@@ -225,6 +268,7 @@ impl Default for Options {
             batch_size: 200,
             dry_run: false,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            salt: Salt::PerBatch,
         }
     }
 }
@@ -380,11 +424,30 @@ pub async fn run_column(
             }
         }
         let mut pending = rows;
+        let sealer = match (col.codec, opts.salt) {
+            (Codec::Hyvve, Salt::PerBatch) if !pending.is_empty() => {
+                let new = new.clone();
+                let s = tokio::task::spawn_blocking(move || hyvve::Sealer::new(&new))
+                    .await
+                    .map_err(|e| Error::Invalid(format!("deriving the batch key: {e}")))?
+                    .map_err(|e| Error::Invalid(format!("deriving the batch key: {e}")))?;
+                Some(Arc::new(s))
+            }
+            _ => None,
+        };
         for attempt in 0..5 {
             if pending.is_empty() {
                 break;
             }
-            let verdicts = classify_all(col.codec, &old, &new, pending.clone(), opts.workers).await;
+            let verdicts = classify_all(
+                col.codec,
+                &old,
+                &new,
+                sealer.clone(),
+                pending.clone(),
+                opts.workers,
+            )
+            .await;
             let mut updates = Vec::new();
             for ((rid, oldv), verdict) in pending.iter().zip(verdicts) {
                 match verdict {
@@ -458,6 +521,7 @@ async fn classify_all(
     codec: Codec,
     old: &Arc<MasterKey>,
     new: &Arc<MasterKey>,
+    sealer: Option<Arc<hyvve::Sealer>>,
     rows: Vec<(String, String)>,
     workers: usize,
 ) -> Vec<Verdict> {
@@ -465,12 +529,22 @@ async fn classify_all(
     let mut handles = Vec::new();
     for chunk in rows.chunks(per) {
         let chunk: Vec<String> = chunk.iter().map(|(_, v)| v.clone()).collect();
-        let (old, new) = (old.clone(), new.clone());
+        let (old, new, sealer) = (old.clone(), new.clone(), sealer.clone());
         handles.push(tokio::task::spawn_blocking(move || {
             let mut new_first = false;
+            let mut opener = hyvve::Opener::new(&new);
             chunk
                 .iter()
-                .map(|v| codec.classify(&old, &new, v, &mut new_first))
+                .map(|v| {
+                    codec.classify(
+                        &old,
+                        &new,
+                        v,
+                        &mut new_first,
+                        sealer.as_deref(),
+                        &mut opener,
+                    )
+                })
                 .collect::<Vec<_>>()
         }));
     }
@@ -529,7 +603,8 @@ mod tests {
             for start in [false, true] {
                 let c = |text: &str| {
                     let mut new_first = start;
-                    codec.classify(&old, &new, text, &mut new_first)
+                    let mut opener = hyvve::Opener::new(&new);
+                    codec.classify(&old, &new, text, &mut new_first, None, &mut opener)
                 };
                 let under_old = codec.seal(&old, b"v").unwrap();
                 match c(&under_old) {
@@ -552,19 +627,60 @@ mod tests {
         let old = MasterKey::from_bytes(&[1; 32]).unwrap();
         let new = MasterKey::from_bytes(&[2; 32]).unwrap();
         let mut new_first = false;
+        let mut opener = hyvve::Opener::new(&new);
         let under_new = Codec::Hyvve.seal(&new, b"v").unwrap();
         let under_old = Codec::Hyvve.seal(&old, b"v").unwrap();
-        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first);
+        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first, None, &mut opener);
         assert!(
             new_first,
             "a row under the new key makes it the first guess"
         );
-        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first);
+        let _ = Codec::Hyvve.classify(&old, &new, &under_new, &mut new_first, None, &mut opener);
         assert!(new_first);
-        let _ = Codec::Hyvve.classify(&old, &new, &under_old, &mut new_first);
+        let _ = Codec::Hyvve.classify(&old, &new, &under_old, &mut new_first, None, &mut opener);
         assert!(!new_first, "and a row under the old key turns it back");
-        let _ = Codec::Hyvve.classify(&old, &new, "garbage", &mut new_first);
+        let _ = Codec::Hyvve.classify(&old, &new, "garbage", &mut new_first, None, &mut opener);
         assert!(!new_first, "an unreadable row leaves it alone");
+    }
+
+    #[test]
+    fn a_batch_sealer_rotates_under_one_salt() {
+        let old = MasterKey::from_bytes(&[1; 32]).unwrap();
+        let new = MasterKey::from_bytes(&[2; 32]).unwrap();
+        let sealer = hyvve::Sealer::new(&new).unwrap();
+        let mut opener = hyvve::Opener::new(&new);
+        let mut new_first = false;
+        let rotated: Vec<String> = (0..3)
+            .map(|i| {
+                let under_old = Codec::Hyvve.seal(&old, format!("v{i}").as_bytes()).unwrap();
+                match Codec::Hyvve.classify(
+                    &old,
+                    &new,
+                    &under_old,
+                    &mut new_first,
+                    Some(&sealer),
+                    &mut opener,
+                ) {
+                    Verdict::Rotated(s) => s,
+                    _ => panic!("should rotate"),
+                }
+            })
+            .collect();
+        let salt =
+            |e: &str| base64::engine::general_purpose::STANDARD.decode(e).unwrap()[..64].to_vec();
+        assert!(rotated.iter().all(|e| salt(e) == salt(&rotated[0])));
+        for (i, e) in rotated.iter().enumerate() {
+            assert_eq!(
+                hyvve::open(&new, e).unwrap().expose(),
+                format!("v{i}").as_bytes()
+            );
+            assert!(matches!(
+                Codec::Hyvve.classify(&old, &new, e, &mut new_first, None, &mut opener),
+                Verdict::AlreadyNew
+            ));
+        }
+        assert_eq!("per-row".parse::<Salt>(), Ok(Salt::PerRow));
+        assert!("sometimes".parse::<Salt>().is_err());
     }
 
     #[test]

@@ -337,6 +337,35 @@ pub fn metric(exposition: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Opens HYVVE envelopes with Python's `cryptography` (`hyvve_open.py`, in
+/// the tools venv `./scripts/test` makes, where moto brings it): the
+/// plaintext of each, `None` where `master_key` (base64) does not open it.
+///
+/// # Panics
+///
+/// When the script cannot run.
+#[must_use]
+pub fn hyvve_open_in_python(master_key: &str, envelopes: &[String]) -> Vec<Option<String>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hyvve_open.py");
+    let mut child = Command::new(tool_binary("python3", "REKEY_PYTHON"))
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hyvve_open.py");
+    let input = serde_json::json!({"master_key": master_key, "envelopes": envelopes});
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write to hyvve_open.py");
+    let o = child.wait_with_output().expect("hyvve_open.py");
+    assert!(o.status.success(), "hyvve_open.py: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("hyvve_open.py prints JSON")
+}
+
 /// An `exec` kind's create hook: a new `key-<nanoseconds>` each time.
 pub const KEY_HOOK: &str = r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#;
 
