@@ -192,6 +192,58 @@ fn salts_and_ivs<'a>(envelopes: impl Iterator<Item = &'a str>) -> (Vec<Vec<u8>>,
         .unzip()
 }
 
+/// A run stopped part way (here by a row under neither key) leaves a
+/// checkpoint: the next run of the same keys resumes after the last batch
+/// written, and a finished run leaves none behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_resumes_after_its_last_batch() {
+    let db = PgDb::create("reencresume").await;
+    let pool = seed(&db).await;
+    // Row 12 is under a third key: batches of 5 stop at rows 10..=14.
+    let bad = "00000000-0000-0000-0000-000000000012";
+    let other = MasterKey::from_base64(OTHER).unwrap();
+    sqlx::query("UPDATE ai_provider_configs SET api_key_encrypted = $1 WHERE id = $2")
+        .bind(hyvve::seal(&other, b"sk-provider-12").unwrap())
+        .bind(bad)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let o = reencrypt(&db, &keys(), &["--preset", "hyvve", "--batch-size", "5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(bad), "{}", stderr(&o));
+    // The row is put right; the run goes on from the checkpoint.
+    let old = MasterKey::from_base64(OLD).unwrap();
+    sqlx::query("UPDATE ai_provider_configs SET api_key_encrypted = $1 WHERE id = $2")
+        .bind(hyvve::seal(&old, b"sk-provider-12").unwrap())
+        .bind(bad)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let o = reencrypt(&db, &keys(), &["--preset", "hyvve", "--batch-size", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ai_provider_configs.api_key_encrypted: an earlier run of these keys stopped; resuming after id 00000000-0000-0000-0000-000000000009"),
+        "{}",
+        stderr(&o)
+    );
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["columns"][0]["scanned"], 14, "rows 10..=23 only: {j}");
+    assert_eq!(j["columns"][1]["scanned"], 24, "{j}");
+    let new = MasterKey::from_base64(NEW).unwrap();
+    for (id, v) in all(&pool, "ai_provider_configs").await {
+        assert!(hyvve::open(&new, &v.unwrap()).is_ok(), "row {id}");
+    }
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM rekey_reencrypt_checkpoints")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a finished run leaves no checkpoint");
+    // Run again: from the first row, everything already new.
+    let o = reencrypt(&db, &keys(), &["--preset", "hyvve"]);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["columns"][0]["already_new"], 24, "{j}");
+}
+
 /// `--salt per-row` keeps the platform's own shape: every row its own salt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reencrypt_with_a_salt_per_row() {

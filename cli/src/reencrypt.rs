@@ -55,6 +55,10 @@ pub struct ReencryptArgs {
     /// the platform does.
     #[arg(long, value_parser = ["per-batch", "per-row"], default_value = "per-batch")]
     pub salt: String,
+    /// Start at the first row even when an earlier run of the same keys
+    /// stopped part way (it leaves a checkpoint in the database).
+    #[arg(long)]
+    pub restart: bool,
     /// `hyvve`: ai_provider_configs.api_key_encrypted and
     /// mcp_server_configs.api_key_encrypted (id column `id`, codec hyvve).
     #[arg(long, value_parser = ["hyvve"], required_unless_present = "column")]
@@ -319,15 +323,59 @@ async fn reencrypt(
         salt: args.salt.parse().map_err(CliError::usage)?,
         ..Options::default()
     };
+    // A run that writes keeps a checkpoint per column in the database,
+    // keyed by its pair of keys: run again, it resumes after the last
+    // batch written. A dry run writes nothing, checkpoints included.
+    let checkpoints = if opts.dry_run {
+        None
+    } else {
+        rekey_reencrypt::checkpoint::ensure_table(&pool)
+            .await
+            .map_err(|e| failed(format!("cannot keep a checkpoint in the database: {e}")))?;
+        let c = rekey_reencrypt::checkpoint::Checkpoints {
+            pool: pool.clone(),
+            run: format!("rekey reencrypt {} -> {}", old.id_hex(), new.id_hex()),
+            version: 0,
+        };
+        if args.restart {
+            c.clear().await.map_err(|e| failed(e.to_string()))?;
+        }
+        Some(c)
+    };
     let mut progress = Progress {
         tty: std::io::stderr().is_terminal(),
         dry_run: opts.dry_run,
         // A dry run changes nothing, so it reports nothing.
         reporter: reporter.filter(|_| !opts.dry_run),
         earlier_columns: 0,
+        checkpoint: None,
     };
     let mut reports = Vec::new();
     for (col, ty) in columns.iter().zip(types) {
+        let start = match &checkpoints {
+            Some(c) => c.load(col, PASS).await.map_err(|e| failed(e.to_string()))?,
+            None => None,
+        };
+        if let Some((last, done)) = &start {
+            let at = if *done {
+                "done".to_string()
+            } else {
+                format!("after id {}", last.as_deref().unwrap_or("-"))
+            };
+            eprintln!(
+                "{}.{}: an earlier run of these keys stopped; resuming {at} (--restart starts at the first row)",
+                col.table, col.column
+            );
+        }
+        if start.as_ref().is_some_and(|(_, done)| *done) {
+            reports.push(rekey_reencrypt::Report {
+                table: col.table.clone(),
+                column: col.column.clone(),
+                ..Default::default()
+            });
+            continue;
+        }
+        progress.checkpoint = checkpoints.clone().map(|c| (c, col.clone()));
         let r = rekey_reencrypt::run_column(
             &pool,
             col,
@@ -335,7 +383,7 @@ async fn reencrypt(
             old.clone(),
             new.clone(),
             opts,
-            None,
+            start.and_then(|(last, _)| last),
             &mut progress,
         )
         .await
@@ -344,8 +392,16 @@ async fn reencrypt(
             eprintln!();
         }
         let r = r?;
+        if let Some(c) = &checkpoints {
+            c.done(col, PASS).await.map_err(|e| failed(e.to_string()))?;
+        }
         progress.earlier_columns += r.scanned;
         reports.push(r);
+    }
+    // Done: the next run of these keys starts afresh (and finds every row
+    // already new).
+    if let Some(c) = &checkpoints {
+        c.clear().await.map_err(|e| failed(e.to_string()))?;
     }
     pool.close().await;
     if let Some(rep) = &mut progress.reporter {
@@ -363,7 +419,12 @@ struct Progress {
     reporter: Option<Reporter>,
     /// Rows scanned in the columns already done.
     earlier_columns: u64,
+    /// Where this column's progress is kept, when the run writes.
+    checkpoint: Option<(rekey_reencrypt::checkpoint::Checkpoints, Column)>,
 }
+
+/// The one-shot command's pass over the columns, in its checkpoints.
+const PASS: &str = "one-shot";
 
 impl rekey_reencrypt::Hook for Progress {
     async fn before_batch(&mut self) -> Result<(), rekey_reencrypt::Error> {
@@ -373,8 +434,11 @@ impl rekey_reencrypt::Hook for Progress {
     async fn after_batch(
         &mut self,
         r: &rekey_reencrypt::Report,
-        _last: &str,
+        last: &str,
     ) -> Result<(), rekey_reencrypt::Error> {
+        if let Some((c, col)) = &self.checkpoint {
+            c.save(col, PASS, last).await?;
+        }
         if self.tty {
             eprint!(
                 "\r{}.{}: {} scanned, {} {}, {} already new   ",

@@ -12,6 +12,8 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
+
+pub mod checkpoint;
 use rekey_keyring::{MasterKey, hyvve};
 use sqlx::{PgPool, Row};
 

@@ -76,37 +76,11 @@ enum NotLeader {
     Lease(#[from] LeaseLost),
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rekey_reencrypt_checkpoints (
-    secret_id text NOT NULL,
-    version bigint NOT NULL,
-    table_name text NOT NULL,
-    column_name text NOT NULL,
-    pass text NOT NULL,
-    last_id text,
-    done boolean NOT NULL DEFAULT false,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (secret_id, version, table_name, column_name, pass)
-)";
-
-/// Creates the checkpoint table unless it exists. Sidecars starting
-/// together race to create it; the loser's error is no error.
+/// Creates the checkpoint table unless it exists.
 async fn ensure_schema(pool: &PgPool) -> Result<(), ReencryptError> {
-    let exists = || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT to_regclass('rekey_reencrypt_checkpoints') IS NOT NULL",
-        )
-        .fetch_one(pool)
+    rekey_reencrypt::checkpoint::ensure_table(pool)
         .await
-        .map_err(db_error)
-    };
-    if exists().await? {
-        return Ok(());
-    }
-    match sqlx::query(SCHEMA).execute(pool).await {
-        Ok(_) => Ok(()),
-        Err(_) if exists().await? => Ok(()),
-        Err(e) => Err(ReencryptError::Schema { reason: db(e) }),
-    }
+        .map_err(|e| ReencryptError::Schema { reason: db(e) })
 }
 
 /// The advisory lock key for one secret.
@@ -299,7 +273,7 @@ impl Leadership {
 struct Leader<'a> {
     cfg: &'a Config,
     state: &'a State,
-    pool: PgPool,
+    checkpoints: &'a rekey_reencrypt::checkpoint::Checkpoints,
     leadership: &'a mut Leadership,
     shutdown: watch::Receiver<bool>,
     secret: &'a str,
@@ -340,19 +314,7 @@ impl Hook for Leader<'_> {
         r: &Report,
         last_id: &str,
     ) -> Result<(), rekey_reencrypt::Error> {
-        sqlx::query(
-            "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, last_id) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (secret_id, version, table_name, column_name, pass) \
-             DO UPDATE SET last_id = excluded.last_id, updated_at = now()",
-        )
-        .bind(self.secret)
-        .bind(self.version as i64)
-        .bind(&self.col.table)
-        .bind(&self.col.column)
-        .bind(self.pass)
-        .bind(last_id)
-        .execute(&self.pool)
-        .await?;
+        self.checkpoints.save(&self.col, self.pass, last_id).await?;
         let done = self.done_before + r.scanned;
         self.state.metrics.reencrypt_rows.set(done as i64);
         // Once stopping, the pod's last seconds go to handing over, not to
@@ -483,6 +445,11 @@ async fn lead(
     let new = Arc::new(key_of(current)?);
     let old = Arc::new(key_of(previous)?);
     let types = rekey_reencrypt::check_columns(&pool, &rc.columns).await?;
+    let checkpoints = rekey_reencrypt::checkpoint::Checkpoints {
+        pool: pool.clone(),
+        run: rc.secret.clone(),
+        version: version as i64,
+    };
     let mut total = 0;
     for c in &rc.columns {
         total += rekey_reencrypt::count_rows(&pool, c).await?;
@@ -512,24 +479,14 @@ async fn lead(
             done_rows = 0;
         }
         for (col, ty) in rc.columns.iter().zip(&types) {
-            let start: Option<(Option<String>, bool)> = sqlx::query_as(
-                "SELECT last_id, done FROM rekey_reencrypt_checkpoints WHERE secret_id = $1 AND version = $2 AND table_name = $3 AND column_name = $4 AND pass = $5",
-            )
-            .bind(&rc.secret)
-            .bind(version as i64)
-            .bind(&col.table)
-            .bind(&col.column)
-            .bind(pass)
-            .fetch_optional(&pool)
-            .await
-            .map_err(db_error)?;
+            let start = checkpoints.load(col, pass).await.map_err(db_error)?;
             if start.as_ref().is_some_and(|(_, d)| *d) {
                 continue;
             }
             let mut hook = Leader {
                 cfg,
                 state,
-                pool: pool.clone(),
+                checkpoints: &checkpoints,
                 leadership: &mut *leadership,
                 shutdown: shutdown.clone(),
                 secret: &rc.secret,
@@ -561,18 +518,7 @@ async fn lead(
             }
             let r = r?;
             done_rows += r.scanned;
-            sqlx::query(
-                "INSERT INTO rekey_reencrypt_checkpoints (secret_id, version, table_name, column_name, pass, done) VALUES ($1, $2, $3, $4, $5, true) \
-                 ON CONFLICT (secret_id, version, table_name, column_name, pass) DO UPDATE SET done = true, updated_at = now()",
-            )
-            .bind(&rc.secret)
-            .bind(version as i64)
-            .bind(&col.table)
-            .bind(&col.column)
-            .bind(pass)
-            .execute(&pool)
-            .await
-            .map_err(db_error)?;
+            checkpoints.done(col, pass).await.map_err(db_error)?;
             tracing::info!(secret = %rc.secret, version, pass, table = %col.table, column = %col.column, rotated = r.rotated, already_new = r.already_new, "column re-encrypted");
         }
     }
