@@ -421,6 +421,43 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
     b.cli_json(&["create", "local/key", "--kind", "random"]);
     let e = failed(&b.cli(&["sync", "local/key"]));
     assert!(e.contains("lives in rekey's own store"), "{e}");
+    // By provider path, as rekey-lambda asks: a caller that may not rotate
+    // the secret there learns nothing about it.
+    let by_path = |token: String, path: &'static str| {
+        let grpc = b.grpc.clone();
+        async move {
+            client(&grpc, &token)
+                .await
+                .sync(rekey_proto::v1::SyncRequest {
+                    secret_id: String::new(),
+                    provider_path: path.into(),
+                })
+                .await
+                .map(|r| r.into_inner().secret.unwrap().id)
+                .map_err(|s| (s.code(), s.message().to_string()))
+        }
+    };
+    assert_eq!(by_path(b.token(), "legacy/jwt").await.unwrap(), "prod/jwt");
+    let other = b.cli_json(&[
+        "token",
+        "create",
+        "other-team",
+        "--prefix",
+        "other/",
+        "--ops",
+        "rotate",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kept = by_path(other.clone(), "legacy/jwt").await.unwrap_err();
+    let none = by_path(other, "nowhere/at/all").await.unwrap_err();
+    assert_eq!(kept.0, tonic::Code::NotFound, "{kept:?}");
+    assert_eq!(
+        (kept.0, kept.1.replace("legacy/jwt", "P")),
+        (none.0, none.1.replace("nowhere/at/all", "P")),
+        "the same answer whether or not a secret is kept there"
+    );
 
     // A structured value is a JSON object in SecretString; a value beside
     // an adopted one is refused.

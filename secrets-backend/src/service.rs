@@ -733,8 +733,24 @@ impl Rekey for RekeyService {
         let r = request.get_ref();
         let id = if r.secret_id.is_empty() {
             check_text("provider path", &r.provider_path, 512)?;
-            self.caller(&request, "Sync", "")?;
-            self.engine.secret_at_path(&r.provider_path).await?.id
+            let (who, _) = self.caller(&request, "Sync", "")?;
+            // A path kept for a secret the caller may not rotate reads as
+            // one kept for none: the answer tells nobody what exists.
+            let hidden = || {
+                Status::from(Error::NotFound(format!(
+                    "no secret you may rotate is kept at {:?}",
+                    r.provider_path
+                )))
+            };
+            let id = match self.engine.secret_at_path(&r.provider_path).await {
+                Ok(s) => s.id,
+                Err(Error::NotFound(_)) => return Err(hidden()),
+                Err(e) => return Err(e.into()),
+            };
+            if !self.auth.allows(&who, Operation::Rotate, &id) {
+                return Err(hidden());
+            }
+            id
         } else {
             validate_id(&r.secret_id)?;
             r.secret_id.clone()
