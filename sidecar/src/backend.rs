@@ -386,8 +386,12 @@ async fn session(
             msg = stream.message() => match msg {
                 Ok(Some(ev)) => {
                     // The stream delivers: connected, even if this one
-                    // event does not render or validate.
+                    // event does not render or validate, and why the last
+                    // stream failed no longer holds (the readiness body
+                    // must not show it while this event is written and
+                    // reported).
                     state.set_connected(true);
+                    state.set_backend_problem(None);
                     let id = ev.secret.as_ref().map(|s| s.id.clone());
                     if let Some((id, served, published)) = offered(ev)
                         && let Some(out) = outputs.get(&id)
