@@ -109,3 +109,13 @@ impl From<Error> for Status {
         Status::new(code, detail)
     }
 }
+
+/// The deepest cause of an error (the OS's "connection refused"): clients
+/// wrap it in layers that say only "dispatch failure" or "request error".
+pub(crate) fn innermost(e: &dyn std::error::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

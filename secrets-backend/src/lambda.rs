@@ -33,6 +33,7 @@ use rekey_keyring::SecretValue;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::error::innermost;
 use crate::kinds::postgres::PgOptions;
 use crate::kinds::redis::RedisOptions;
 use crate::kinds::{
@@ -456,11 +457,11 @@ impl Function {
             options: &options,
         };
         let kind = self.settings.kind.as_ref();
-        // A Redis user holds every password it was given until one is
-        // taken away: the one two rotations back goes, as decommission
-        // does in rekey. (A postgres set gives the idle role a new
-        // password, which retires that value by itself.)
-        if kind.name() == "redis"
+        // A kind whose set keeps every older value (a Redis user's
+        // passwords) has the one two rotations back revoked, as
+        // decommission does in rekey. (A postgres set gives the idle role
+        // a new password, which retires that value by itself.)
+        if kind.set_keeps_older_values()
             && let Some(prev_id) = crate::provider::aws::holder(&d.stages, AWSPREVIOUS, None)
             && prev_id != current_id
         {
@@ -498,7 +499,7 @@ impl Function {
         self.asm
             .make_current(d, token, None)
             .await
-            .map_err(|m| Failure::new("SecretsManagerError", m))?;
+            .map_err(asm_failure)?;
         if let Some(b) = &self.settings.backend {
             // The rotation is done in ASM either way; a backend that cannot
             // be told takes it at its next poll.
@@ -575,14 +576,6 @@ impl Function {
         }
         Ok(())
     }
-}
-
-fn innermost(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 fn done(step: &str, name: &str, token: &str, what: &str) -> serde_json::Value {

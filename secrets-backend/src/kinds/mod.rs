@@ -207,6 +207,13 @@ pub(crate) trait Kind: Send + Sync {
         Ok(())
     }
 
+    /// True when `set` adds the new value beside every earlier one instead
+    /// of replacing an idle one (a Redis user's passwords): an old value
+    /// stops working only when it is revoked.
+    fn set_keeps_older_values(&self) -> bool {
+        false
+    }
+
     /// True when a new rotation must wait until the previous version is
     /// decommissioned, because the old credential may still be in use.
     fn one_rotation_at_a_time(&self) -> bool {

@@ -210,6 +210,10 @@ impl Kind for Redis {
         super::check_credential(value)
     }
 
+    fn set_keeps_older_values(&self) -> bool {
+        true
+    }
+
     fn one_rotation_at_a_time(&self) -> bool {
         true
     }

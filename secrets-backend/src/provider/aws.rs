@@ -41,7 +41,7 @@ use zeroize::Zeroizing;
 use super::embedded::Embedded;
 use super::{Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, sealed_copy};
 use crate::config::AwsConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, innermost};
 use crate::store::Store;
 
 /// ASM's staging labels.
@@ -77,6 +77,15 @@ pub(crate) struct AsmError {
 impl AsmError {
     pub(crate) fn is(&self, code: &str) -> bool {
         self.code == code
+    }
+
+    /// A problem found here, not answered by ASM: nothing to retry.
+    fn local(message: String) -> Self {
+        AsmError {
+            code: String::new(),
+            message,
+            unavailable: false,
+        }
     }
 }
 
@@ -122,16 +131,6 @@ where
             unavailable: false,
         },
     }
-}
-
-/// The innermost cause of an error: the SDK's outer layers say only
-/// "dispatch failure".
-fn innermost(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// A client for ASM with the SDK's default credential chain, over rustls
@@ -367,11 +366,8 @@ impl Asm {
             AsmVersion::Label(l) => (req.version_stage(l), format!("reading {l} of {name}")),
         };
         let mut out = req.send().await.map_err(|e| self.err(&what, &e))?;
-        decode(out.secret_string.take(), out.secret_binary.take()).map_err(|m| AsmError {
-            code: String::new(),
-            message: format!("{what}: {m}"),
-            unavailable: false,
-        })
+        decode(out.secret_string.take(), out.secret_binary.take())
+            .map_err(|m| AsmError::local(format!("{what}: {m}")))
     }
 
     /// `PutSecretValue` under `token`, labelled `labels`. ASM takes a
@@ -384,11 +380,7 @@ impl Asm {
         labels: &[&str],
     ) -> AsmResult<()> {
         let what = format!("writing version {token} of {name}");
-        let data = encode(value).map_err(|m| AsmError {
-            code: String::new(),
-            message: format!("{what}: {m}"),
-            unavailable: false,
-        })?;
+        let data = encode(value).map_err(|m| AsmError::local(format!("{what}: {m}")))?;
         let mut req = self
             .client
             .put_secret_value()
@@ -414,11 +406,7 @@ impl Asm {
         secret_id: &str,
     ) -> AsmResult<()> {
         let what = format!("creating {name}");
-        let data = encode(value).map_err(|m| AsmError {
-            code: String::new(),
-            message: format!("{what}: {m}"),
-            unavailable: false,
-        })?;
+        let data = encode(value).map_err(|m| AsmError::local(format!("{what}: {m}")))?;
         let tag = |k: &str, v: &str| {
             aws_sdk_secretsmanager::types::Tag::builder()
                 .key(k)
@@ -477,30 +465,23 @@ impl Asm {
         d: &Described,
         to: &str,
         expected: Option<&str>,
-    ) -> std::result::Result<(), String> {
+    ) -> AsmResult<()> {
         let name = d.name.as_str();
-        let now = holder(&d.stages, AWSCURRENT, Some(to));
         if !d.has(to, AWSCURRENT) {
-            let now = match expected {
+            let from = match expected {
                 Some(e) if d.has(e, AWSCURRENT) => Some(e),
-                _ => now,
+                Some(e) => {
+                    return Err(AsmError::local(format!(
+                        "{name} changed outside rekey (AWSCURRENT is on version {}, rekey's current is {e}); nothing was moved, the outside change is taken at the next poll",
+                        holder(&d.stages, AWSCURRENT, None).unwrap_or("none")
+                    )));
+                }
+                None => holder(&d.stages, AWSCURRENT, None),
             };
-            if let Some(e) = expected
-                && now != Some(e)
-            {
-                return Err(format!(
-                    "{name} changed outside rekey (AWSCURRENT is on version {}, rekey's current is {e}); nothing was moved, the outside change is taken at the next poll",
-                    now.unwrap_or("none")
-                ));
-            }
-            self.label(name, AWSCURRENT, Some(to), now)
-                .await
-                .map_err(|e| e.message)?;
+            self.label(name, AWSCURRENT, Some(to), from).await?;
         }
         if d.has(to, AWSPENDING) {
-            self.label(name, AWSPENDING, None, Some(to))
-                .await
-                .map_err(|e| e.message)?;
+            self.label(name, AWSPENDING, None, Some(to)).await?;
         }
         Ok(())
     }
@@ -636,7 +617,7 @@ impl Aws {
             .await
             .make_current(&d, to, expected)
             .await
-            .map_err(|m| self.fail(m))
+            .map_err(|e| self.to_error(e))
     }
 
     fn version_id<'a>(&self, r: &'a str) -> Result<&'a str> {
@@ -739,20 +720,12 @@ impl ValueProvider for Aws {
                 if let Some(copy) = sealed_copy(v) {
                     return self.sealed.read(at, Which::Version(copy)).await;
                 }
-                if let Some(kept) = self
-                    .sealed
-                    .kept(at.secret_id, v.version, v.value_ref)
-                    .await?
-                {
-                    return Ok(kept);
-                }
-                let value = self
-                    .read_version(at.path, self.version_id(v.value_ref)?)
-                    .await?;
+                let id = self.version_id(v.value_ref)?;
                 self.sealed
-                    .keep(at.secret_id, v.version, v.value_ref, &value)
-                    .await?;
-                Ok(value)
+                    .kept_or(at.secret_id, v.version, v.value_ref, || {
+                        self.read_version(at.path, id)
+                    })
+                    .await
             }
             Which::Stage(s) => {
                 let label = match s {

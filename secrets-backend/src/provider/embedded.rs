@@ -69,16 +69,26 @@ impl Embedded {
         Ok(())
     }
 
-    /// The value kept under `value_ref`, if there is one.
-    pub(crate) async fn kept(
+    /// The value kept under `value_ref`; when there is none, `fetch`es it
+    /// from where an external provider keeps it and keeps it from now on.
+    pub(crate) async fn kept_or<F, Fut>(
         &self,
         secret_id: &str,
         version: i64,
         value_ref: &str,
-    ) -> Result<Option<SecretValue>> {
+        fetch: F,
+    ) -> Result<SecretValue>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<SecretValue>> + Send,
+    {
         match self.open(secret_id, version, value_ref).await {
-            Ok(v) => Ok(Some(v)),
-            Err(Error::NotFound(_)) => Ok(None),
+            Ok(v) => Ok(v),
+            Err(Error::NotFound(_)) => {
+                let value = fetch().await?;
+                self.keep(secret_id, version, value_ref, &value).await?;
+                Ok(value)
+            }
             Err(e) => Err(e),
         }
     }

@@ -47,7 +47,7 @@ use super::{
     Location, Observed, OutsideChange, Stage, Stored, ValueProvider, Which, same_value, sealed_copy,
 };
 use crate::config::{OnRevoke, VaultAuth, VaultConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, innermost};
 use crate::store::Store;
 
 /// Runs a vaultrs call with the session's client; when Vault refuses a
@@ -579,15 +579,6 @@ fn read_secret_file(path: &std::path::Path) -> std::result::Result<Zeroizing<Str
         .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-/// The deepest cause of an error (the OS's "connection refused").
-fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
 fn kv_ref(r: &str) -> Option<u64> {
     r.strip_prefix("kv:")?.parse().ok()
 }
@@ -736,18 +727,11 @@ impl ValueProvider for Vault {
             Which::Version(v) => match (sealed_copy(v), kv_ref(v.value_ref)) {
                 (Some(copy), _) => self.sealed.read(at, Which::Version(copy)).await,
                 (None, Some(n)) => {
-                    if let Some(kept) = self
-                        .sealed
-                        .kept(at.secret_id, v.version, v.value_ref)
-                        .await?
-                    {
-                        return Ok(kept);
-                    }
-                    let value = self.read_kv(at.path, n).await?;
                     self.sealed
-                        .keep(at.secret_id, v.version, v.value_ref, &value)
-                        .await?;
-                    Ok(value)
+                        .kept_or(at.secret_id, v.version, v.value_ref, || {
+                            self.read_kv(at.path, n)
+                        })
+                        .await
                 }
                 (None, None) => Err(self.fail(format!(
                     "v{} of {} has an unknown reference",
