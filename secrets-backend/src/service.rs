@@ -758,7 +758,7 @@ impl Rekey for RekeyService {
         let caller = self.caller(&request, "Sync", &id);
         let (s, changed, problem) = self
             .changing(caller, Operation::Rotate, &id, 0, |_, _| {
-                self.engine.sync_secret(&id, "")
+                self.engine.sync_secret(&id)
             })
             .await?;
         Ok(Response::new(pb::SyncResponse {

@@ -2,6 +2,8 @@
 
 use std::time::Instant;
 
+use rekey_keyring::SecretValue;
+
 use super::{Actor, CreateSpec, Engine, Outcome, event, location, step_error, validate_id};
 use crate::audit;
 use crate::clock::now_ms;
@@ -69,20 +71,24 @@ impl Engine {
         } else {
             provider.adopt(here).await?
         };
-        if let Some(found) = &adopted {
-            self.check_adopted(kind.as_ref(), &ctx, provider.as_ref(), &spec, found)?;
-        } else {
-            Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
-            let value = kind.create(&ctx, None, spec.value).await?;
-            self.check_size(&spec.id, &value)?;
-            kind.set(&ctx, &value, None)
-                .await
-                .map_err(|e| step_error(&spec.id, "set", e))?;
-            kind.test(&ctx, &value)
-                .await
-                .map_err(|e| step_error(&spec.id, "test", e))?;
-            spec.value = Some(value);
-        }
+        let first = match adopted {
+            Some(found) => {
+                self.check_adopted(kind.as_ref(), &ctx, provider.as_ref(), &spec, &found)?;
+                First::Adopted(found)
+            }
+            None => {
+                Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
+                let value = kind.create(&ctx, None, spec.value.take()).await?;
+                self.check_size(&spec.id, &value)?;
+                kind.set(&ctx, &value, None)
+                    .await
+                    .map_err(|e| step_error(&spec.id, "set", e))?;
+                kind.test(&ctx, &value)
+                    .await
+                    .map_err(|e| step_error(&spec.id, "test", e))?;
+                First::Made(value)
+            }
+        };
 
         let now = now_ms();
         let mut row = SecretRow {
@@ -105,64 +111,40 @@ impl Engine {
         };
         row.next_rotation_at_ms = schedule::next_rotation(&row, now)?;
         let at = location(&row);
-        if let Some(found) = adopted {
-            let detail = format!(
-                "kind {}; adopted from {}: {}",
-                row.kind, row.provider, found.note
-            );
-            return self
-                .finish_create(
-                    actor,
-                    row,
-                    &found.value_ref,
-                    detail,
-                    started,
-                    provider.as_ref(),
-                )
-                .await;
-        }
-        let Some(value) = spec.value.take() else {
-            return Err(Error::Internal("no value for version 1".into()));
-        };
-        let pending = provider.write_pending(at, 1, &value).await?;
-        let pending = Stored {
-            version: 1,
-            value_ref: &pending,
-        };
-        let value_ref = match provider.promote(at, pending, None).await {
-            Ok(r) => r,
-            Err(e) => {
-                if let Err(d) = provider.discard(at, pending).await {
-                    tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
+        let (value_ref, detail) = match first {
+            First::Adopted(found) => (
+                found.value_ref,
+                format!(
+                    "kind {}; adopted from {}: {}",
+                    row.kind, row.provider, found.note
+                ),
+            ),
+            First::Made(value) => {
+                let pending = provider.write_pending(at, 1, &value).await?;
+                let pending = Stored {
+                    version: 1,
+                    value_ref: &pending,
+                };
+                match provider.promote(at, pending, None).await {
+                    Ok(r) => (r, format!("kind {}", row.kind)),
+                    Err(e) => {
+                        if let Err(d) = provider.discard(at, pending).await {
+                            tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
+                        }
+                        return Err(e);
+                    }
                 }
-                return Err(e);
             }
         };
-        let detail = format!("kind {}", row.kind);
-        self.finish_create(actor, row, &value_ref, detail, started, provider.as_ref())
-            .await
-    }
-
-    /// Records version 1 under `value_ref`; on failure the provider drops
-    /// what this call wrote.
-    async fn finish_create(
-        &self,
-        actor: &Actor,
-        row: SecretRow,
-        value_ref: &str,
-        detail: String,
-        started: Instant,
-        provider: &dyn ValueProvider,
-    ) -> Result<Outcome> {
-        let (version, ev) = match self.record_created(actor, &row, value_ref, detail).await {
+        let (version, ev) = match self.record_created(actor, &row, &value_ref, detail).await {
             Ok(x) => x,
             Err(e) => {
                 // The reference is this call's own: nobody else uses it.
                 let mine = Stored {
                     version: 1,
-                    value_ref,
+                    value_ref: &value_ref,
                 };
-                if let Err(d) = provider.discard(location(&row), mine).await {
+                if let Err(d) = provider.discard(at, mine).await {
                     tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
                 }
                 return Err(e);
@@ -226,6 +208,13 @@ impl Engine {
         tx.commit().await?;
         Ok((version, ev))
     }
+}
+
+/// Version 1 of a new secret: taken over from where its provider keeps it,
+/// or made by its kind.
+enum First {
+    Adopted(OutsideChange),
+    Made(SecretValue),
 }
 
 /// The path a provider keeps a new secret's values at: the one given, or

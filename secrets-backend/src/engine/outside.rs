@@ -103,18 +103,11 @@ impl Engine {
         Ok(false)
     }
 
-    /// [`Engine::look_at`] for one secret, named by id or by where its
-    /// provider keeps it, now rather than at the next poll. Returns the
-    /// secret as it is afterwards, whether a change was taken, and the
-    /// provider's problem, if any.
-    pub(crate) async fn sync_secret(
-        &self,
-        id: &str,
-        provider_path: &str,
-    ) -> Result<(SecretRow, bool, Option<String>)> {
-        let s = if id.is_empty() {
-            self.secret_at_path(provider_path).await?
-        } else {
+    /// [`Engine::look_at`] for one secret now rather than at the next
+    /// poll. Returns the secret as it is afterwards, whether a change was
+    /// taken, and the provider's problem, if any.
+    pub(crate) async fn sync_secret(&self, id: &str) -> Result<(SecretRow, bool, Option<String>)> {
+        let s = {
             let mut c = self.store.conn().await?;
             self.store.require_secret(&mut c, id).await?
         };
