@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use rekey_testkit::bench::{Table, env_usize, rotations_in_turn, stats};
+use rekey_testkit::bench::{Table, env_usize, rotate_beside_embedded, stats};
 use rekey_testkit::{
     Backend, BackendOpts, LambdaFunction, LambdaRuntime, Moto, PgServer, ROTATION_LAMBDA_ARN,
     TempDir,
@@ -127,30 +127,16 @@ async fn run(s: &Settings) -> Result<String> {
             ..BackendOpts::default()
         },
     );
-    b.cli_json(&["create", "bench/embedded", "--kind", "random"]);
-    b.cli_json(&[
-        "create",
-        "bench/asm",
-        "--kind",
-        "random",
-        "--provider",
-        "aws-main",
-    ]);
-    let mut c = b.client().await;
     progress(&format!("{} rotations per store", s.rotations));
-    let [embedded, other] = <[Vec<Duration>; 2]>::try_from(
-        rotations_in_turn(
-            &mut c,
-            &["bench/embedded", "bench/asm"],
-            WARMUP,
-            s.rotations,
-        )
-        .await?,
+    let t1 = rotate_beside_embedded(
+        &b,
+        "bench/asm",
+        "aws-main",
+        "aws-secrets-manager (moto)",
+        WARMUP,
+        s.rotations,
     )
-    .map_err(|_| anyhow::anyhow!("two sides"))?;
-    let mut t1 = Table::stats("store");
-    t1.stats_row("embedded (SQLite)", &stats(embedded));
-    t1.stats_row("aws-secrets-manager (moto)", &stats(other));
+    .await?;
     out.push_str(&format!(
         "Rotate latency, client side ({} rotations each):\n{}\n",
         s.rotations,

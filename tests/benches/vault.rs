@@ -34,7 +34,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use rekey_testkit::bench::{Table, env_usize, ms, rotations_in_turn, stats};
+use rekey_testkit::bench::{Table, env_usize, ms, rotate_beside_embedded, stats};
 use rekey_testkit::{Backend, BackendOpts, Bao, Sidecar, TempDir};
 
 const WARMUP: usize = 5;
@@ -105,31 +105,16 @@ async fn run(s: &Settings) -> Result<String> {
             ..BackendOpts::default()
         },
     );
-    b.cli_json(&["create", "bench/embedded", "--kind", "random"]);
-    b.cli_json(&[
-        "create",
-        "bench/vault",
-        "--kind",
-        "random",
-        "--provider",
-        "vault-main",
-    ]);
-    let mut c = b.client().await;
-
     progress(&format!("{} rotations per store", s.rotations));
-    let [embedded, other] = <[Vec<Duration>; 2]>::try_from(
-        rotations_in_turn(
-            &mut c,
-            &["bench/embedded", "bench/vault"],
-            WARMUP,
-            s.rotations,
-        )
-        .await?,
+    let t1 = rotate_beside_embedded(
+        &b,
+        "bench/vault",
+        "vault-main",
+        "vault (OpenBao KV v2)",
+        WARMUP,
+        s.rotations,
     )
-    .map_err(|_| anyhow::anyhow!("two sides"))?;
-    let mut t1 = Table::stats("store");
-    t1.stats_row("embedded (SQLite)", &stats(embedded));
-    t1.stats_row("vault (OpenBao KV v2)", &stats(other));
+    .await?;
 
     progress(&format!("{} outside changes", s.changes));
     let out = dir.path().join("out");

@@ -317,29 +317,40 @@ pub async fn rotate(c: &mut crate::Client, id: &str) -> anyhow::Result<Duration>
     Ok(t.elapsed())
 }
 
-/// `warmup` rotations of each secret (not counted), then `n` of each,
-/// taking turns so that both sides see the same machine: the times per
-/// secret, in the order of `ids`.
+/// Rotate latency with a provider beside the embedded store, in one run:
+/// creates `bench/embedded` and `id` (both `random`, the second with
+/// `--provider provider`), then `warmup` rotations of each
+/// (not counted) and `n` of each, taking turns so that both sides see the
+/// same machine. The table has a row per store; `label` names the
+/// provider's.
 ///
 /// # Errors
 ///
 /// When a rotation fails.
-pub async fn rotations_in_turn(
-    c: &mut crate::Client,
-    ids: &[&str],
+pub async fn rotate_beside_embedded(
+    b: &crate::Backend,
+    id: &str,
+    provider: &str,
+    label: &str,
     warmup: usize,
     n: usize,
-) -> anyhow::Result<Vec<Vec<Duration>>> {
-    let mut out = vec![Vec::with_capacity(n); ids.len()];
+) -> anyhow::Result<Table> {
+    b.cli_json(&["create", "bench/embedded", "--kind", "random"]);
+    b.cli_json(&["create", id, "--kind", "random", "--provider", provider]);
+    let mut c = b.client().await;
+    let (mut embedded, mut theirs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..warmup + n {
-        for (k, id) in ids.iter().enumerate() {
-            let d = rotate(c, id).await?;
-            if i >= warmup {
-                out[k].push(d);
-            }
+        let e = rotate(&mut c, "bench/embedded").await?;
+        let t = rotate(&mut c, id).await?;
+        if i >= warmup {
+            embedded.push(e);
+            theirs.push(t);
         }
     }
-    Ok(out)
+    let mut t = Table::stats("store");
+    t.stats_row("embedded (SQLite)", &stats(embedded));
+    t.stats_row(label, &stats(theirs));
+    Ok(t)
 }
 
 #[cfg(test)]
