@@ -35,6 +35,7 @@ mod decommission;
 mod drive;
 mod outside;
 mod refusals;
+mod reports;
 mod rollback;
 mod rotate;
 mod scheduler;
@@ -158,6 +159,8 @@ pub(crate) struct Engine {
     /// Gauges are recomputed there, once per secret, not per report: a
     /// rotation makes every sidecar report at once.
     consumers_dirty: Mutex<BTreeSet<String>>,
+    /// Consumer reports waiting to be committed together.
+    reports: reports::ReportQueue,
     /// Secrets whose rollback is writing to their provider right now (an
     /// outside change seen then is rekey's own write).
     rolling_back: Mutex<HashSet<String>>,
@@ -252,6 +255,7 @@ impl Engine {
             settings,
             consumers_refreshed_at: AtomicI64::new(0),
             consumers_dirty: Mutex::default(),
+            reports: reports::ReportQueue::default(),
             rolling_back: Mutex::default(),
             audit_head: Mutex::default(),
             refusals: Mutex::default(),

@@ -3,6 +3,7 @@
 
 use rekey_keyring::SecretValue;
 
+use super::reports::Change;
 use super::{Actor, Engine, event};
 use crate::audit::{self, NewEvent};
 use crate::clock::now_ms;
@@ -184,17 +185,16 @@ impl Engine {
             ));
         }
         let now = now_ms();
-        let mut tx = self.store.begin().await?;
-        for s in served.iter().filter(|_| leaving) {
-            self.store
-                .delete_consumer(&mut tx, consumer_id, &s.secret_id)
-                .await?;
-        }
-        for s in served.iter().filter(|_| !leaving) {
-            self.store
-                .upsert_consumer(
-                    &mut tx,
-                    &ConsumerRow {
+        let changes = served
+            .iter()
+            .map(|s| {
+                if leaving {
+                    Change::Delete {
+                        consumer_id: consumer_id.into(),
+                        secret_id: s.secret_id.clone(),
+                    }
+                } else {
+                    Change::Upsert(ConsumerRow {
                         consumer_id: consumer_id.into(),
                         secret_id: s.secret_id.clone(),
                         pod: pod.into(),
@@ -204,11 +204,11 @@ impl Engine {
                         healthy: s.healthy,
                         error: s.error.chars().take(1000).collect(),
                         reported_at_ms: now,
-                    },
-                )
-                .await?;
-        }
-        tx.commit().await?;
+                    })
+                }
+            })
+            .collect();
+        self.commit_report(changes).await?;
         if leaving {
             tracing::info!(
                 consumer = consumer_id,

@@ -604,3 +604,71 @@ fn secret_ids_look_like_paths() {
         assert!(validate_id(bad).is_err(), "{bad:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_sent_at_once_are_all_kept_and_the_latest_wins() {
+    let Fixture { engine, .. } = fixture().await;
+    let report = |engine: Arc<Engine>, consumer: String, version: i64, leaving: bool| async move {
+        engine
+            .report_served(
+                "sidecar",
+                &consumer,
+                "pod",
+                "ns",
+                &[ServedReport {
+                    secret_id: "app/key".into(),
+                    version,
+                    healthy: true,
+                    error: String::new(),
+                }],
+                leaving,
+            )
+            .await
+    };
+    // 300 consumers at once, as a fleet reports after a rotation.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        set.spawn(report(engine.clone(), format!("c{i}"), 1, false));
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+    // Then each again in order: a newer version, and a goodbye from some.
+    for i in 0..300 {
+        report(engine.clone(), format!("c{i}"), 2, false)
+            .await
+            .unwrap();
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in (0..300).step_by(3) {
+        set.spawn(report(engine.clone(), format!("c{i}"), 2, true));
+    }
+    // A caller that goes away while its report waits: the report is
+    // written all the same.
+    let gone = tokio::spawn(report(engine.clone(), "gone".into(), 7, false));
+    gone.abort();
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+    report(engine.clone(), "last".into(), 2, false)
+        .await
+        .unwrap();
+    let mut c = engine.store.conn().await.unwrap();
+    let rows = engine.store.consumers(&mut c, "app/key").await.unwrap();
+    let ids: BTreeSet<&str> = rows.iter().map(|r| r.consumer_id.as_str()).collect();
+    assert_eq!(rows.len(), ids.len(), "one row per consumer");
+    for i in 0..300 {
+        let id = format!("c{i}");
+        assert_eq!(ids.contains(id.as_str()), i % 3 != 0, "{id}");
+    }
+    assert!(ids.contains("last"));
+    assert!(
+        rows.iter()
+            .filter(|r| r.consumer_id.starts_with('c'))
+            .all(|r| r.version == 2)
+    );
+    // The aborted report was written or never queued; it is never half there.
+    if let Some(g) = rows.iter().find(|r| r.consumer_id == "gone") {
+        assert_eq!(g.version, 7);
+    }
+}

@@ -143,25 +143,39 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) async fn upsert_consumer(&self, c: &mut Conn, r: &ConsumerRow) -> Result<()> {
-        sqlx::query(&format!(
-            "INSERT INTO consumers ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (consumer_id, secret_id) DO UPDATE SET pod = excluded.pod, namespace = excluded.namespace, \
-             identity = excluded.identity, version = excluded.version, healthy = excluded.healthy, \
-             error = excluded.error, reported_at_ms = excluded.reported_at_ms",
-            ConsumerRow::columns()
-        ))
-        .bind(&r.consumer_id)
-        .bind(&r.secret_id)
-        .bind(&r.pod)
-        .bind(&r.namespace)
-        .bind(&r.identity)
-        .bind(r.version)
-        .bind(i64::from(r.healthy))
-        .bind(&r.error)
-        .bind(r.reported_at_ms)
-        .execute(c)
-        .await?;
+    /// Writes consumer rows, each replacing the row of its (consumer,
+    /// secret); many rows to a statement. No two rows may share a key.
+    pub(crate) async fn upsert_consumers(&self, c: &mut Conn, rows: &[&ConsumerRow]) -> Result<()> {
+        for chunk in rows.chunks(super::CONSUMERS_PER_STATEMENT) {
+            let values = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=9).map(|k| format!("${}", i * 9 + k)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO consumers ({}) VALUES {values} \
+                 ON CONFLICT (consumer_id, secret_id) DO UPDATE SET pod = excluded.pod, namespace = excluded.namespace, \
+                 identity = excluded.identity, version = excluded.version, healthy = excluded.healthy, \
+                 error = excluded.error, reported_at_ms = excluded.reported_at_ms",
+                ConsumerRow::columns()
+            );
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(&r.consumer_id)
+                    .bind(&r.secret_id)
+                    .bind(&r.pod)
+                    .bind(&r.namespace)
+                    .bind(&r.identity)
+                    .bind(r.version)
+                    .bind(i64::from(r.healthy))
+                    .bind(&r.error)
+                    .bind(r.reported_at_ms);
+            }
+            q.execute(&mut *c).await?;
+        }
         Ok(())
     }
 
