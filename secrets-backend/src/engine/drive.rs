@@ -7,7 +7,7 @@ use super::{Actor, CAS_ATTEMPTS, Engine, Outcome, location, step_error, stored, 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::kinds::SecretCtx;
-use crate::store::{RotationRow, RotationStep, SecretRow};
+use crate::store::{RotationRow, RotationStep, SecretRow, VersionRow};
 
 impl Engine {
     /// Advances a rotation from its persisted step to its end. Safe to call
@@ -60,8 +60,18 @@ impl Engine {
                 }
                 RotationStep::Tested => {
                     self.pause().await;
-                    self.finish(&rot).await?;
+                    let finished = self.finish(&rot).await?;
                     self.metrics.step("finish", started.elapsed().as_secs_f64());
+                    if let Some((secret, version)) = finished {
+                        // Read in finish's transaction: once watchers have
+                        // the new version, a fleet's reports compete for
+                        // the store, and the caller need not wait for them.
+                        return Ok(Outcome {
+                            secret,
+                            version,
+                            replayed: false,
+                        });
+                    }
                 }
                 RotationStep::Finished => {
                     let mut c = self.store.conn().await?;
@@ -146,7 +156,9 @@ impl Engine {
     /// target to clean up allow back-to-back rotations (`random`, `static`),
     /// so `Kind::revoke` is not called for it; a kind with a real revoke
     /// must rotate one at a time.
-    async fn finish(&self, rot: &RotationRow) -> Result<()> {
+    /// Returns the secret and the new version as committed, or `None` when
+    /// another driver finished the rotation.
+    async fn finish(&self, rot: &RotationRow) -> Result<Option<(SecretRow, VersionRow)>> {
         let id = rot.secret_id.as_str();
         let target = rot.target_version;
         let s = self.require_secret(id).await?;
@@ -207,7 +219,7 @@ impl Engine {
                         )
                         .await?;
                     tx.commit().await?;
-                    return Ok(());
+                    return Ok(None);
                 }
                 return Err(Error::Internal(format!(
                     "{id}: rotation to v{target} lost its pending stage"
@@ -237,6 +249,10 @@ impl Engine {
                     super::event(&by, "rotate", id, target, "ok", detail),
                 )
                 .await?;
+            let done = (
+                self.store.require_secret(&mut tx, id).await?,
+                self.store.require_version(&mut tx, id, target).await?,
+            );
             tx.commit().await?;
             self.published(&ev);
             tracing::info!(
@@ -248,8 +264,10 @@ impl Engine {
             if displaced > 0 {
                 self.retire_displaced(&next, displaced).await;
             }
+            // The last store work of the call: after watchers have the new
+            // version, a fleet's reports compete for the store.
             self.refresh(id).await;
-            return Ok(());
+            return Ok(Some(done));
         }
         Err(Error::FailedPrecondition(format!(
             "{id} is changing too often to finish its rotation"

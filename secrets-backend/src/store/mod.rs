@@ -41,6 +41,10 @@ pub(crate) enum Dialect {
 /// The Postgres channel that carries ids of changed secrets between replicas.
 pub(crate) const NOTIFY_CHANNEL: &str = "rekey_changes";
 
+/// Consumer rows written by one statement: 9 parameters a row, 900 a
+/// statement, under every SQLite's limit.
+pub(crate) const CONSUMERS_PER_STATEMENT: usize = 100;
+
 /// A connection inside a transaction, or alone.
 pub(crate) type Conn = AnyConnection;
 /// A transaction; commits with `.commit()`, rolls back when dropped.
@@ -150,6 +154,10 @@ impl Store {
                     Ok(())
                 })
             })
+            // A SQLite connection is a file, not a socket: nothing can
+            // break it between uses, and a ping would cost a round trip
+            // to its worker thread before every statement batch.
+            .test_before_acquire(dialect == Dialect::Postgres)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
