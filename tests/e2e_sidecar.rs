@@ -140,7 +140,11 @@ pid_file = "{pid}"
             app.hup_count() == round as usize
         });
     }
-    // The backend knows what the pod serves.
+    // The backend knows what the pod serves (the report after a delivery
+    // waits a random part of report_spread, 1 s by default).
+    wait_for("the report of v4", Duration::from_secs(10), || {
+        b.cli_json(&["status", "prod/api/jwt"])[0]["consumers"][0]["version"] == 4
+    });
     let st = b.cli_json(&["status", "prod/api/jwt"]);
     let consumers = st[0]["consumers"].as_array().unwrap();
     assert_eq!(consumers.len(), 1);

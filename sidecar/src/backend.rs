@@ -18,7 +18,7 @@ use std::time::Duration;
 use rekey_keyring::{SecretBytes, SecretString, SecretValue};
 use rekey_proto::v1 as pb;
 use rekey_proto::v1::rekey_client::RekeyClient;
-use tokio::sync::watch;
+use tokio::sync::{Notify, oneshot, watch};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -141,11 +141,15 @@ pub fn offered(ev: pb::WatchEvent) -> Option<(String, Served, Option<i64>)> {
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200).saturating_mul(1u32 << attempt.min(16));
     let cap = base.min(max);
+    cap.mul_f64(0.5 + unit_random() * 0.5)
+}
+
+/// A random number in [0, 1] (0 if the system has none to give).
+fn unit_random() -> f64 {
     let r = rekey_keyring::random_bytes(4)
         .map(|b| u32::from_le_bytes([b.expose()[0], b.expose()[1], b.expose()[2], b.expose()[3]]))
         .unwrap_or(0);
-    let frac = 0.5 + (r as f64 / u32::MAX as f64) * 0.5;
-    cap.mul_f64(frac)
+    f64::from(r) / f64::from(u32::MAX)
 }
 
 /// What a start-up check of the backend found.
@@ -358,14 +362,75 @@ async fn report(cfg: &Config, state: &State, client: &mut Client, leaving: bool)
     }
 }
 
+/// Reports every `report_interval`, and as soon as possible when `wanted`.
+/// When `leave` fires, a report on its way is finished first and then the
+/// goodbye is sent, so the goodbye is always the last word.
+async fn reporting(
+    cfg: Arc<Config>,
+    state: Arc<State>,
+    mut client: Client,
+    wanted: Arc<Notify>,
+    mut leave: oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(cfg.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut leave => {
+                report(&cfg, &state, &mut client, true).await;
+                return;
+            }
+            _ = tick.tick() => {}
+            () = wanted.notified() => {
+                // Spread over the fleet; reports asked for meanwhile
+                // join this one. A goodbye does not wait.
+                let wait = cfg.report_spread.mul_f64(unit_random());
+                tokio::select! {
+                    biased;
+                    _ = &mut leave => {
+                        report(&cfg, &state, &mut client, true).await;
+                        return;
+                    }
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        report(&cfg, &state, &mut client, false).await;
+    }
+}
+
+/// The reporting task of one Watch stream; it ends with the stream.
+struct Reporter {
+    task: tokio::task::JoinHandle<()>,
+    leave: Option<oneshot::Sender<()>>,
+}
+
+impl Reporter {
+    /// Says goodbye, after any report on its way; false when that did not
+    /// finish within `within`.
+    async fn leave(mut self, within: Duration) -> bool {
+        if let Some(l) = self.leave.take() {
+            let _ = l.send(());
+        }
+        tokio::time::timeout(within, &mut self.task).await.is_ok()
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// How long a stopping sidecar waits to tell the backend it is leaving.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One Watch stream, until it ends. `synced` is set once every watched
 /// secret's first event (its snapshot) has been delivered.
 async fn session(
-    cfg: &Config,
-    state: &State,
+    cfg: &Arc<Config>,
+    state: &Arc<State>,
     outputs: &BTreeMap<String, Output>,
     reloader: &Reloader,
     shutdown: &mut watch::Receiver<bool>,
@@ -379,8 +444,21 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(backend = %cfg.backend, "watching secrets");
-    let mut tick = tokio::time::interval(cfg.report_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reports go out from a task of their own, so that a slow report never
+    // holds back the next event; asked for while one is on its way, they
+    // coalesce into one.
+    let wanted = Arc::new(Notify::new());
+    let (leave, left) = oneshot::channel();
+    let reporter = Reporter {
+        task: tokio::spawn(reporting(
+            cfg.clone(),
+            state.clone(),
+            client.clone(),
+            wanted.clone(),
+            left,
+        )),
+        leave: Some(leave),
+    };
     loop {
         tokio::select! {
             msg = stream.message() => match msg {
@@ -398,7 +476,7 @@ async fn session(
                     {
                         let changed = state.deliver(&id, out, served, published, reloader).await;
                         if changed || state.report().iter().any(|(i, _, ok, _)| i == &id && !ok) {
-                            report(cfg, state, &mut client, false).await;
+                            wanted.notify_one();
                         }
                     }
                     if let Some(id) = id
@@ -412,10 +490,8 @@ async fn session(
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(stream_error(&s, cfg.max_event_bytes)),
             },
-            _ = tick.tick() => report(cfg, state, &mut client, false).await,
             () = crate::stopped(shutdown) => {
-                let bye = report(cfg, state, &mut client, true);
-                if tokio::time::timeout(LEAVE_TIMEOUT, bye).await.is_err() {
+                if !reporter.leave(LEAVE_TIMEOUT).await {
                     tracing::warn!("the backend did not take the goodbye in time; this pod counts as a consumer until its reports expire");
                 }
                 return Ok(());

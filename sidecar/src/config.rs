@@ -38,6 +38,7 @@ pub struct RawConfig {
     pub pod: Option<String>,
     pub namespace: Option<String>,
     pub report_interval: Option<String>,
+    pub report_spread: Option<String>,
     pub debounce: Option<String>,
     pub backoff_max: Option<String>,
     /// A number of bytes, or text such as `"16MiB"` (as `REKEY_*`
@@ -266,6 +267,10 @@ pub struct Config {
     pub pod: String,
     pub namespace: String,
     pub report_interval: Duration,
+    /// A report after a delivery waits a random part of this, so that a
+    /// fleet that received a rotation together does not report at once
+    /// (while its members are still writing their files).
+    pub report_spread: Duration,
     pub debounce: Duration,
     pub backoff_max: Duration,
     /// The largest Watch event the sidecar decodes (bytes). A larger one
@@ -312,6 +317,7 @@ const ENV: &[(&str, &str)] = &[
     ("REKEY_POD", "pod"),
     ("REKEY_NAMESPACE", "namespace"),
     ("REKEY_REPORT_INTERVAL", "report_interval"),
+    ("REKEY_REPORT_SPREAD", "report_spread"),
     ("REKEY_DEBOUNCE", "debounce"),
     ("REKEY_BACKOFF_MAX", "backoff_max"),
     ("REKEY_MAX_EVENT_BYTES", "max_event_bytes"),
@@ -374,6 +380,9 @@ pub fn parse_secret_flag(s: &str) -> Result<SecretFlag, String> {
         env_name,
     })
 }
+
+/// How long, at most, a report after a delivery waits (`report_spread`).
+pub const DEFAULT_REPORT_SPREAD: Duration = Duration::from_secs(1);
 
 fn parse_duration(
     setting: &str,
@@ -1152,6 +1161,12 @@ fn validate(
             Duration::from_secs(30),
             errors,
         ),
+        report_spread: parse_duration(
+            "report_spread",
+            raw.report_spread.as_deref(),
+            DEFAULT_REPORT_SPREAD,
+            errors,
+        ),
         debounce: parse_duration(
             "debounce",
             raw.debounce.as_deref(),
@@ -1215,6 +1230,38 @@ mod tests {
         assert_eq!(c.secrets[1].out.mode, 0o400);
         assert_eq!(c.consumer_id, "api-7d9f");
         assert_eq!(c.listen.to_string(), "127.0.0.1:2773");
+        assert_eq!(c.report_spread, DEFAULT_REPORT_SPREAD);
+    }
+
+    #[test]
+    fn report_spread_is_a_duration_from_the_environment_or_the_file() {
+        let d = tmp();
+        let tok = d.join("token");
+        std::fs::write(&tok, "t").unwrap();
+        let flags = || Flags {
+            backend: Some("http://b:7700".into()),
+            token_file: Some(tok.clone()),
+            secrets: vec![format!("prod/jwt:{}", d.join("jwt").display())],
+            ..Default::default()
+        };
+        let c = Config::load(
+            None,
+            flags(),
+            vec![("REKEY_REPORT_SPREAD".into(), "0s".into())],
+        )
+        .unwrap();
+        assert_eq!(c.report_spread, Duration::ZERO);
+        let p = d.join("c.toml");
+        std::fs::write(&p, "report_spread = \"250ms\"\n").unwrap();
+        let c = Config::load(Some(&p), flags(), vec![]).unwrap();
+        assert_eq!(c.report_spread, Duration::from_millis(250));
+        let e = Config::load(
+            None,
+            flags(),
+            vec![("REKEY_REPORT_SPREAD".into(), "soon".into())],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("report_spread: \"soon\""), "{e}");
     }
 
     #[test]
