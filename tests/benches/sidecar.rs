@@ -5,6 +5,8 @@
 //!
 //! 1. A fresh backend and one `random` secret (32 bytes, hex) with a 30-minute
 //!    validation window, so that nothing is decommissioned during the run.
+//!    Then `REKEY_BENCH_ALONE` Rotate calls (after one warm-up) with no
+//!    sidecar: the baseline of the ratio "Rotate with the fleet / alone".
 //! 2. N sidecars started in parallel, each with its own directory and output
 //!    file (`--backend`, `--token-file` (the admin token), `--secret
 //!    ID:PATH`, `--listen 127.0.0.1:0`, `REKEY_CONSUMER_ID=sc-<i>`,
@@ -43,7 +45,9 @@
 //! `REKEY_BENCH_IDLE_SECS` (30) idle window for the CPU figure (one report
 //! interval of the sidecars),
 //! `REKEY_BENCH_GAP_MS` (500) pause after each rotation has reached every
-//! file.
+//! file, `REKEY_BENCH_ALONE` (50) Rotate calls before the sidecars start,
+//! `REKEY_BENCH_FILES` (memory) where the secret files go: `memory`
+//! (`/dev/shm`, as an `emptyDir` with `medium: Memory`) or `disk`.
 //! A quick smoke run:
 //! `REKEY_BENCH_SIDECARS=5 REKEY_BENCH_ROTATIONS=3 REKEY_BENCH_IDLE_SECS=2 cargo bench -p rekey-e2e --bench sidecar`
 //!
@@ -89,6 +93,10 @@ struct Settings {
     rotations: usize,
     idle: Duration,
     gap: Duration,
+    /// Rotate calls timed before the sidecars start.
+    alone: usize,
+    /// Where the secret files go; `None`: the system temp dir.
+    files: Option<PathBuf>,
 }
 
 impl Settings {
@@ -113,6 +121,13 @@ impl Settings {
             rotations: env_usize("REKEY_BENCH_ROTATIONS", 20, 1)?,
             idle: Duration::from_secs(env_usize("REKEY_BENCH_IDLE_SECS", 30, 1)? as u64),
             gap: Duration::from_millis(env_usize("REKEY_BENCH_GAP_MS", 500, 0)? as u64),
+            alone: env_usize("REKEY_BENCH_ALONE", 50, 1)?,
+            files: match std::env::var("REKEY_BENCH_FILES").as_deref() {
+                // As the manifests mount them: an emptyDir in memory.
+                Err(_) | Ok("memory") => Some(PathBuf::from("/dev/shm")),
+                Ok("disk") => None,
+                Ok(other) => bail!("REKEY_BENCH_FILES={other:?}: expected memory or disk"),
+            },
         })
     }
 }
@@ -194,6 +209,20 @@ fn ms_per_tick() -> f64 {
         .filter(|&h| h > 0.0)
         .unwrap_or(100.0);
     1000.0 / hz
+}
+
+/// Raises this process's soft limit on open files to its hard limit, for
+/// this program and the processes it starts (they inherit it); the
+/// machine's settings stay as they are.
+fn raise_nofile() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            progress(&format!("cannot raise the open-files limit: {e}"));
+        }
+    }
 }
 
 /// The soft limit on open files of this process (children inherit it).
@@ -332,19 +361,29 @@ struct Member {
 }
 
 /// Starts `n` sidecars at once (one thread each); each has its own
-/// directory under `root`.
-fn start_fleet(root: &Path, n: usize, backend: &str, token: &Path) -> Result<Vec<Member>> {
+/// directory under `root`, and its secret file in one of its own under
+/// `files`.
+fn start_fleet(
+    root: &Path,
+    files: &Path,
+    n: usize,
+    backend: &str,
+    token: &Path,
+) -> Result<Vec<Member>> {
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let dir = root.join(format!("sc-{i}"));
+            let path = files.join(format!("sc-{i}"));
             let backend = backend.to_string();
             let token = token.display().to_string();
             std::thread::Builder::new()
                 .name(format!("start-sc-{i}"))
                 .spawn(move || -> Result<Member> {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    let path = dir.join("secret");
+                    for d in [&dir, &path] {
+                        std::fs::create_dir_all(d)
+                            .with_context(|| format!("cannot create {}", d.display()))?;
+                    }
+                    let path = path.join("secret");
                     let secret = format!("{SECRET_ID}:{}", path.display());
                     let consumer = format!("sc-{i}");
                     // Panics (with the sidecar's log) if it does not print
@@ -563,6 +602,7 @@ struct FleetRun {
     last_from_send: Stats,
     /// The Rotate call, sent -> returned.
     rotate_rpc: Stats,
+    rotate_alone: Stats,
     sweep_mean: Duration,
     sweeps_per_rotation: f64,
     /// The sidecars' own delivery_seconds (backend publish -> file
@@ -601,17 +641,43 @@ async fn fleet_run(s: &Settings, n: usize) -> Result<FleetRun> {
     let bpid = b.pid();
     let mut admin = connect(&b).await?;
     let v0 = create_random(&mut admin).await?;
-    let value0 = reveal(&mut admin, v0).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let backend_rss_before = rss_kib(bpid)?.0;
+
+    // The same backend and secret with no sidecar yet: the baseline of
+    // the ratio "Rotate with the fleet / Rotate alone".
+    progress(&format!("{} Rotate calls before any sidecar", s.alone));
+    let mut alone = Vec::with_capacity(s.alone);
+    let mut version = v0;
+    for r in 0..WARMUP + s.alone {
+        let (v, sent, returned) = rotate(&mut admin)
+            .await
+            .with_context(|| format!("rotation {} without sidecars", r + 1))?;
+        ensure!(
+            v == version + 1,
+            "Rotate returned v{v}, expected v{}",
+            version + 1
+        );
+        version = v;
+        if r >= WARMUP {
+            alone.push(returned - sent);
+        }
+    }
+    let v0 = version;
+    let value0 = reveal(&mut admin, v0).await?;
 
     progress(&format!("starting {n} sidecars"));
     let started = Instant::now();
     let root = dir.path().to_path_buf();
+    let files_dir = match &s.files {
+        Some(base) => TempDir::new_in(base, &format!("bench-files-{n}")),
+        None => TempDir::new(&format!("bench-files-{n}")),
+    };
+    let files = files_dir.path().to_path_buf();
     let grpc = b.grpc.clone();
     let token = b.token_path();
     // Each start is bounded (30 s) by the harness.
-    let fleet = tokio::task::spawn_blocking(move || start_fleet(&root, n, &grpc, &token))
+    let fleet = tokio::task::spawn_blocking(move || start_fleet(&root, &files, n, &grpc, &token))
         .await
         .context("the start-up thread failed")??;
     let paths: Vec<PathBuf> = fleet.iter().map(|m| m.path.clone()).collect();
@@ -659,7 +725,6 @@ async fn fleet_run(s: &Settings, n: usize) -> Result<FleetRun> {
     let mut sweeps = 0u64;
     let mut busy = Duration::ZERO;
     let mut extra_writes = 0usize;
-    let mut version = v0;
     let mut known = inodes(&paths)?;
     let mut rot_t0 = Instant::now();
     let (mut rot_c0, mut rot_b0, mut rot_s0) = (Cpu::default(), Cpu::default(), Cpu::default());
@@ -791,6 +856,7 @@ async fn fleet_run(s: &Settings, n: usize) -> Result<FleetRun> {
         each: stats(each),
         last_from_send: stats(last_send),
         rotate_rpc: stats(rpc),
+        rotate_alone: stats(alone),
         sweep_mean: busy / sweeps_n as u32,
         sweeps_per_rotation: sweeps as f64 / s.rotations as f64,
         sidecar_delivery_mean_ms: if dcount > 0.0 {
@@ -841,7 +907,15 @@ fn report(f: &FleetRun) -> String {
         &f.last_from_send,
     );
     t.stats_row("the Rotate call itself", &f.rotate_rpc);
+    t.stats_row(
+        "the Rotate call, same backend before any sidecar",
+        &f.rotate_alone,
+    );
     out.push_str(&t.render());
+    out.push_str(&format!(
+        "Rotate p50 with the fleet / alone: {:.2}\n",
+        f.rotate_rpc.p50.as_secs_f64() / f.rotate_alone.p50.as_secs_f64().max(1e-9)
+    ));
     out.push_str(&format!(
         "polling: {:.1} sweeps per rotation, a sweep (stat of the files not yet changed) took {} ms on average, then 1 ms sleep\n",
         f.sweeps_per_rotation,
@@ -962,13 +1036,14 @@ fn report(f: &FleetRun) -> String {
 
 async fn run(s: &Settings) -> Result<String> {
     let max_n = s.sidecars.iter().copied().max().unwrap_or(0);
+    raise_nofile();
     if let Some(limit) = nofile_limit() {
         // This program holds a pipe per sidecar; the backend (which inherits
         // the limit) a connection per sidecar and its store.
         ensure!(
-            limit >= (max_n as u64) * 2 + 256,
-            "the open-files limit is {limit}; raise it (ulimit -n) to at least {} for {max_n} sidecars",
-            max_n * 2 + 256
+            limit >= (max_n as u64) * 4 + 256,
+            "the open-files limit is {limit} (hard limit included); raise it (ulimit -Hn) to at least {} for {max_n} sidecars",
+            max_n * 4 + 256
         );
     }
     progress(&format!(
@@ -979,6 +1054,19 @@ async fn run(s: &Settings) -> Result<String> {
         "\nrekey-sidecar propagation benchmark: backend, sidecars and this program on one machine ({} CPUs)\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    out.push_str(&format!(
+        "secret files in {}\n",
+        s.files.as_ref().map_or_else(
+            || format!(
+                "{} (REKEY_BENCH_FILES=disk)",
+                std::env::temp_dir().display()
+            ),
+            |p| format!(
+                "{} (tmpfs, as an emptyDir with medium: Memory)",
+                p.display()
+            )
+        )
+    ));
     for &n in &s.sidecars {
         let f = fleet_run(s, n)
             .await

@@ -27,7 +27,17 @@ impl TempDir {
     /// When the directory cannot be created.
     #[must_use]
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// A fresh directory under `base`.
+    ///
+    /// # Panics
+    ///
+    /// When the directory cannot be created.
+    #[must_use]
+    pub fn new_in(base: &Path, tag: &str) -> Self {
+        let p = base.join(format!(
             "rekey-{tag}-{}-{}-{}",
             std::process::id(),
             next_seq(),
