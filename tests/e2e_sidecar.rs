@@ -698,6 +698,11 @@ command = ["sh", "-c", "echo ran >> {ran}"]
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("serving v1 (last good); newer version rejected: v2: validation failed: redis: AUTH refused"), "{body}");
     assert!(!body.contains("not-the-password-42"), "{body}");
+    // The sidecar reports the failure at once; the backend stores it
+    // with the reports that arrive beside it.
+    wait_for("the failure in status", Duration::from_secs(10), || {
+        b.cli_json(&["status", "prod/api/redis-url"])[0]["consumers"][0]["healthy"] == false
+    });
     let st = b.cli_json(&["status", "prod/api/redis-url"]);
     let c = &st[0]["consumers"][0];
     assert_eq!(c["version"], 1);

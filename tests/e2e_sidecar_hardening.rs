@@ -468,6 +468,11 @@ validate = {{ kind = "http", url = "http://{host}/check" }}
         "{body}"
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "tok-good-0001");
+    // The sidecar reports the failure at once; the backend stores it
+    // with the reports that arrive beside it.
+    wait_for("the failure in status", Duration::from_secs(10), || {
+        b.cli_json(&["status", "prod/api/token"])[0]["consumers"][0]["healthy"] == false
+    });
     let st = b.cli_json(&["status", "prod/api/token"]);
     let c = &st[0]["consumers"][0];
     assert_eq!(c["version"], 1, "{c}");

@@ -369,7 +369,7 @@ async fn reporting(
     cfg: Arc<Config>,
     state: Arc<State>,
     mut client: Client,
-    wanted: Arc<Notify>,
+    wanted: Arc<Wanted>,
     mut leave: oneshot::Receiver<()>,
 ) {
     let mut tick = tokio::time::interval(cfg.report_interval);
@@ -381,10 +381,11 @@ async fn reporting(
                 report(&cfg, &state, &mut client, true).await;
                 return;
             }
+            () = wanted.urgent.notified() => {}
             _ = tick.tick() => {}
-            () = wanted.notified() => {
+            () = wanted.spread.notified() => {
                 // Spread over the fleet; reports asked for meanwhile
-                // join this one. A goodbye does not wait.
+                // join this one. A goodbye or a failure does not wait.
                 let wait = cfg.report_spread.mul_f64(unit_random());
                 tokio::select! {
                     biased;
@@ -392,12 +393,23 @@ async fn reporting(
                         report(&cfg, &state, &mut client, true).await;
                         return;
                     }
+                    () = wanted.urgent.notified() => {}
                     () = tokio::time::sleep(wait) => {}
                 }
             }
         }
         report(&cfg, &state, &mut client, false).await;
     }
+}
+
+/// Reports asked of the reporting task.
+#[derive(Default)]
+struct Wanted {
+    /// A new version served: reported within `report_spread`.
+    spread: Notify,
+    /// A version that failed to render or validate: reported at once, so
+    /// `rekey status` shows the problem while the operator looks.
+    urgent: Notify,
 }
 
 /// The reporting task of one Watch stream; it ends with the stream.
@@ -447,7 +459,7 @@ async fn session(
     // Reports go out from a task of their own, so that a slow report never
     // holds back the next event; asked for while one is on its way, they
     // coalesce into one.
-    let wanted = Arc::new(Notify::new());
+    let wanted = Arc::new(Wanted::default());
     let (leave, left) = oneshot::channel();
     let reporter = Reporter {
         task: tokio::spawn(reporting(
@@ -475,8 +487,11 @@ async fn session(
                         && let Some(out) = outputs.get(&id)
                     {
                         let changed = state.deliver(&id, out, served, published, reloader).await;
-                        if changed || state.report().iter().any(|(i, _, ok, _)| i == &id && !ok) {
-                            wanted.notify_one();
+                        let failing = state.report().iter().any(|(i, _, ok, _)| i == &id && !ok);
+                        if failing {
+                            wanted.urgent.notify_one();
+                        } else if changed {
+                            wanted.spread.notify_one();
                         }
                     }
                     if let Some(id) = id
