@@ -374,7 +374,16 @@ async fn reporting(
 ) {
     let mut tick = tokio::time::interval(cfg.report_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the report of a new version is due: a random part of
+    // report_spread after it was asked for, so a fleet's reports spread.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        let spread_over = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = &mut leave => {
@@ -383,21 +392,16 @@ async fn reporting(
             }
             () = wanted.urgent.notified() => {}
             _ = tick.tick() => {}
+            () = spread_over => {}
             () = wanted.spread.notified() => {
-                // Spread over the fleet; reports asked for meanwhile
-                // join this one. A goodbye or a failure does not wait.
-                let wait = cfg.report_spread.mul_f64(unit_random());
-                tokio::select! {
-                    biased;
-                    _ = &mut leave => {
-                        report(&cfg, &state, &mut client, true).await;
-                        return;
-                    }
-                    () = wanted.urgent.notified() => {}
-                    () = tokio::time::sleep(wait) => {}
-                }
+                // Asked again before it is due: joins the report waiting.
+                due.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + cfg.report_spread.mul_f64(unit_random())
+                });
+                continue;
             }
         }
+        due = None;
         report(&cfg, &state, &mut client, false).await;
     }
 }
