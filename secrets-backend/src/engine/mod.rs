@@ -33,6 +33,7 @@
 mod create;
 mod decommission;
 mod drive;
+mod group;
 mod outside;
 mod refusals;
 mod reports;
@@ -161,6 +162,9 @@ pub(crate) struct Engine {
     consumers_dirty: Mutex<BTreeSet<String>>,
     /// Consumer reports waiting to be committed together.
     reports: reports::ReportQueue,
+    /// Audit events of Watch streams opened, waiting to be appended
+    /// together.
+    watch_opens: group::GroupCommit<Vec<NewEvent>>,
     /// Secrets whose rollback is writing to their provider right now (an
     /// outside change seen then is rekey's own write).
     rolling_back: Mutex<HashSet<String>>,
@@ -256,6 +260,7 @@ impl Engine {
             consumers_refreshed_at: AtomicI64::new(0),
             consumers_dirty: Mutex::default(),
             reports: reports::ReportQueue::default(),
+            watch_opens: group::GroupCommit::default(),
             rolling_back: Mutex::default(),
             audit_head: Mutex::default(),
             refusals: Mutex::default(),

@@ -11,13 +11,11 @@
 //! sender up to that much, and the store one statement per group.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
 use super::Engine;
-use crate::error::{Error, Result};
+use super::group::{GroupCommit, Turn};
+use crate::error::Result;
 use crate::store::ConsumerRow;
 
 /// How long a writer waits for more reports before it commits a group
@@ -45,100 +43,35 @@ impl Change {
     }
 }
 
-struct Queued {
-    changes: Vec<Change>,
-    done: oneshot::Sender<std::result::Result<(), String>>,
-}
-
-/// The queue of reports not yet committed, and the right to commit them.
-#[derive(Default)]
-pub(super) struct ReportQueue {
-    queued: Mutex<Vec<Queued>>,
-    writer: tokio::sync::Mutex<()>,
-}
-
-impl ReportQueue {
-    fn len(&self) -> usize {
-        self.queued
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-
-    fn take(&self) -> Vec<Queued> {
-        std::mem::take(
-            &mut *self
-                .queued
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-}
-
-/// Reports taken for one transaction. If the writer is cancelled (its
-/// caller went away) before answering them, they go back to the queue for
-/// the next writer, so no report is lost with it.
-struct Group<'a> {
-    queue: &'a ReportQueue,
-    items: Vec<Queued>,
-}
-
-impl Drop for Group<'_> {
-    fn drop(&mut self) {
-        if !self.items.is_empty() {
-            self.queue
-                .queued
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .append(&mut self.items);
-        }
-    }
-}
+/// Reports waiting to be committed together.
+pub(super) type ReportQueue = GroupCommit<Vec<Change>>;
 
 impl Engine {
     /// Commits `changes` with whatever other reports are waiting; returns
     /// once they are in the store.
     pub(super) async fn commit_report(&self, changes: Vec<Change>) -> Result<()> {
-        let (done, mut answer) = oneshot::channel();
-        self.reports
-            .queued
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Queued { changes, done });
-        let writer = self.reports.writer.lock().await;
-        // A writer before this one may have taken this report already.
-        if let Ok(r) = answer.try_recv() {
-            return r.map_err(Error::Internal);
-        }
         // Sidecars spread their reports over a second or so after a
         // rotation: waiting a moment lets the ones close behind join this
         // transaction instead of each paying for its own.
-        if self.reports.len() < crate::store::CONSUMERS_PER_STATEMENT {
-            tokio::time::sleep(GROUP_WINDOW).await;
-        }
-        let mut group = Group {
-            queue: &self.reports,
-            items: self.reports.take(),
-        };
-        let r = self.write_reports(&group.items).await;
-        let shared = r.as_ref().map(|_| ()).map_err(ToString::to_string);
-        for q in group.items.drain(..) {
-            // The caller may have gone (a cancelled RPC); its report is
-            // written all the same.
-            let _ = q.done.send(shared.clone());
-        }
-        drop(writer);
-        match answer.try_recv() {
-            Ok(r) => r.map_err(Error::Internal),
-            Err(_) => Err(Error::Internal("a consumer report was not answered".into())),
+        match self
+            .reports
+            .join(changes, crate::store::CONSUMERS_PER_STATEMENT, GROUP_WINDOW)
+            .await
+        {
+            Turn::Done(r) => r,
+            Turn::Write(group, ticket) => {
+                let r = self.write_reports(group.items().flatten()).await;
+                group.finish(&r);
+                ticket.result()
+            }
         }
     }
 
     /// One transaction for a group of reports. Within the group the latest
     /// change to each (consumer, secret) wins, as it would one by one.
-    async fn write_reports(&self, group: &[Queued]) -> Result<()> {
+    async fn write_reports(&self, group: impl Iterator<Item = &Change>) -> Result<()> {
         let mut latest: BTreeMap<(String, String), &Change> = BTreeMap::new();
-        for c in group.iter().flat_map(|q| &q.changes) {
+        for c in group {
             latest.insert(c.key(), c);
         }
         let mut upserts = Vec::new();

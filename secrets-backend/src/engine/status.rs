@@ -3,6 +3,9 @@
 
 use rekey_keyring::SecretValue;
 
+use std::time::Duration;
+
+use super::group::Turn;
 use super::reports::Change;
 use super::{Actor, Engine, event};
 use crate::audit::{self, NewEvent};
@@ -272,33 +275,45 @@ impl Engine {
     }
 
     /// Records that a Watch stream opened: one event per secret, naming
-    /// the versions whose values it was sent.
+    /// the versions whose values it was sent. Streams opened together (a
+    /// fleet starting, or reconnecting after a restart) are recorded in
+    /// one transaction.
     pub(crate) async fn record_watch(
         &self,
         actor: &Actor,
         sent: &[(String, (u64, u64))],
     ) -> Result<()> {
-        let mut tx = self.store.begin().await?;
-        let mut events = Vec::with_capacity(sent.len());
-        for (id, (current, previous)) in sent {
-            let mut detail = format!("stream opened; values sent: current v{current}");
-            if *previous > 0 {
-                detail.push_str(", previous v");
-                detail.push_str(&previous.to_string());
+        let events: Vec<NewEvent> = sent
+            .iter()
+            .map(|(id, (current, previous))| {
+                let mut detail = format!("stream opened; values sent: current v{current}");
+                if *previous > 0 {
+                    detail.push_str(", previous v");
+                    detail.push_str(&previous.to_string());
+                }
+                let version = i64::try_from(*current).unwrap_or(0);
+                event(actor, "watch", id, version, "ok", detail)
+            })
+            .collect();
+        match self.watch_opens.join(events, 1, Duration::ZERO).await {
+            Turn::Done(r) => r,
+            Turn::Write(group, ticket) => {
+                let r = self.append_all(group.items().flatten()).await;
+                group.finish(&r);
+                ticket.result()
             }
-            let version = i64::try_from(*current).unwrap_or(0);
-            events.push(
-                audit::append_in(
-                    &self.store,
-                    &mut tx,
-                    event(actor, "watch", id, version, "ok", detail),
-                    now_ms(),
-                )
-                .await?,
-            );
+        }
+    }
+
+    /// Appends `events` in one transaction, in order.
+    async fn append_all(&self, events: impl Iterator<Item = &NewEvent>) -> Result<()> {
+        let mut tx = self.store.begin().await?;
+        let mut appended = Vec::new();
+        for ev in events {
+            appended.push(audit::append_in(&self.store, &mut tx, ev.clone(), now_ms()).await?);
         }
         tx.commit().await?;
-        for ev in &events {
+        for ev in &appended {
             self.published(ev);
         }
         Ok(())

@@ -672,3 +672,37 @@ async fn reports_sent_at_once_are_all_kept_and_the_latest_wins() {
         assert_eq!(g.version, 7);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_opened_together_are_each_audited_in_one_chain() {
+    let Fixture { engine, .. } = fixture().await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let engine = engine.clone();
+        set.spawn(async move {
+            let actor = Actor {
+                identity: format!("pod-{i}"),
+                request_id: format!("r{i}"),
+            };
+            engine
+                .record_watch(&actor, &[("app/key".into(), (i + 1, i))])
+                .await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let events = engine
+        .list_audit("app/key", AuditPage::After(0), 1000)
+        .await
+        .unwrap();
+    let watchers: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.action == "watch")
+        .map(|e| e.actor.as_str())
+        .collect();
+    assert_eq!(watchers.len(), 200, "one event per stream");
+    let v = engine.verify_audit(None).await.unwrap();
+    assert!(v.first_bad.is_none(), "{:?}", v.first_bad);
+    assert_eq!(v.checked, i64::try_from(events.len()).unwrap());
+}
