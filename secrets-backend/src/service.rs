@@ -269,6 +269,10 @@ impl RekeyService {
             }
         }
         let slots = self.streams.open(&who.name, request.remote_addr())?;
+        // The request's headers are not needed past this point; a burst
+        // of streams opening at once (a fleet reconnecting) must not keep
+        // all of them while their snapshots and audit events are made.
+        drop(request);
         let mut map = StreamMap::new();
         let mut sent = Vec::with_capacity(ids.len());
         for id in &ids {
