@@ -21,7 +21,12 @@
 //! `REKEY_BENCH_STREAMS` (10000) Watch streams,
 //! `REKEY_BENCH_CONNECTIONS` (20) HTTP/2 connections for the streams,
 //! `REKEY_BENCH_ROTATIONS` (20) fan-out rotations,
-//! `REKEY_BENCH_POSTGRES` (1; 0 skips the Postgres run).
+//! `REKEY_BENCH_POSTGRES` (1; 0 skips the Postgres run),
+//! `REKEY_BENCH_REPLICAS` (1) backends for the fan-out: with 2 or more,
+//! replicas on one Postgres database sharing the KEK and admin token, the
+//! connections (and so the streams) spread evenly over them, every
+//! rotation made through the first; the report adds each replica's
+//! last stream.
 //! A quick smoke run:
 //! `REKEY_BENCH_ROTATES=20 REKEY_BENCH_STREAMS=200 REKEY_BENCH_ROTATIONS=3 cargo bench -p rekey-e2e --bench backend`
 //!
@@ -64,6 +69,9 @@ struct Settings {
     connections: usize,
     rotations: usize,
     postgres: bool,
+    /// Backends serving the fan-out: 1 on SQLite, more on one Postgres
+    /// database (the streams spread evenly over them).
+    replicas: usize,
 }
 
 impl Settings {
@@ -74,6 +82,7 @@ impl Settings {
             connections: env_usize("REKEY_BENCH_CONNECTIONS", 20, 1)?,
             rotations: env_usize("REKEY_BENCH_ROTATIONS", 20, 1)?,
             postgres: env_usize("REKEY_BENCH_POSTGRES", 1, 0)? != 0,
+            replicas: env_usize("REKEY_BENCH_REPLICAS", 1, 1)?,
         };
         ensure!(
             s.connections <= s.streams,
@@ -315,6 +324,9 @@ async fn watch_task(
 }
 
 struct Fanout {
+    replicas: usize,
+    /// Rotate sent -> the last stream of each replica has the version.
+    last_per_replica: Vec<Stats>,
     streams: usize,
     connections: usize,
     rotations: usize,
@@ -336,35 +348,84 @@ struct Fanout {
     rss_after: u64,
 }
 
-async fn fanout(s: &Settings) -> Result<Fanout> {
+/// The backends of the fan-out, with the database they share (if any).
+struct Fleet {
+    backends: Vec<Backend>,
+    _db: Option<PgDb>,
+    _dir: TempDir,
+}
+
+async fn fanout_backends(replicas: usize) -> Fleet {
     let dir = TempDir::new("bench-fanout");
     // Many streams per connection and per identity, as a multiplexing
     // client would hold; the defaults bound a pod's share.
-    let b = Backend::start(
-        dir.path(),
-        BackendOpts {
-            extra_toml: "[limits]\nmax_watch_streams_per_connection = 1000000\nmax_watch_streams_per_identity = 1000000\n".into(),
-            ..Default::default()
-        },
-    );
-    let pid = b.pid();
-    let token = b.token();
+    let extra_toml = "[limits]\nmax_watch_streams_per_connection = 1000000\nmax_watch_streams_per_identity = 1000000\n".to_string();
+    if replicas == 1 {
+        let b = Backend::start(
+            dir.path(),
+            BackendOpts {
+                extra_toml,
+                ..Default::default()
+            },
+        );
+        return Fleet {
+            backends: vec![b],
+            _db: None,
+            _dir: dir,
+        };
+    }
+    let db = PgDb::create("bench_fanout").await;
+    let kek = dir.path().join("kek");
+    // A fixed key: the database is made for this run and dropped after.
+    std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").expect("write the KEK");
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "rk_bench_fanout_replicas_0123456789\n").expect("write the token");
+    let opts = BackendOpts {
+        store_url: Some(db.url.clone()),
+        kek_file: Some(kek),
+        admin_token_file: Some(token),
+        extra_toml,
+        ..Default::default()
+    };
+    let backends = (0..replicas)
+        .map(|i| {
+            let d = dir.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&d).expect("create a replica's directory");
+            Backend::start(&d, opts.clone())
+        })
+        .collect();
+    Fleet {
+        backends,
+        _db: Some(db),
+        _dir: dir,
+    }
+}
+
+fn rss_sum(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
+async fn fanout(s: &Settings) -> Result<Fanout> {
+    let fleet = fanout_backends(s.replicas).await;
+    let bs = &fleet.backends;
+    let pids: Vec<u32> = bs.iter().map(Backend::pid).collect();
+    let token = bs[0].token();
     let id = "bench/fanout";
-    let mut admin = connect(&b, &token).await?;
+    let mut admin = connect(&bs[0], &token).await?;
     let v0 = create_random(&mut admin, id).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_before = rss_kib(pid)?;
+    let rss_before = rss_sum(&pids)?;
 
     let mut clients = Vec::with_capacity(s.connections);
     for i in 0..s.connections {
         clients.push(
-            connect(&b, &token)
+            connect(&bs[i % bs.len()], &token)
                 .await
                 .with_context(|| format!("connection {}", i + 1))?,
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_connected = rss_kib(pid)?;
+    let rss_connected = rss_sum(&pids)?;
 
     progress(&format!(
         "opening {} Watch streams on {} connections",
@@ -411,8 +472,11 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
         open_time.as_secs_f64()
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_open = rss_kib(pid)?;
-    let gauge = metric(&b.metrics, "rekey_watch_streams").await?;
+    let rss_open = rss_sum(&pids)?;
+    let mut gauge = 0.0;
+    for b in bs {
+        gauge += metric(&b.metrics, "rekey_watch_streams").await?;
+    }
     ensure!(
         gauge as usize == s.streams,
         "the backend reports rekey_watch_streams {gauge}, expected {}",
@@ -423,6 +487,10 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
     let mut first_s = Vec::new();
     let mut each = Vec::new();
     let mut rpc = Vec::new();
+    let mut per_replica: Vec<Vec<Duration>> = vec![Vec::new(); bs.len()];
+    // Stream idx uses connection idx % connections, which is on replica
+    // (idx % connections) % replicas.
+    let replica_of = |idx: usize| (idx % s.connections) % bs.len();
     let mut version = v0;
     for r in 0..FANOUT_WARMUP + s.rotations {
         let target = version + 1;
@@ -435,6 +503,7 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
         let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
         let mut got = 0;
         let mut times = Vec::with_capacity(s.streams);
+        let mut slowest_on = vec![Duration::ZERO; bs.len()];
         while got < s.streams {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) => bail!(
@@ -448,7 +517,10 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
                         "stream {idx} received v{version} while v{target} was being delivered"
                     );
                     got += 1;
-                    times.push(at.saturating_duration_since(t0));
+                    let t = at.saturating_duration_since(t0);
+                    let on = &mut slowest_on[replica_of(idx)];
+                    *on = (*on).max(t);
+                    times.push(t);
                 }
                 Ok(Some(Ev::Failed { idx, msg })) => {
                     bail!("Watch stream {idx} failed during rotation to v{target}: {msg}")
@@ -472,6 +544,9 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
             first_s.push(fastest);
             rpc.push(took);
             each.extend(times);
+            for (all, t) in per_replica.iter_mut().zip(slowest_on) {
+                all.push(t);
+            }
         }
         tokio::time::sleep(ROTATION_GAP).await;
     }
@@ -486,11 +561,14 @@ async fn fanout(s: &Settings) -> Result<Fanout> {
             Ev::Ready => {}
         }
     }
-    let rss_after = rss_kib(pid)?;
+    let rss_after = rss_sum(&pids)?;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     drop(clients);
+    drop(fleet);
     Ok(Fanout {
+        replicas: s.replicas,
+        last_per_replica: per_replica.into_iter().map(stats).collect(),
         streams: s.streams,
         connections: s.connections,
         rotations: s.rotations,
@@ -564,12 +642,29 @@ async fn run(s: &Settings) -> Result<String> {
         None => t.note("postgres: skipped (REKEY_BENCH_POSTGRES=0)"),
     }
     out.push_str(&t.render());
+    let replicas = if f.replicas == 1 {
+        "one backend, SQLite store".to_string()
+    } else {
+        format!(
+            "{} backend replicas on one Postgres database, {} streams each, every Rotate through the first",
+            f.replicas,
+            f.streams / f.replicas
+        )
+    };
     out.push_str(&format!(
-        "\nWatch fan-out: {} streams on one secret over {} HTTP/2 connections, SQLite store, {} rotations after {FANOUT_WARMUP} warm-up\n",
+        "\nWatch fan-out: {} streams on one secret over {} HTTP/2 connections, {replicas}, {} rotations after {FANOUT_WARMUP} warm-up\n",
         f.streams, f.connections, f.rotations
     ));
     let mut t = Table::stats("from just before Rotate is sent until");
     t.stats_row("  the last stream has the version", &f.last);
+    if f.replicas > 1 {
+        for (i, st) in f.last_per_replica.iter().enumerate() {
+            t.stats_row(
+                &format!("  the last stream on replica {} has it", i + 1),
+                st,
+            );
+        }
+    }
     t.stats_row("  the first stream has the version", &f.first);
     t.stats_row("  each stream has it (all rotations pooled)", &f.each);
     t.stats_row("  the Rotate call returns", &f.rotate_rpc);
@@ -579,10 +674,14 @@ async fn run(s: &Settings) -> Result<String> {
         f.open_time.as_secs_f64()
     ));
     out.push_str(&format!(
-        "missed versions: {}; duplicate events: {}; backend gauge rekey_watch_streams: {}\n",
+        "missed versions: {}; duplicate events: {}; rekey_watch_streams over the backends: {}\n",
         f.missed, f.duplicates, f.gauge
     ));
-    out.push_str("\nBackend memory (VmRSS)\n");
+    out.push_str(if f.replicas == 1 {
+        "\nBackend memory (VmRSS)\n"
+    } else {
+        "\nBackend memory (VmRSS, all replicas together)\n"
+    });
     let mut t = Table::new("when").right("VmRSS");
     t.row([
         "before connections and streams".to_string(),
