@@ -112,15 +112,11 @@ async fn serve_watch(service: &RekeyService, req: http::Request<Body>) -> http::
         Ok(frames) => frames,
         Err(status) => return status.into_http(),
     };
-    // The stream ends only at shutdown; its trailers say so.
-    let mut end = http::HeaderMap::new();
-    end.insert("grpc-status", http::HeaderValue::from_static("14"));
-    end.insert(
-        "grpc-message",
-        http::HeaderValue::from_static("shutting down"),
-    );
     let data = frames.map(|b| Ok::<_, Status>(Frame::data(b)));
-    let trailers = tokio_stream::once(Ok(Frame::trailers(end)));
+    // Made when the stream ends, not held by every open stream.
+    let trailers = tokio_stream::iter(std::iter::once_with(|| {
+        Ok(Frame::trailers(shutting_down()))
+    }));
     let body = Body::new(StreamBody::new(data.chain(trailers)));
     let mut response = http::Response::new(body);
     response.headers_mut().insert(
@@ -128,6 +124,17 @@ async fn serve_watch(service: &RekeyService, req: http::Request<Body>) -> http::
         http::HeaderValue::from_static("application/grpc"),
     );
     response
+}
+
+/// The trailers of a Watch stream: it ends only at shutdown, and says so.
+fn shutting_down() -> http::HeaderMap {
+    let mut end = http::HeaderMap::new();
+    end.insert("grpc-status", http::HeaderValue::from_static("14"));
+    end.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("shutting down"),
+    );
+    end
 }
 
 /// The frames of a Watch stream: shared, already encoded.

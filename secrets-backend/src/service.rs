@@ -286,14 +286,17 @@ impl RekeyService {
         let gauge = self.engine.metrics().watch_streams.clone();
         gauge.inc();
         let held = (StreamGauge(gauge), slots);
-        let mut first = HashSet::new();
+        // Secrets whose first event was sent; a stream watches a few, so
+        // a list is smaller than a set.
+        let mut sent_first: Vec<String> = Vec::new();
         let frames = map.filter_map(move |(id, snap)| {
             let _held = &held;
             let s = snap?;
-            Some(Some(if first.insert(id) {
-                s.first.clone()
-            } else {
+            Some(Some(if sent_first.contains(&id) {
                 s.change.clone()
+            } else {
+                sent_first.push(id);
+                s.first.clone()
             }))
         });
         // End every stream at shutdown so the server can drain.
