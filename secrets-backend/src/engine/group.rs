@@ -40,21 +40,9 @@ impl<T> Default for GroupCommit<T> {
 pub(super) enum Turn<'a, T> {
     /// Another writer wrote the item: its result.
     Done(Result<()>),
-    /// This caller writes the group (its own item included), then calls
-    /// [`Group::finish`] and [`Ticket::result`].
-    Write(Group<'a, T>, Ticket),
-}
-
-/// The caller's own answer.
-pub(super) struct Ticket(oneshot::Receiver<Answer>);
-
-impl Ticket {
-    pub(super) fn result(mut self) -> Result<()> {
-        match self.0.try_recv() {
-            Ok(r) => r.map_err(Error::Internal),
-            Err(_) => Err(Error::Internal("a grouped write was not answered".into())),
-        }
-    }
+    /// This caller writes the group (its own item included), then hands
+    /// the result to [`Group::finish`].
+    Write(Group<'a, T>),
 }
 
 /// The items one writer took, with the writer's turn.
@@ -69,14 +57,17 @@ impl<T> Group<'_, T> {
         self.items.iter().map(|q| &q.item)
     }
 
-    /// Answers every item with the group's result; ends the turn.
-    pub(super) fn finish(mut self, r: &Result<()>) {
+    /// Answers every item with the group's result and ends the turn;
+    /// returns that result, which is also the writer's own (its item is
+    /// in the group).
+    pub(super) fn finish(mut self, r: Result<()>) -> Result<()> {
         let shared: Answer = r.as_ref().map(|_| ()).map_err(ToString::to_string);
         for q in self.items.drain(..) {
             // The caller may have gone (a cancelled RPC); its item is
             // written all the same.
             let _ = q.done.send(shared.clone());
         }
+        r
     }
 }
 
@@ -109,14 +100,13 @@ impl<T> GroupCommit<T> {
         if !window.is_zero() && self.queue().len() < enough {
             tokio::time::sleep(window).await;
         }
+        // Not answered, so the item is still queued (a cancelled writer
+        // puts back what it took): it is in the group taken here.
         let items = std::mem::take(&mut *self.queue());
-        Turn::Write(
-            Group {
-                commit: self,
-                items,
-                _turn: turn,
-            },
-            Ticket(answer),
-        )
+        Turn::Write(Group {
+            commit: self,
+            items,
+            _turn: turn,
+        })
     }
 }

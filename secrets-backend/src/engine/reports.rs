@@ -32,13 +32,14 @@ pub(super) enum Change {
 }
 
 impl Change {
-    fn key(&self) -> (String, String) {
+    /// (consumer, secret): the row this change is about.
+    fn key(&self) -> (&str, &str) {
         match self {
-            Change::Upsert(r) => (r.consumer_id.clone(), r.secret_id.clone()),
+            Change::Upsert(r) => (&r.consumer_id, &r.secret_id),
             Change::Delete {
                 consumer_id,
                 secret_id,
-            } => (consumer_id.clone(), secret_id.clone()),
+            } => (consumer_id, secret_id),
         }
     }
 }
@@ -59,10 +60,9 @@ impl Engine {
             .await
         {
             Turn::Done(r) => r,
-            Turn::Write(group, ticket) => {
+            Turn::Write(group) => {
                 let r = self.write_reports(group.items().flatten()).await;
-                group.finish(&r);
-                ticket.result()
+                group.finish(r)
             }
         }
     }
@@ -70,16 +70,16 @@ impl Engine {
     /// One transaction for a group of reports. Within the group the latest
     /// change to each (consumer, secret) wins, as it would one by one.
     async fn write_reports(&self, group: impl Iterator<Item = &Change>) -> Result<()> {
-        let mut latest: BTreeMap<(String, String), &Change> = BTreeMap::new();
+        let mut latest: BTreeMap<(&str, &str), &Change> = BTreeMap::new();
         for c in group {
             latest.insert(c.key(), c);
         }
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
-        for ((consumer, secret), c) in &latest {
+        for (key, c) in latest {
             match c {
                 Change::Upsert(r) => upserts.push(r),
-                Change::Delete { .. } => deletes.push((consumer.as_str(), secret.as_str())),
+                Change::Delete { .. } => deletes.push(key),
             }
         }
         if deletes.is_empty() && upserts.len() <= crate::store::CONSUMERS_PER_STATEMENT {

@@ -1,9 +1,9 @@
 //! Reads (versions, secrets, status), reveals, the reports sidecars send
 //! (versions served, re-encryption progress), and the audit log.
 
-use rekey_keyring::SecretValue;
-
 use std::time::Duration;
+
+use rekey_keyring::SecretValue;
 
 use super::group::Turn;
 use super::reports::Change;
@@ -297,10 +297,9 @@ impl Engine {
             .collect();
         match self.watch_opens.join(events, 1, Duration::ZERO).await {
             Turn::Done(r) => r,
-            Turn::Write(group, ticket) => {
+            Turn::Write(group) => {
                 let r = self.append_all(group.items().flatten()).await;
-                group.finish(&r);
-                ticket.result()
+                group.finish(r)
             }
         }
     }
