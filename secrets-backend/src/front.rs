@@ -22,7 +22,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 
 use crate::limits::{Capped, request_limit};
-use crate::service::RekeyService;
+use crate::service::{RekeyService, WatchAdmitted, WatchRefused};
 
 const WATCH_PATH: &str = "/rekey.v1.Rekey/Watch";
 
@@ -67,8 +67,9 @@ impl tower_service::Service<http::Request<Body>> for Front {
         let watch = req.uri().path() == WATCH_PATH;
         let req = req.map(|b| Body::new(Capped::new(b, limit)));
         if watch {
-            let service = self.service.clone();
-            Box::pin(async move { Ok(serve_watch(&service, req).await) })
+            let (parts, body) = req.into_parts();
+            let read = Box::pin(async move { (parts, read_message(body).await) });
+            Box::pin(WatchCall::Reading(read, self.service.clone()))
         } else {
             let mut grpc = self.grpc.clone();
             Box::pin(async move { grpc.call(req).await })
@@ -97,17 +98,56 @@ async fn read_message<M: Message + Default>(body: Body) -> Result<M, Status> {
     M::decode(bytes).map_err(|_| Status::invalid_argument("the request is not a WatchRequest"))
 }
 
-async fn serve_watch(service: &RekeyService, req: http::Request<Body>) -> http::Response<Body> {
-    let (parts, body) = req.into_parts();
-    let opened = async {
-        let msg: pb::WatchRequest = read_message(body).await?;
-        service
-            .open_watch(tonic::Request::from_http(http::Request::from_parts(
-                parts, msg,
-            )))
-            .await
+/// A Watch call in two stages, each boxed, so that an open stream's task
+/// holds only the stage it is in: first the request's head and body while
+/// the message is read, then only what opening the stream needs once the
+/// request is checked (no headers, no body) while its snapshot and audit
+/// event are made. With 50,000 streams opening at once, every byte of this
+/// future is paid 50,000 times.
+enum WatchCall {
+    Reading(ReadingWatch, Arc<RekeyService>),
+    Opening(Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>),
+}
+
+impl Future for WatchCall {
+    type Output = Result<http::Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match &mut *self {
+                Self::Reading(read, service) => {
+                    let Poll::Ready((parts, msg)) = read.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    let admitted = msg.map_err(WatchRefused::Invalid).and_then(|msg| {
+                        service.admit_watch(tonic::Request::from_http(http::Request::from_parts(
+                            parts, msg,
+                        )))
+                    });
+                    *self = Self::Opening(Box::pin(open_watch(service.clone(), admitted)));
+                }
+                Self::Opening(open) => return open.as_mut().poll(cx).map(Ok),
+            }
+        }
     }
-    .await;
+}
+
+/// A Watch request's head, and its message once read.
+type ReadingWatch =
+    Pin<Box<dyn Future<Output = (http::request::Parts, Result<pb::WatchRequest, Status>)> + Send>>;
+
+/// The response to an admitted (or refused) Watch request: the stream's
+/// frames, then trailers saying the server is shutting down.
+async fn open_watch(
+    service: Arc<RekeyService>,
+    admitted: Result<WatchAdmitted, WatchRefused>,
+) -> http::Response<Body> {
+    let opened = match admitted {
+        Ok(admitted) => service.open_watch(admitted).await,
+        // Boxed: rare, and its audit write would otherwise size every
+        // stream's future.
+        Err(refused) => Err(Box::pin(service.refuse_watch(refused)).await),
+    };
     let frames = match opened {
         Ok(frames) => frames,
         Err(status) => return status.into_http(),

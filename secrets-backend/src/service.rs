@@ -237,14 +237,15 @@ impl Drop for StreamGauge {
 }
 
 impl RekeyService {
-    /// Opens a Watch stream: checks, authorizes and audits it, takes its
-    /// places under the stream limits, and returns the frames to send (the
-    /// current snapshot of each secret first, then each change) until
-    /// shutdown.
-    pub(crate) async fn open_watch(
+    /// Checks a Watch request: its secret ids, its caller, the caller's
+    /// rights to each secret and a free stream slot. Synchronous, so that
+    /// the request (headers, extensions) is gone before anything waits: a
+    /// fleet reconnecting at once must not keep every request, and a
+    /// stream's future is only as large as what it keeps across an await.
+    pub(crate) fn admit_watch(
         &self,
         request: Request<pb::WatchRequest>,
-    ) -> std::result::Result<WatchFrames, Status> {
+    ) -> std::result::Result<WatchAdmitted, WatchRefused> {
         let ids: Vec<String> = {
             let mut seen = HashSet::new();
             request
@@ -256,36 +257,72 @@ impl RekeyService {
                 .collect()
         };
         if ids.is_empty() {
-            return Err(Error::InvalidArgument("name at least one secret to watch".into()).into());
+            return Err(WatchRefused::Invalid(
+                Error::InvalidArgument("name at least one secret to watch".into()).into(),
+            ));
         }
         for id in &ids {
-            validate_id(id)?;
+            validate_id(id).map_err(|e| WatchRefused::Invalid(e.into()))?;
         }
-        let (who, actor) = self.caller(&request, "Watch", &ids[0])?;
+        let (who, actor) = self
+            .caller(&request, "Watch", &ids[0])
+            .map_err(|e| WatchRefused::Invalid(e.into()))?;
         for id in &ids {
-            if let Err(e) = self.auth.authorize(&who, Operation::Watch, id) {
-                self.engine.record_refusal(&actor, "watch", id, 0, &e).await;
-                return Err(e.into());
+            if let Err(error) = self.auth.authorize(&who, Operation::Watch, id) {
+                return Err(WatchRefused::Unauthorized(Box::new(Unauthorized {
+                    actor,
+                    secret: id.clone(),
+                    error,
+                })));
             }
         }
-        let slots = self.streams.open(&who.name, request.remote_addr())?;
-        // The request's headers are not needed past this point; a burst
-        // of streams opening at once (a fleet reconnecting) must not keep
-        // all of them while their snapshots and audit events are made.
-        drop(request);
+        let slots = self
+            .streams
+            .open(&who.name, request.remote_addr())
+            .map_err(WatchRefused::Invalid)?;
+        Ok(WatchAdmitted { ids, actor, slots })
+    }
+
+    /// The answer to a refused Watch, audited when it was the caller's
+    /// rights that refused it.
+    pub(crate) async fn refuse_watch(&self, refused: WatchRefused) -> Status {
+        match refused {
+            WatchRefused::Invalid(status) => status,
+            WatchRefused::Unauthorized(refusal) => {
+                let Unauthorized {
+                    actor,
+                    secret,
+                    error,
+                } = *refusal;
+                self.engine
+                    .record_refusal(&actor, "watch", &secret, 0, &error)
+                    .await;
+                error.into()
+            }
+        }
+    }
+
+    /// Opens an admitted Watch stream: subscribes to each secret, audits
+    /// the opening with the versions sent, and returns the stream's frames.
+    pub(crate) async fn open_watch(
+        &self,
+        admitted: WatchAdmitted,
+    ) -> std::result::Result<WatchFrames, Status> {
+        // Used in place, not taken apart: an async fn's locals would be
+        // a second copy of its argument in every stream's future.
         let mut map = StreamMap::new();
-        let mut sent = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut sent = Vec::with_capacity(admitted.ids.len());
+        for id in &admitted.ids {
             let rx = self.engine.subscribe(id).await?;
             let versions = rx.borrow().as_ref().map_or((0, 0), |s| s.versions());
             sent.push((id.clone(), versions));
             map.insert(id.clone(), WatchStream::new(rx));
         }
-        self.engine.record_watch(&actor, &sent).await?;
-        tracing::debug!(identity = %actor.identity, secrets = ids.len(), "watch stream opened");
+        self.engine.record_watch(&admitted.actor, &sent).await?;
+        tracing::debug!(identity = %admitted.actor.identity, secrets = sent.len(), "watch stream opened");
         let gauge = self.engine.metrics().watch_streams.clone();
         gauge.inc();
-        let held = (StreamGauge(gauge), slots);
+        let held = (StreamGauge(gauge), admitted.slots);
         // Secrets whose first event was sent; a stream watches a few, so
         // a list is smaller than a set.
         let mut sent_first: Vec<String> = Vec::new();
@@ -303,6 +340,28 @@ impl RekeyService {
         let stop = WatchStream::from_changes(self.shutdown.clone()).map(|_| None);
         Ok(Box::pin(frames.merge(stop).map_while(|f| f)))
     }
+}
+
+/// A Watch request that passed [`RekeyService::admit_watch`].
+pub(crate) struct WatchAdmitted {
+    ids: Vec<String>,
+    actor: Actor,
+    slots: crate::limits::StreamSlots,
+}
+
+/// Why [`RekeyService::admit_watch`] refused a Watch request.
+pub(crate) enum WatchRefused {
+    /// Answered as is: a malformed request, an unknown caller, no slot.
+    Invalid(Status),
+    /// The caller may not watch a secret: audited, then answered.
+    Unauthorized(Box<Unauthorized>),
+}
+
+/// Who was refused which secret, and why.
+pub(crate) struct Unauthorized {
+    actor: Actor,
+    secret: String,
+    error: Error,
 }
 
 #[tonic::async_trait]
@@ -490,7 +549,10 @@ impl Rekey for RekeyService {
     /// Served by [`crate::front`] from shared frames; this path decodes
     /// them again for callers of the generated service.
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
-        let frames = self.open_watch(request).await?;
+        let frames = match self.admit_watch(request) {
+            Ok(admitted) => self.open_watch(admitted).await?,
+            Err(refused) => return Err(self.refuse_watch(refused).await),
+        };
         let events = frames.map(|f| {
             pb::WatchEvent::decode(f.get(5..).unwrap_or_default())
                 .map_err(|_| Status::internal("a Watch frame did not decode"))

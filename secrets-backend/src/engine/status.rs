@@ -298,7 +298,9 @@ impl Engine {
         match self.watch_opens.join(events, 1, Duration::ZERO).await {
             Turn::Done(r) => r,
             Turn::Write(group) => {
-                let r = self.append_all(group.items().flatten()).await;
+                // Boxed: only the writer runs it, and every waiter's
+                // future would otherwise be as large as the writer's.
+                let r = Box::pin(self.append_all(group.items().flatten())).await;
                 group.finish(r)
             }
         }

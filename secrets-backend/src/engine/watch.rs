@@ -17,7 +17,10 @@ impl Engine {
         if rx.borrow().is_none() {
             let _one = self.hub.first_load().await;
             if rx.borrow().is_none() {
-                let snap = self.snapshot(id).await?;
+                // Boxed: the store read happens once per secret, and a
+                // Watch future holding it inline would be as large for
+                // every stream that merely subscribes.
+                let snap = Box::pin(self.snapshot(id)).await?;
                 self.hub.publish(id, snap);
             }
         }
