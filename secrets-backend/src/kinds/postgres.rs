@@ -7,11 +7,15 @@
 //! old role's password and sets NOLOGIN. Passwords are sent to Postgres as
 //! SCRAM-SHA-256 verifiers computed here (on the blocking pool: 4096
 //! PBKDF2 rounds), so the plaintext never reaches the server or its
-//! statement log, and rekey's own connections never log statements.
+//! statement log, and rekey's own connections never log statements. A
+//! verifier is started as soon as create makes the password, so it is
+//! ready by set; set computes its own for any other password.
 //!
 //! The admin connection of each secret is kept between steps and checked
 //! with a ping before each use; it is opened again when the ping fails, the
-//! admin URL changed, or it sat idle for [`ADMIN_IDLE`].
+//! admin URL changed, or it sat idle for [`ADMIN_IDLE`]. A kept connection
+//! remembers that it found the roles, so set looks for them again only
+//! when a change fails.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -215,26 +219,46 @@ async fn enable(
             format!("{user:?} is not a role rekey manages"),
         ));
     }
-    // The verifier's PBKDF2 runs beside the admin connection's check.
-    let pw = zeroize::Zeroizing::new(pw.to_string());
-    let verifier = tokio::task::spawn_blocking(move || scram_verifier(&pw));
+    // The verifier started at create, or one computed now beside the
+    // admin connection's check.
+    let verifier = kind.verifier(secret, pw);
     let mut c = kind.admin(secret, step_name, o).await?;
     let verifier = verifier
         .await
         .map_err(|e| Error::Internal(format!("computing a SCRAM verifier: {e}")))??;
+    let alter = format!("ALTER ROLE \"{user}\" WITH LOGIN PASSWORD '{verifier}'");
+    let roles = format!("{}\0{}", o.group_role, o.role_base);
     let done = async {
-        ensure_roles(secret, step_name, &mut c.conn, o).await?;
-        exec(
-            secret,
-            step_name,
-            &mut c.conn,
-            format!("ALTER ROLE \"{user}\" WITH LOGIN PASSWORD '{verifier}'"),
-        )
-        .await
+        // This connection already saw the roles: go straight to the
+        // change, and look again only if the change fails.
+        let seen = c.roles.as_deref() == Some(roles.as_str());
+        if !seen {
+            ensure_roles(secret, step_name, &mut c.conn, o).await?;
+            c.roles = Some(roles.clone());
+        }
+        match exec(secret, step_name, &mut c.conn, alter.clone()).await {
+            Err(_) if seen => {
+                ensure_roles(secret, step_name, &mut c.conn, o).await?;
+                exec(secret, step_name, &mut c.conn, alter).await
+            }
+            done => done,
+        }
     }
     .await;
     kind.keep(secret, c, done.is_ok());
     done
+}
+
+/// A SCRAM verifier being computed on the blocking pool for the password
+/// create just made, so that set finds it ready.
+struct Verifying {
+    /// SHA-256 of the password it is for, never the password.
+    password: [u8; 32],
+    verifier: tokio::task::JoinHandle<Result<String>>,
+}
+
+fn password_digest(password: &str) -> [u8; 32] {
+    url_digest(password)
 }
 
 /// How long a kept admin connection may sit unused before it is closed.
@@ -248,6 +272,9 @@ struct Kept {
     /// Which admin URL it was opened with (a digest; never the URL).
     url: [u8; 32],
     used: Instant,
+    /// The group role and role base whose roles this connection found
+    /// present, so the next set does not look again.
+    roles: Option<String>,
 }
 
 fn url_digest(url: &str) -> [u8; 32] {
@@ -275,7 +302,36 @@ impl Postgres {
             conn: connect(secret, step_name, &url).await?,
             url: want,
             used: Instant::now(),
+            roles: None,
         })
+    }
+
+    /// Starts computing the verifier of `password` (just made by create)
+    /// on the blocking pool, for the secret's next set.
+    fn start_verifier(&self, secret: &str, password: &str) {
+        let digest = password_digest(password);
+        let pw = zeroize::Zeroizing::new(password.to_string());
+        let verifier = tokio::task::spawn_blocking(move || scram_verifier(&pw));
+        lock(&self.verifying).insert(
+            secret.to_string(),
+            Verifying {
+                password: digest,
+                verifier,
+            },
+        );
+    }
+
+    /// The verifier of `password`: the one started at create if it was
+    /// for this password, else one computed now on the blocking pool.
+    fn verifier(&self, secret: &str, password: &str) -> tokio::task::JoinHandle<Result<String>> {
+        let started = lock(&self.verifying).remove(secret);
+        match started {
+            Some(v) if rekey_keyring::ct_eq(&v.password, &password_digest(password)) => v.verifier,
+            _ => {
+                let pw = zeroize::Zeroizing::new(password.to_string());
+                tokio::task::spawn_blocking(move || scram_verifier(&pw))
+            }
+        }
     }
 
     /// Keeps `c` for the secret's next step when the step went well (a
@@ -299,16 +355,20 @@ impl Postgres {
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
-        self.admin
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.admin)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Default)]
 pub(crate) struct Postgres {
     /// One admin connection per secret, kept between steps.
     admin: Mutex<HashMap<String, Kept>>,
+    /// At most one verifier per secret, started by create for set.
+    verifying: Mutex<HashMap<String, Verifying>>,
 }
 
 #[async_trait]
@@ -387,6 +447,8 @@ impl Kind for Postgres {
         };
         let pw = generate(32, Encoding::Alnum)?;
         let pw = String::from_utf8(pw.expose().to_vec()).unwrap_or_default();
+        // Its PBKDF2 runs while the engine stores the pending version.
+        self.start_verifier(ctx.id, &pw);
         let url = format!(
             "postgres://{user}:{pw}@{}:{}/{}",
             o.host, o.port, o.database
@@ -511,5 +573,51 @@ mod tests {
         let (salt_part, keys) = rest.split_once('$').unwrap();
         assert_eq!(salt_part.split(':').count(), 2);
         assert_eq!(keys.split(':').count(), 2);
+    }
+
+    /// Whether `verifier` is the SCRAM verifier of `password`: its stored
+    /// key, recomputed from the password and the verifier's own salt.
+    fn verifies(verifier: &str, password: &str) -> bool {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$4096:").unwrap();
+        let (salt, keys) = rest.split_once('$').unwrap();
+        let (stored, _) = keys.split_once(':').unwrap();
+        let mut salted = [0u8; 32];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(4096).unwrap(),
+            &b64.decode(salt).unwrap(),
+            password.as_bytes(),
+            &mut salted,
+        );
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+        let client_key = hmac::sign(&key, b"Client Key");
+        digest::digest(&digest::SHA256, client_key.as_ref()).as_ref() == b64.decode(stored).unwrap()
+    }
+
+    #[tokio::test]
+    async fn set_uses_the_verifier_started_by_create_only_for_that_password() {
+        let kind = Postgres::default();
+        kind.start_verifier("db/a", "made-by-create");
+        let v = kind
+            .verifier("db/a", "made-by-create")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(verifies(&v, "made-by-create"));
+        assert!(lock(&kind.verifying).is_empty(), "taken, not kept");
+
+        // A set with another password (a restore of previous, say) never
+        // gets the verifier made for create's.
+        kind.start_verifier("db/a", "made-by-create");
+        let v = kind.verifier("db/a", "previous").await.unwrap().unwrap();
+        assert!(verifies(&v, "previous"));
+        assert!(!verifies(&v, "made-by-create"));
+
+        // Nor does another secret.
+        kind.start_verifier("db/b", "for-b");
+        let v = kind.verifier("db/c", "for-c").await.unwrap().unwrap();
+        assert!(verifies(&v, "for-c"));
+        assert_eq!(lock(&kind.verifying).len(), 1);
     }
 }
