@@ -68,7 +68,12 @@ impl tower_service::Service<http::Request<Body>> for Front {
         let req = req.map(|b| Body::new(Capped::new(b, limit)));
         if watch {
             let (parts, body) = req.into_parts();
-            let read = Box::pin(async move { (parts, read_message(body).await) });
+            // The message is awaited before the pair is made, so the head
+            // is kept once, not once more for the tuple.
+            let read = Box::pin(async move {
+                let msg = read_message(body).await;
+                (parts, msg)
+            });
             Box::pin(WatchCall::Reading(read, self.service.clone()))
         } else {
             let mut grpc = self.grpc.clone();
@@ -137,17 +142,28 @@ type ReadingWatch =
     Pin<Box<dyn Future<Output = (http::request::Parts, Result<pb::WatchRequest, Status>)> + Send>>;
 
 /// The response to an admitted (or refused) Watch request: the stream's
-/// frames, then trailers saying the server is shutting down.
-async fn open_watch(
+/// frames, then trailers saying the server is shutting down. An async
+/// block rather than an async fn, whose arguments would be kept twice.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in every stream's future"
+)]
+fn open_watch(
     service: Arc<RekeyService>,
     admitted: Result<WatchAdmitted, WatchRefused>,
-) -> http::Response<Body> {
-    let opened = match admitted {
-        Ok(admitted) => service.open_watch(admitted).await,
-        // Boxed: rare, and its audit write would otherwise size every
-        // stream's future.
-        Err(refused) => Err(Box::pin(service.refuse_watch(refused)).await),
-    };
+) -> impl Future<Output = http::Response<Body>> + Send {
+    async move {
+        let opened = match admitted {
+            Ok(admitted) => service.open_watch(admitted).await,
+            // Boxed: rare, and its audit write would otherwise size every
+            // stream's future.
+            Err(refused) => Err(Box::pin(service.refuse_watch(refused)).await),
+        };
+        respond(opened)
+    }
+}
+
+fn respond(opened: Result<WatchFrames, Status>) -> http::Response<Body> {
     let frames = match opened {
         Ok(frames) => frames,
         Err(status) => return status.into_http(),
