@@ -12,25 +12,10 @@ use tokio_stream::StreamExt;
 
 /// Two replicas sharing one database, KEK and admin token.
 fn replicas(dir: &TempDir, db: &PgDb, extra: &str) -> (Backend, Backend) {
-    let kek = dir.path().join("kek");
-    std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
-    let token = dir.path().join("admin.token");
-    std::fs::write(&token, "rk_replica_test_token_0123456789\n").unwrap();
-    let opts = BackendOpts {
-        store_url: Some(db.url.clone()),
-        kek_file: Some(kek),
-        admin_token_file: Some(token),
-        extra_toml: extra.to_string(),
-        ..Default::default()
-    };
-    let da = dir.path().join("a");
-    let db_ = dir.path().join("b");
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db_).unwrap();
-    (
-        Backend::start(&da, opts.clone()),
-        Backend::start(&db_, opts),
-    )
+    let mut both = Backend::start_replicas(dir.path(), db, 2, extra);
+    let b = both.pop().expect("two replicas");
+    let a = both.pop().expect("two replicas");
+    (a, b)
 }
 
 async fn next_current(s: &mut tonic::Streaming<pb::WatchEvent>) -> u64 {

@@ -375,25 +375,7 @@ async fn fanout_backends(replicas: usize) -> Fleet {
         };
     }
     let db = PgDb::create("bench_fanout").await;
-    let kek = dir.path().join("kek");
-    // A fixed key: the database is made for this run and dropped after.
-    std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").expect("write the KEK");
-    let token = dir.path().join("admin.token");
-    std::fs::write(&token, "rk_bench_fanout_replicas_0123456789\n").expect("write the token");
-    let opts = BackendOpts {
-        store_url: Some(db.url.clone()),
-        kek_file: Some(kek),
-        admin_token_file: Some(token),
-        extra_toml,
-        ..Default::default()
-    };
-    let backends = (0..replicas)
-        .map(|i| {
-            let d = dir.path().join(format!("replica-{i}"));
-            std::fs::create_dir_all(&d).expect("create a replica's directory");
-            Backend::start(&d, opts.clone())
-        })
-        .collect();
+    let backends = Backend::start_replicas(dir.path(), &db, replicas, &extra_toml);
     Fleet {
         backends,
         _db: Some(db),

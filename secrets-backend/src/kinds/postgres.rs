@@ -257,8 +257,10 @@ struct Verifying {
     verifier: tokio::task::JoinHandle<Result<String>>,
 }
 
-fn password_digest(password: &str) -> [u8; 32] {
-    url_digest(password)
+/// Computes `password`'s verifier on the blocking pool.
+fn spawn_verifier(password: &str) -> tokio::task::JoinHandle<Result<String>> {
+    let pw = zeroize::Zeroizing::new(password.to_string());
+    tokio::task::spawn_blocking(move || scram_verifier(&pw))
 }
 
 /// How long a kept admin connection may sit unused before it is closed.
@@ -277,8 +279,9 @@ struct Kept {
     roles: Option<String>,
 }
 
-fn url_digest(url: &str) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, url.as_bytes());
+/// SHA-256 of an admin URL or a password: what is kept to recognise it.
+fn sha256(text: &str) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, text.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
@@ -289,7 +292,7 @@ impl Postgres {
     /// was opened with today's admin URL, else a new one.
     async fn admin(&self, secret: &str, step_name: &'static str, o: &PgOptions) -> Result<Kept> {
         let url = admin_url(secret, step_name, &o.admin_url_file, &o.admin_url)?;
-        let want = url_digest(&url);
+        let want = sha256(&url);
         let kept = self.kept().remove(secret);
         if let Some(mut k) = kept
             && k.url == want
@@ -309,9 +312,8 @@ impl Postgres {
     /// Starts computing the verifier of `password` (just made by create)
     /// on the blocking pool, for the secret's next set.
     fn start_verifier(&self, secret: &str, password: &str) {
-        let digest = password_digest(password);
-        let pw = zeroize::Zeroizing::new(password.to_string());
-        let verifier = tokio::task::spawn_blocking(move || scram_verifier(&pw));
+        let digest = sha256(password);
+        let verifier = spawn_verifier(password);
         lock(&self.verifying).insert(
             secret.to_string(),
             Verifying {
@@ -326,11 +328,8 @@ impl Postgres {
     fn verifier(&self, secret: &str, password: &str) -> tokio::task::JoinHandle<Result<String>> {
         let started = lock(&self.verifying).remove(secret);
         match started {
-            Some(v) if rekey_keyring::ct_eq(&v.password, &password_digest(password)) => v.verifier,
-            _ => {
-                let pw = zeroize::Zeroizing::new(password.to_string());
-                tokio::task::spawn_blocking(move || scram_verifier(&pw))
-            }
+            Some(v) if rekey_keyring::ct_eq(&v.password, &sha256(password)) => v.verifier,
+            _ => spawn_verifier(password),
         }
     }
 

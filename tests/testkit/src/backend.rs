@@ -44,6 +44,42 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Starts `n` replicas on one Postgres database, sharing a KEK and an
+    /// admin token (both written under `dir`), each with its own
+    /// directory `dir/replica-<i>` and `extra_toml`.
+    ///
+    /// # Panics
+    ///
+    /// When a file cannot be written or a replica does not start.
+    #[must_use]
+    pub fn start_replicas(
+        dir: &Path,
+        db: &crate::PgDb,
+        n: usize,
+        extra_toml: &str,
+    ) -> Vec<Backend> {
+        let kek = dir.join("kek");
+        // A fixed key: the database is made for one test and dropped after.
+        std::fs::write(&kek, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n")
+            .expect("write the KEK");
+        let token = dir.join("admin.token");
+        std::fs::write(&token, "rk_replica_test_token_0123456789\n").expect("write the token");
+        let opts = BackendOpts {
+            store_url: Some(db.url.clone()),
+            kek_file: Some(kek),
+            admin_token_file: Some(token),
+            extra_toml: extra_toml.to_string(),
+            ..Default::default()
+        };
+        (0..n)
+            .map(|i| {
+                let d = dir.join(format!("replica-{i}"));
+                std::fs::create_dir_all(&d).expect("create a replica's directory");
+                Backend::start(&d, opts.clone())
+            })
+            .collect()
+    }
+
     /// Starts a backend with data under `dir` and waits until it listens.
     ///
     /// # Panics
