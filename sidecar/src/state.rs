@@ -214,6 +214,13 @@ impl State {
         {
             return fail("validation_failed", &Error::Rejected(Box::new(e)));
         }
+        // The keyring first: an app that sees the main file change (by
+        // watching it) finds the keyring already holding that version.
+        if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)
+            && let Err(e) = write::write_file(p, b.expose(), out.mode, out.owner, out.dirs)
+        {
+            return fail("write_failed", &e);
+        }
         if let Some(b) = &main {
             let r = match &out.directory {
                 Some(dir) => {
@@ -229,11 +236,6 @@ impl State {
             if let Err(e) = r {
                 return fail("write_failed", &e);
             }
-        }
-        if let (Some(p), Some(b)) = (&out.keyring_path, &keyring)
-            && let Err(e) = write::write_file(p, b.expose(), out.mode, out.owner, out.dirs)
-        {
-            return fail("write_failed", &e);
         }
         if let Some(t) = published_at_ms {
             let now = std::time::SystemTime::now()
