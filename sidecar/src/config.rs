@@ -282,6 +282,23 @@ pub struct Config {
     pub reencrypt: Vec<ReencryptConfig>,
 }
 
+impl Config {
+    /// One line on what this configuration runs, for `--check-config`: no
+    /// token and no value.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        format!(
+            "backend {}, listen {}, {} secret(s), {} file source(s), {} reload action(s), {} re-encryption task(s)",
+            self.backend,
+            self.listen,
+            self.secrets.len(),
+            self.file_sources.len(),
+            self.reloads.len(),
+            self.reencrypt.len(),
+        )
+    }
+}
+
 /// Every problem found, listed together.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]

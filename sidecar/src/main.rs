@@ -35,6 +35,12 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, env = "REKEY_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
+    /// Check the configuration as a start would (the file, flags and
+    /// REKEY_* variables; the token files, output directories and other
+    /// files it names) and exit: 0 when it is valid, 2 with every problem
+    /// when not. Connects nowhere.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,6 +70,18 @@ fn main() -> ExitCode {
         listen: args.listen,
     };
     let loaded = Config::load_all(args.config.as_deref(), flags, std::env::vars());
+    if args.check_config {
+        return match loaded {
+            Ok(c) => {
+                println!("configuration valid: {}", c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(invalid) => {
+                eprintln!("error: {}", invalid.errors);
+                ExitCode::from(2)
+            }
+        };
+    }
     // The sidecar idles almost always: one thread is plenty.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -23,6 +23,11 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, env = "REKEY_LOG_FORMAT", default_value = "human")]
     log_format: LogFormat,
+    /// Check the configuration (the file, REKEY_* variables, and that the
+    /// files it names can be read) and exit: 0 when it is valid, 2 with
+    /// every problem when not. Starts nothing and connects nowhere.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -35,6 +40,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check_config {
+        let problems = cfg.file_problems();
+        if !problems.is_empty() {
+            eprintln!("error: {}", rekey_backend::config::ConfigErrors(problems));
+            return ExitCode::from(2);
+        }
+        println!("configuration valid: {}", cfg.summary());
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

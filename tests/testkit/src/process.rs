@@ -107,7 +107,7 @@ pub(crate) fn random_uuid() -> String {
 /// # Panics
 ///
 /// When there is none.
-pub(crate) fn tool_binary(name: &str, env_var: &str) -> PathBuf {
+pub fn tool_binary(name: &str, env_var: &str) -> PathBuf {
     if let Some(b) = std::env::var_os(env_var).filter(|b| !b.is_empty()) {
         return PathBuf::from(b);
     }
