@@ -465,101 +465,244 @@ fn mounted_file(objs: &[Value], spec: &Value, c: &Value, path: &str) -> Option<S
     })
 }
 
-/// Every rekey container's config file, with the pod's environment, as
-/// `--check-config` sees it in the pod: each mounted Secret's files and the
-/// service account as placeholders, each emptyDir writable, the config
-/// file from its ConfigMap. Paths in the config are the pod's paths, moved
-/// under one temporary root.
+/// The rekey containers of the rendered pods: (where, pod spec, container,
+/// binary).
+fn rekey_containers(objs: &[Value]) -> Vec<(String, &Value, &Value, rekey_testkit::Binary)> {
+    let mut out = Vec::new();
+    for (pod, spec) in pod_specs(objs) {
+        for c in containers(spec) {
+            let bin = if is_image(c, "rekey-sidecar") {
+                SIDECAR
+            } else if is_image(c, "rekey-backend") {
+                BACKEND
+            } else {
+                continue;
+            };
+            out.push((format!("{pod} {}", c["name"]), spec, c, bin));
+        }
+    }
+    out
+}
+
+/// The container's command as its pod would run it, with the pod's files
+/// laid out under `root`: the config file from its ConfigMap, each file the
+/// config names under a Secret or projected mount as a stand-in (a KEK of
+/// the right shape, a token, a CA that parses, else a placeholder), each
+/// emptyDir empty, and the container's environment (Secret references as
+/// stand-ins). Paths in the config and environment are the pod's paths,
+/// moved under `root`. `store` replaces a store URL taken from a Secret.
+fn pod_command(
+    root: &Path,
+    objs: &[Value],
+    spec: &Value,
+    c: &Value,
+    bin: rekey_testkit::Binary,
+    store: &str,
+) -> Command {
+    let relocate = |p: &str| format!("{}{p}", root.display());
+    let config_path = config_arg(c);
+    let config = mounted_file(objs, spec, c, &config_path).expect("config");
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let mount = m["mountPath"].as_str().expect("mountPath");
+        let at = PathBuf::from(relocate(mount));
+        std::fs::create_dir_all(&at).expect("mount dir");
+        let vol = spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == m["name"])
+            .expect("volume");
+        if vol.get("secret").is_none() && vol.get("projected").is_none() {
+            continue;
+        }
+        for word in config.split(['"', '\'']) {
+            let Some(rel) = word.strip_prefix(mount).and_then(|r| r.strip_prefix('/')) else {
+                continue;
+            };
+            let content = if rel.ends_with(".crt") || rel.ends_with(".pem") {
+                ca_pem(root)
+            } else if rel.contains("kek") {
+                // base64 of 32 bytes.
+                "cmVrZXkgc3RhbmQtaW4ga2V5LWVuY3J5cHRpb24gayE=\n".to_string()
+            } else if rel.contains("token") {
+                format!("rk_{}\n", "0f".repeat(32))
+            } else {
+                "placeholder\n".to_string()
+            };
+            std::fs::write(at.join(rel), content).expect("stand-in");
+        }
+    }
+    let file = PathBuf::from(relocate(&config_path));
+    std::fs::write(&file, relocate_paths(&config, c, &relocate)).expect("config");
+    let mut cmd = Command::new(bin.path());
+    let mut args: Vec<String> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    if let Some(i) = args.iter().position(|a| a == "--config") {
+        args[i + 1] = file.display().to_string();
+    }
+    cmd.args(&args);
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOSTNAME", "pod-0")
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443");
+    for e in c["env"].as_array().into_iter().flatten() {
+        let n = e["name"].as_str().expect("name");
+        let v = match (&e["value"], &e["valueFrom"]) {
+            (Value::String(v), _) => relocate_paths(v, c, &relocate),
+            (_, from) if from.get("secretKeyRef").is_some() => {
+                if n.ends_with("URL") {
+                    store.to_string()
+                } else {
+                    "placeholder".into()
+                }
+            }
+            (_, from) if from.get("fieldRef").is_some() => "platform".into(),
+            _ => continue,
+        };
+        cmd.env(n, v);
+    }
+    cmd
+}
+
+/// The config file mounted into each rekey container passes
+/// `--check-config` in the pod's layout.
 #[test]
 fn the_mounted_config_files_pass_check_config() {
     let mut checked = 0;
     for (dir, _, objs) in rendered() {
-        for (pod, spec) in pod_specs(&objs) {
-            for c in containers(spec) {
-                let bin = if is_image(c, "rekey-sidecar") {
-                    SIDECAR
-                } else if is_image(c, "rekey-backend") {
-                    BACKEND
-                } else {
-                    continue;
-                };
-                let root = TempDir::new("pod");
-                let relocate = |p: &str| format!("{}{p}", root.path().display());
-                let config_path = config_arg(c);
-                let config = mounted_file(&objs, spec, c, &config_path).expect("config");
-                // Every mount: ConfigMaps with their files, Secrets with a
-                // placeholder for each file the config names under them,
-                // emptyDirs empty.
-                for m in c["volumeMounts"].as_array().into_iter().flatten() {
-                    let mount = m["mountPath"].as_str().expect("mountPath");
-                    let at = PathBuf::from(relocate(mount));
-                    std::fs::create_dir_all(&at).expect("mount dir");
-                    let vol = spec["volumes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|v| v["name"] == m["name"])
-                        .expect("volume");
-                    if vol.get("secret").is_some() || vol.get("projected").is_some() {
-                        for word in config.split(['"', '\'']) {
-                            if let Some(rel) =
-                                word.strip_prefix(mount).and_then(|r| r.strip_prefix('/'))
-                            {
-                                // A CA must parse; anything else is opaque.
-                                let content = if rel.ends_with(".crt") || rel.ends_with(".pem") {
-                                    ca_pem(root.path())
-                                } else {
-                                    "placeholder\n".to_string()
-                                };
-                                std::fs::write(at.join(rel), content).expect("placeholder");
-                            }
-                        }
-                    }
-                }
-                let text = relocate_paths(&config, c, &relocate);
-                let file = PathBuf::from(relocate(&config_path));
-                std::fs::write(&file, &text).expect("config");
-                let mut cmd = Command::new(bin.path());
-                cmd.arg("--config").arg(&file).arg("--check-config");
-                cmd.env_clear()
-                    .env("PATH", "/usr/bin:/bin")
-                    .env("HOSTNAME", "pod-0")
-                    .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-                    .env("KUBERNETES_SERVICE_PORT", "443");
-                for e in c["env"].as_array().into_iter().flatten() {
-                    let n = e["name"].as_str().expect("name");
-                    let v = match (&e["value"], &e["valueFrom"]) {
-                        (Value::String(v), _) => relocate_paths(v, c, &relocate),
-                        (_, from) if from.get("secretKeyRef").is_some() => {
-                            // A placeholder of the shape the variable takes.
-                            if n.ends_with("URL") {
-                                "postgres://placeholder@postgres:5432/placeholder".into()
-                            } else {
-                                "placeholder".into()
-                            }
-                        }
-                        (_, from) if from.get("fieldRef").is_some() => "platform".into(),
-                        _ => continue,
-                    };
-                    cmd.env(n, v);
-                }
-                let o = cmd.output().expect("run --check-config");
-                assert!(
-                    o.status.success() && stdout(&o).starts_with("configuration valid: "),
-                    "{} {pod} {}: {} --check-config failed:\n{}{}",
-                    dir.display(),
-                    c["name"],
-                    bin.name,
-                    stdout(&o),
-                    stderr(&o)
-                );
-                checked += 1;
-            }
+        for (at, spec, c, bin) in rekey_containers(&objs) {
+            let root = TempDir::new("pod");
+            let mut cmd = pod_command(
+                root.path(),
+                &objs,
+                spec,
+                c,
+                bin,
+                "postgres://placeholder@postgres:5432/placeholder",
+            );
+            let o = cmd
+                .arg("--check-config")
+                .output()
+                .expect("run --check-config");
+            assert!(
+                o.status.success() && stdout(&o).starts_with("configuration valid: "),
+                "{} {at}: {} --check-config failed:\n{}{}",
+                dir.display(),
+                bin.name,
+                stdout(&o),
+                stderr(&o)
+            );
+            checked += 1;
         }
     }
     // The base's backend, and each platform overlay's backend and two
     // sidecars.
     assert!(checked >= 7, "checked {checked} containers");
+}
+
+/// Each rekey container of the platform overlay, started with its pod's
+/// arguments in a network namespace of its own (so the manifests' fixed
+/// ports are free), answers every probe the manifest gives it on the port
+/// the manifest names: HTTP probes with a status other than 404, the gRPC
+/// probe with SERVING for the service it names. The backend's store is
+/// SQLite in its data volume instead of the Secret's Postgres URL; the
+/// sidecars cannot reach their backend's cluster address, which their
+/// readiness reports (503) while their endpoints still answer.
+#[test]
+fn every_probe_names_a_path_and_port_the_binary_serves() {
+    let overlay = workspace().join("deploy/kubernetes/overlays/platform");
+    let objs = objects(&render(&overlay));
+    let mut probed = 0;
+    for (at, spec, c, bin) in rekey_containers(&objs) {
+        let root = TempDir::new("probe");
+        let db = format!(
+            "sqlite://{}/var/lib/rekey/rekey.db?mode=rwc",
+            root.path().display()
+        );
+        let cmd = pod_command(root.path(), &objs, spec, c, bin, &db);
+        let mut script = String::from("ip link set lo up\n");
+        let envs: Vec<String> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, shell(v?.to_str()?))))
+            .collect();
+        let args: Vec<String> = cmd
+            .get_args()
+            .filter_map(|a| a.to_str().map(shell))
+            .collect();
+        script += &format!(
+            "env -i {} {} {} >{log} 2>&1 &\npid=$!\n",
+            envs.join(" "),
+            shell(&bin.path().display().to_string()),
+            args.join(" "),
+            log = root.path().join("log").display()
+        );
+        let request = root.path().join("health-request");
+        let mut checks = Vec::new();
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let p = &c[probe];
+            if let Some(path) = p["httpGet"]["path"].as_str() {
+                let port = p["httpGet"]["port"].as_u64().expect("port");
+                checks.push(format!(
+                    "echo {probe} $(curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{port}{path})"
+                ));
+            } else if let Some(port) = p["grpc"]["port"].as_u64() {
+                let service = p["grpc"]["service"].as_str().unwrap_or("");
+                // A gRPC frame holding HealthCheckRequest { service }.
+                let mut msg = vec![0x0a, u8::try_from(service.len()).expect("short")];
+                msg.extend_from_slice(service.as_bytes());
+                let mut frame = vec![0u8];
+                frame.extend_from_slice(&u32::try_from(msg.len()).expect("len").to_be_bytes());
+                frame.extend_from_slice(&msg);
+                std::fs::write(&request, &frame).expect("request");
+                checks.push(format!(
+                    "echo {probe} $(curl -s --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @{} http://127.0.0.1:{port}/grpc.health.v1.Health/Check | od -An -tx1 | tr -d ' \\n')",
+                    request.display()
+                ));
+            } else {
+                panic!("{at}: {probe} is neither an HTTP nor a gRPC probe");
+            }
+        }
+        // Poll until the first probe answers, then ask each once.
+        script += &format!(
+            "for i in $(seq 1 100); do {first} | grep -qv ' 000$' && break; sleep 0.1; done\n{all}\nkill $pid\nwait $pid\n",
+            first = checks[0],
+            all = checks.join("\n")
+        );
+        let o = Command::new("timeout")
+            .args(["60", "unshare", "--net", "sh", "-c", &script])
+            .output()
+            .expect("unshare");
+        let out = stdout(&o);
+        let log = std::fs::read_to_string(root.path().join("log")).unwrap_or_default();
+        for line in out.lines() {
+            let (probe, answer) = line.split_once(' ').unwrap_or((line, ""));
+            let served = if c[probe].get("grpc").is_some() {
+                // 5-byte frame header, then field 1 (status) = 1 (SERVING).
+                answer.ends_with("0801")
+            } else {
+                !matches!(answer, "000" | "404" | "")
+            };
+            assert!(
+                served,
+                "{at}: {probe} is not served (answer {answer:?}); log:\n{log}"
+            );
+            probed += 1;
+        }
+        assert_eq!(out.lines().count(), 3, "{at}: three probes:\n{out}\n{log}");
+    }
+    // The backend's and two sidecars' three probes each.
+    assert_eq!(probed, 9);
+}
+
+/// `s` quoted for sh.
+fn shell(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// A CA certificate (PEM), made in `dir`.

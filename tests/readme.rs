@@ -6,83 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rekey_testkit::console::{Console, same, sessions};
 use rekey_testkit::*;
-
-struct Step {
-    command: String,
-    refused: bool,
-    expected: Vec<String>,
-}
-
-/// The `console` blocks of a Markdown text, as steps.
-fn sessions(markdown: &str) -> Vec<Vec<Step>> {
-    let mut out = Vec::new();
-    let mut block: Option<Vec<Step>> = None;
-    for line in markdown.lines() {
-        match &mut block {
-            None if line.trim_start().starts_with("```console") => block = Some(Vec::new()),
-            None => {}
-            Some(steps) if line.trim_start().starts_with("```") => {
-                out.push(std::mem::take(steps));
-                block = None;
-            }
-            Some(steps) => {
-                if let Some(cmd) = line.strip_prefix("$ ") {
-                    let (command, comment) = cmd.split_once(" # ").unwrap_or((cmd, ""));
-                    steps.push(Step {
-                        command: command.trim().to_string(),
-                        refused: comment.contains("refused"),
-                        expected: Vec::new(),
-                    });
-                } else if let Some(step) = steps.last_mut() {
-                    step.expected.push(line.to_string());
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Replaces every RFC 3339 time (`2026-11-26T12:28:15.123Z`) with a
-/// marker.
-fn mark_times(s: &str) -> String {
-    let c: Vec<char> = s.chars().collect();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < c.len() {
-        let t: String = c[i..(i + 24).min(c.len())].iter().collect();
-        let is_time = t.len() == 24
-            && t.as_bytes()[4] == b'-'
-            && t.as_bytes()[10] == b'T'
-            && t.ends_with('Z');
-        if is_time {
-            out.push(TIME);
-            i += 24;
-        } else {
-            out.push(c[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-const TIME: char = '\u{1}';
-const ANY: char = '…';
-
-/// Whether `got` is what the README shows: times stand for any time, and
-/// `…` for any text.
-fn same(shown: &str, got: &str) -> bool {
-    fn go(g: &[char], t: &[char]) -> bool {
-        match g.first() {
-            None => t.is_empty(),
-            Some(&ANY) => (0..=t.len()).any(|i| go(&g[1..], &t[i..])),
-            Some(c) => t.first() == Some(c) && go(&g[1..], &t[1..]),
-        }
-    }
-    let g: Vec<char> = mark_times(shown.trim_end()).chars().collect();
-    let t: Vec<char> = mark_times(got.trim_end()).chars().collect();
-    go(&g, &t)
-}
 
 fn readme() -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
@@ -142,45 +67,15 @@ fn the_readme_sessions_print_what_they_show() {
         let b = Backend::start(dir.path(), opts);
         // The README's commands run where the backend keeps ./rekey-data.
         std::os::unix::fs::symlink(dir.path().join("data"), dir.path().join("rekey-data")).unwrap();
-        for step in steps {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(&step.command)
-                .current_dir(dir.path())
-                .env("PATH", &path)
-                .env("REKEY_ADDR", &b.grpc)
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env_remove("REKEY_TOKEN")
-                .env_remove("REKEY_TOKEN_FILE")
-                .output()
-                .unwrap();
-            assert_eq!(
-                out.status.success(),
-                !step.refused,
-                "`{}`: {}",
-                step.command,
-                stderr(&out)
-            );
-            if step.expected.is_empty() {
-                continue;
-            }
-            let got = stdout(&out);
-            let got: Vec<&str> = got.lines().collect();
-            assert_eq!(
-                got.len(),
-                step.expected.len(),
-                "`{}` printed:\n{}",
-                step.command,
-                got.join("\n")
-            );
-            for (shown, line) in step.expected.iter().zip(&got) {
-                assert!(
-                    same(shown, line),
-                    "`{}`: the README shows {shown:?}, it printed {line:?}",
-                    step.command
-                );
-            }
+        let mut console = Console::new("the README", dir.path())
+            .env("PATH", &path)
+            .env("REKEY_ADDR", &b.grpc)
+            .env_remove("REKEY_TOKEN")
+            .env_remove("REKEY_TOKEN_FILE");
+        for (k, v) in &env {
+            console = console.env(k, v);
         }
+        console.run_session(&steps);
     }
 }
 

@@ -22,6 +22,8 @@
 //!   custom-runtime function and returns its response or
 //!   [`LambdaError`]; [`moto_binary`] finds `moto_server`.
 //! - [`bench`]: the benchmarks' frame, statistics and table printer.
+//! - [`console`]: Markdown terminal sessions (`console` blocks) run for
+//!   real and compared with the output they show.
 //! - Small helpers: [`TempDir`], [`eventually`], [`wait_for`],
 //!   [`http_get`], [`free_port`] and the like.
 //!
@@ -30,6 +32,7 @@
 
 pub mod bench;
 pub mod bins;
+pub mod console;
 
 mod aws;
 mod backend;
