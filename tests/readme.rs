@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rekey_testkit::console::{Console, same, sessions};
+use rekey_testkit::console::{Console, sessions};
 use rekey_testkit::*;
 
 fn readme() -> String {
@@ -77,15 +77,4 @@ fn the_readme_sessions_print_what_they_show() {
         }
         console.run_session(&steps);
     }
-}
-
-#[test]
-fn the_matcher_ignores_times_and_elisions_only() {
-    assert!(same(
-        "created a at v1 (2026-11-26T12:28:15.123Z)",
-        "created a at v1 (2027-01-02T03:04:05.678Z)"
-    ));
-    assert!(same("head 7:5f0c…e91a", "head 7:5f0c0000e91a"));
-    assert!(!same("head 7:5f0c…e91a", "head 8:5f0c0000e91a"));
-    assert!(!same("7 events verified", "5 events verified"));
 }
