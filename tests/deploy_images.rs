@@ -672,24 +672,10 @@ impl Container {
         names
     }
 
-    /// SIGTERM, as `docker stop` and kubelet send it; the exit code (at
-    /// most 20 s).
+    /// SIGTERM, as `docker stop` and kubelet send it; the exit code
+    /// (`None` when it had to be killed 20 s later).
     fn stop(&mut self) -> Option<i32> {
-        let mut c = self.child.take()?;
-        let pid = rustix::process::Pid::from_child(&c);
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("no exit within 20 s of SIGTERM; stderr:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        terminate(self.child.take()?)
     }
 }
 

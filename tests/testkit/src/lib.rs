@@ -52,6 +52,6 @@ pub use pg::{PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
     KEY_HOOK, TempDir, eventually, free_port, http_get, http_request, hyvve_open_in_python, metric,
-    sha256_hex, stderr, stdout, succeed, tool_binary, wait_for, write_exec, write_hook,
+    sha256_hex, stderr, stdout, succeed, terminate, tool_binary, wait_for, write_exec, write_hook,
 };
 pub use sidecar::{Sidecar, reencrypt_sidecar_config};

@@ -174,7 +174,7 @@ pub(crate) fn spawn_until_first_line(
 /// SIGTERM, then up to 20 s for the exit (SIGKILL after that); the exit
 /// code (`None` when killed).
 #[must_use]
-pub(crate) fn terminate(mut c: Child) -> Option<i32> {
+pub fn terminate(mut c: Child) -> Option<i32> {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(c.id().to_string())
