@@ -4,6 +4,8 @@
 //! print `[redacted]` under `Debug`, so a request or response can be logged
 //! whole without leaking a value.
 
+pub mod json;
+
 pub mod v1 {
     #![allow(clippy::all, reason = "generated code")]
     tonic::include_proto!("rekey.v1");

@@ -3,12 +3,13 @@
 
 use rekey_proto::format_time;
 use rekey_proto::v1 as pb;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Ctx;
 use crate::error::CliError;
 use crate::output::safe;
-use crate::output::{print_json, provider_label, secret_json, version_json, version_label};
+use crate::output::{print_json, provider_label, status_json, version_label};
+use rekey_proto::json::eta;
 
 pub async fn status(cx: &Ctx, secret: Option<&str>) -> Result<(), CliError> {
     let r = cx
@@ -30,74 +31,6 @@ pub async fn status(cx: &Ctx, secret: Option<&str>) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-fn status_json(st: &pb::SecretStatus) -> Value {
-    let s = st.secret.clone().unwrap_or_default();
-    let mut o = secret_json(&s);
-    o["versions"] = Value::Array(st.versions.iter().map(|v| version_json(&s.id, v)).collect());
-    o["consumers"] = Value::Array(
-        st.consumers
-            .iter()
-            .map(|k| {
-                json!({
-                    "consumer_id": k.consumer_id,
-                    "pod": k.pod,
-                    "namespace": k.namespace,
-                    "identity": k.identity,
-                    "version": k.version,
-                    "healthy": k.healthy,
-                    "error": k.error,
-                    "reported_at": format_time(k.reported_at_ms),
-                    "live": k.live,
-                })
-            })
-            .collect(),
-    );
-    o["live_consumers"] = json!(st.live_consumers);
-    o["converged_consumers"] = json!(st.converged);
-    o["decommission_blockers"] = json!(st.decommission_blockers);
-    o["provider_problem"] = if st.provider_problem.is_empty() {
-        Value::Null
-    } else {
-        json!(st.provider_problem)
-    };
-    o["reencryption"] = match &st.reencryption {
-        Some(r) => json!({
-            "version": r.version,
-            "consumer_id": r.consumer_id,
-            "rows_done": r.rows_done,
-            "rows_total": r.rows_total,
-            "rows_remaining": r.rows_total.saturating_sub(r.rows_done),
-            "rate": r.rate,
-            "eta_seconds": eta(r),
-            "finished": r.finished,
-            "phase": r.phase,
-            "updated_at": format_time(r.updated_at_ms),
-        }),
-        None => Value::Null,
-    };
-    o["rotation"] = match &st.rotation {
-        Some(r) => json!({
-            "target_version": r.target_version,
-            "step": r.step,
-            "error": r.error,
-            "started_at": format_time(r.started_at_ms),
-            "updated_at": format_time(r.updated_at_ms),
-        }),
-        None => Value::Null,
-    };
-    o
-}
-
-/// Seconds left at the reported rate, while unfinished.
-#[allow(
-    clippy::cast_precision_loss,
-    reason = "an estimate; row counts stay far below 2^52"
-)]
-fn eta(r: &pb::Reencryption) -> Option<f64> {
-    let left = r.rows_total.saturating_sub(r.rows_done) as f64;
-    (!r.finished && r.rate > 0.0).then(|| left / r.rate)
 }
 
 fn print_status(st: &pb::SecretStatus) {
@@ -255,17 +188,5 @@ mod tests {
             lines.contains(&"  provider:  vault-main (secret/rekey/prod/db)".to_string()),
             "{lines:?}"
         );
-    }
-
-    #[test]
-    fn status_json_carries_the_provider() {
-        let j = status_json(&status("", "", ""));
-        assert_eq!(j["provider"], Value::Null);
-        assert_eq!(j["provider_path"], Value::Null);
-        assert_eq!(j["provider_problem"], Value::Null);
-        let j = status_json(&status("vault-main", "secret/rekey/prod/db", "drifted"));
-        assert_eq!(j["provider"], "vault-main");
-        assert_eq!(j["provider_path"], "secret/rekey/prod/db");
-        assert_eq!(j["provider_problem"], "drifted");
     }
 }
