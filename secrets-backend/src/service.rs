@@ -51,6 +51,21 @@ fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
 }
 
 /// A prefix of secret ids: empty, or the characters ids are made of.
+/// `x-rekey-on-behalf-of`: who a front (the OpenBao / Vault plugin) acts
+/// for, e.g. `vault:userpass-alice/entity=7a1b...`. Recorded, never used
+/// to decide anything; ignored unless it is 1 to 160 characters of
+/// `[A-Za-z0-9-_.:@=/]`.
+fn on_behalf_of(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    md.get("x-rekey-on-behalf-of")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 160
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:@=/".contains(&b))
+        })
+}
+
 fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.len() > 256
         || !prefix
@@ -108,8 +123,15 @@ impl RekeyService {
             .authenticate(req.metadata(), cert_identity, now_ms())
         {
             Ok(id) => {
+                // A front such as the OpenBao / Vault plugin names the
+                // person it acts for; the audit log keeps both, the
+                // authenticated token's name first.
+                let identity = match on_behalf_of(req.metadata()) {
+                    Some(who) => format!("{} for {who}", id.name),
+                    None => id.name.clone(),
+                };
                 let actor = Actor {
-                    identity: id.name.clone(),
+                    identity,
                     request_id,
                 };
                 Ok((id, actor))
@@ -862,5 +884,25 @@ impl Rekey for RekeyService {
                 .map_or(0, |h| u64::try_from(h.seq).unwrap_or(0)),
             head_mac: head.map(|h| h.mac).unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_behalf_of_is_kept_only_when_plain() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(on_behalf_of(&md), None);
+        md.insert(
+            "x-rekey-on-behalf-of",
+            "vault:approle/entity=7a1b-2c".parse().unwrap(),
+        );
+        assert_eq!(on_behalf_of(&md), Some("vault:approle/entity=7a1b-2c"));
+        md.insert("x-rekey-on-behalf-of", "alice; drop".parse().unwrap());
+        assert_eq!(on_behalf_of(&md), None);
+        md.insert("x-rekey-on-behalf-of", "a".repeat(161).parse().unwrap());
+        assert_eq!(on_behalf_of(&md), None);
     }
 }
