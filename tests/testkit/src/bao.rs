@@ -114,6 +114,23 @@ fn json_body(body: &str) -> Option<serde_json::Value> {
     serde_json::from_str(body.get(start..=end)?).ok()
 }
 
+/// The directory plugins are registered from, under a server's own.
+fn plugin_dir_of(dir: &Path) -> PathBuf {
+    dir.join("plugins")
+}
+
+/// Where a server made `audited` writes its file audit device's log.
+fn audit_log_of(dir: &Path) -> PathBuf {
+    dir.join("audit.log")
+}
+
+/// `plugin_directory` for a server in `dir` (the directory made).
+fn plugin_hcl(dir: &Path) -> String {
+    let plugins = plugin_dir_of(dir);
+    std::fs::create_dir_all(&plugins).expect("create the plugin directory");
+    format!("plugin_directory = {}\n", hcl_str(&plugins))
+}
+
 /// A running OpenBao server, killed (SIGKILL) on drop. The KV v2 secrets
 /// engine is mounted at `secret/`.
 pub struct Bao {
@@ -144,16 +161,62 @@ impl Bao {
     /// When it does not start (with its log).
     #[must_use]
     pub fn dev(dir: &Path) -> Bao {
+        Self::dev_with(dir, false, false)
+    }
+
+    /// A dev server as [`Bao::dev`] whose `plugin_directory` is
+    /// [`Bao::plugin_dir`] (`bao server -dev -config=FILE`).
+    ///
+    /// # Panics
+    ///
+    /// When it does not start (with its log).
+    #[must_use]
+    pub fn dev_with_plugins(dir: &Path) -> Bao {
+        Self::dev_with(dir, true, false)
+    }
+
+    /// A dev server as [`Bao::dev_with_plugins`] with a file audit device
+    /// writing to [`Bao::audit_log`]. OpenBao enables audit devices only
+    /// from its configuration (an `audit` stanza), not through the API.
+    ///
+    /// # Panics
+    ///
+    /// When it does not start (with its log).
+    #[must_use]
+    pub fn dev_with_plugins_audited(dir: &Path) -> Bao {
+        Self::dev_with(dir, true, true)
+    }
+
+    fn dev_with(dir: &Path, plugins: bool, audit: bool) -> Bao {
         let dir = subdir(dir, "bao-dev");
         let root_token = format!("root-{}", random_hex(16));
+        let config = (plugins || audit).then(|| {
+            let mut hcl = if plugins {
+                plugin_hcl(&dir)
+            } else {
+                String::new()
+            };
+            if audit {
+                let _ = write!(
+                    hcl,
+                    "audit \"file\" \"file\" {{\n  options {{\n    file_path = {}\n  }}\n}}\n",
+                    hcl_str(&audit_log_of(&dir))
+                );
+            }
+            let f = dir.join("dev.hcl");
+            std::fs::write(&f, hcl).expect("write the OpenBao config");
+            format!("-config={}", f.display())
+        });
         Self::launch(&dir, &root_token, true, |_, port, _| {
-            vec![
+            let mut args = vec![
                 "server".into(),
                 "-dev".into(),
                 "-dev-no-store-token".into(),
                 format!("-dev-root-token-id={root_token}"),
                 format!("-dev-listen-address=127.0.0.1:{port}"),
-            ]
+            ];
+            args.extend(config.clone());
+            args
         })
     }
 
@@ -168,7 +231,27 @@ impl Bao {
     /// When it does not start or cannot be set up (with its log).
     #[must_use]
     pub fn file_backed(dir: &Path) -> Bao {
+        Self::file_backed_with(dir, false)
+    }
+
+    /// A persistent server as [`Bao::file_backed`] whose
+    /// `plugin_directory` is [`Bao::plugin_dir`].
+    ///
+    /// # Panics
+    ///
+    /// When it does not start or cannot be set up (with its log).
+    #[must_use]
+    pub fn file_backed_with_plugins(dir: &Path) -> Bao {
+        Self::file_backed_with(dir, true)
+    }
+
+    fn file_backed_with(dir: &Path, plugins: bool) -> Bao {
         let dir = subdir(dir, "bao");
+        let extra = if plugins {
+            plugin_hcl(&dir)
+        } else {
+            String::new()
+        };
         let mut bao = Self::launch(&dir, "", false, |dir, port, cluster| {
             // A fresh storage directory per attempt: a failed attempt's
             // raft files name its ports.
@@ -189,7 +272,7 @@ listener "tcp" {{
 }}
 api_addr     = "http://127.0.0.1:{port}"
 cluster_addr = "https://127.0.0.1:{cluster}"
-"#,
+{extra}"#,
                 storage = hcl_str(&storage),
             );
             std::fs::write(&config, hcl).expect("write the OpenBao config");
@@ -464,6 +547,56 @@ cluster_addr = "https://127.0.0.1:{cluster}"
         if let Err(log) = self.spawn() {
             panic!("OpenBao did not start again; log:\n{log}");
         }
+    }
+
+    /// The file audit device's log of a server made `audited`.
+    #[must_use]
+    pub fn audit_log(&self) -> PathBuf {
+        audit_log_of(&self.dir)
+    }
+
+    /// `GET /v1/PATH` with the root token: (status, body), `None` when
+    /// nothing answers.
+    #[must_use]
+    pub fn api_get(&self, path: &str) -> Option<(u16, String)> {
+        get(&self.addr, &format!("/v1/{path}"), Some(&self.root_token))
+    }
+
+    /// Where a server made `with_plugins` runs plugins from.
+    #[must_use]
+    pub fn plugin_dir(&self) -> PathBuf {
+        plugin_dir_of(&self.dir)
+    }
+
+    /// Copies the plugin `binary` into [`Bao::plugin_dir`] under its own
+    /// name and registers it as the secrets engine `name` with its
+    /// SHA-256 (`bao plugin register -sha256=... secret NAME`); the hex
+    /// digest.
+    ///
+    /// # Panics
+    ///
+    /// When copying or registering fails.
+    pub fn register_plugin(&self, binary: &Path, name: &str) -> String {
+        let dest = self.plugin_dir().join(name);
+        std::fs::copy(binary, &dest)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", binary.display(), dest.display()));
+        let sum = Command::new("sha256sum")
+            .arg(&dest)
+            .output()
+            .expect("sha256sum");
+        let sha = stdout(&sum)
+            .split_whitespace()
+            .next()
+            .expect("a digest")
+            .to_string();
+        self.ok(&[
+            "plugin",
+            "register",
+            &format!("-sha256={sha}"),
+            "secret",
+            name,
+        ]);
+        sha
     }
 
     /// Writes the policy `name` (`bao policy write`).

@@ -45,6 +45,12 @@ pub const LAMBDA: Binary = Binary {
     name: "rekey-lambda",
 };
 
+/// The OpenBao / Vault secrets-engine plugin.
+pub const VAULT_PLUGIN: Binary = Binary {
+    package: "rekey-vault-plugin",
+    name: "rekey-vault-plugin",
+};
+
 /// What each binary resolved to in this process (a path, or why not).
 static RESOLVED: Mutex<BTreeMap<&'static str, Result<PathBuf, String>>> =
     Mutex::new(BTreeMap::new());

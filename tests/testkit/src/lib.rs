@@ -46,7 +46,7 @@ mod sidecar;
 pub use aws::{LambdaError, LambdaFunction, LambdaRuntime, Moto, ROTATION_LAMBDA_ARN, moto_binary};
 pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
 pub use bao::{AGENT_RENDER_INTERVAL, Bao, BaoAgent, TokenReviewServer, bao_binary};
-pub use bins::{BACKEND, Binary, CLI, LAMBDA, SIDECAR};
+pub use bins::{BACKEND, Binary, CLI, LAMBDA, SIDECAR, VAULT_PLUGIN};
 pub use lease::LeaseApiServer;
 pub use pg::{PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
