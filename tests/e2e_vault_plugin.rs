@@ -11,36 +11,6 @@ use std::time::Duration;
 use rekey_testkit::*;
 use serde_json::Value;
 
-/// The plugin, registered and enabled at `rekey/` in `bao`.
-fn enable(bao: &Bao) {
-    bao.register_plugin(&VAULT_PLUGIN.path(), "rekey-vault-plugin");
-    bao.ok(&["secrets", "enable", "-path=rekey", "rekey-vault-plugin"]);
-}
-
-/// A rekey token for the plugin, as the README sets one up.
-fn plugin_token(b: &Backend) -> String {
-    let t = b.cli_json(&[
-        "token",
-        "create",
-        "vault-plugin",
-        "--prefix",
-        "",
-        "--ops",
-        "create,rotate,revoke,rollback,read,reveal,audit",
-    ]);
-    t["token"].as_str().expect("a token").to_string()
-}
-
-/// `rekey/config` pointing at `b` with `token`.
-fn configure(bao: &Bao, b: &Backend, token: &str) {
-    bao.ok(&[
-        "write",
-        "rekey/config",
-        &format!("address={}", b.grpc),
-        &format!("token={token}"),
-    ]);
-}
-
 /// A server with the plugin enabled and configured, and the plugin's token.
 fn ready(dir: &Path) -> (Bao, Backend, String) {
     ready_with(Bao::dev_with_plugins(dir), dir)
@@ -48,9 +18,7 @@ fn ready(dir: &Path) -> (Bao, Backend, String) {
 
 fn ready_with(bao: Bao, dir: &Path) -> (Bao, Backend, String) {
     let b = Backend::start(dir, BackendOpts::default());
-    enable(&bao);
-    let token = plugin_token(&b);
-    configure(&bao, &b, &token);
+    let token = bao.enable_rekey_plugin(&b);
     (bao, b, token)
 }
 
@@ -110,6 +78,8 @@ fn an_operator_manages_a_secret_through_openbao() {
     assert_eq!(created["data"]["validation_window"], "45m");
     let listed = bao.json(&["list", "rekey/secrets"]);
     assert_eq!(listed, serde_json::json!(["app/db"]));
+    let listed = bao.json(&["list", "rekey/secrets/app/"]);
+    assert_eq!(listed, serde_json::json!(["db"]));
     let read = bao.json(&["read", "rekey/secrets/app/db"]);
     assert_eq!(read["data"]["kind"], "random");
     assert_eq!(read["data"]["schedule"], "30d");
@@ -183,8 +153,10 @@ fn an_operator_manages_a_secret_through_openbao() {
     // The root token's display name is "token"; it has no entity.
     assert_eq!(rotate["actor"], "vault-plugin for vault:token", "{rotate}");
 
-    // The plugin's log (the server's) holds no value and no token.
+    // The plugin's log (the server's) holds no value and no token, and
+    // the host's own requests to the mount are answered as it expects.
     let log = bao.log();
+    assert!(!log.contains("error rolling back"), "{log}");
     for secret in [&v1, &v2, &token] {
         assert!(!log.contains(secret.as_str()), "a secret in the server log");
     }
@@ -246,6 +218,41 @@ fn policies_and_audit_devices_apply_to_the_mount() {
     let hmac = creds["response"]["data"]["value"].as_str().expect("value");
     assert!(hmac.starts_with("hmac-sha256:"), "{hmac}");
 
+    // A person with an identity entity: rekey's audit log names both.
+    bao.policy(
+        "rekey-rotator",
+        r#"path "rekey/rotate/*" { capabilities = ["update"] }"#,
+    );
+    bao.ok(&["auth", "enable", "userpass"]);
+    bao.ok(&[
+        "write",
+        "auth/userpass/users/alice",
+        "password=correct-horse",
+        "token_policies=rekey-rotator",
+    ]);
+    let login = bao.json(&[
+        "login",
+        "-method=userpass",
+        "-no-store",
+        "username=alice",
+        "password=correct-horse",
+    ]);
+    let alice = login["auth"]["client_token"].as_str().expect("token");
+    let entity = login["auth"]["entity_id"].as_str().expect("entity id");
+    assert!(!entity.is_empty(), "{login}");
+    let o = as_token(&bao, alice, &["write", "-f", "rekey/rotate/app/api"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events = b.cli_json(&["audit", "--secret", "app/api"]);
+    let want = format!("vault-plugin for vault:userpass-alice/entity={entity}");
+    assert!(
+        events
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["action"] == "rotate" && e["actor"] == want.as_str()),
+        "no rotate by {want} in {events}"
+    );
+
     // The rotate's Vault request id reached rekey's audit log.
     let request_id = rotate["request"]["id"].as_str().expect("request id");
     let events = b.cli_json(&["audit", "--secret", "app/api"]);
@@ -279,29 +286,18 @@ fn an_unreachable_backend_is_a_502_that_says_so() {
     );
 }
 
-/// The pid of this server's plugin process, once one runs.
-fn plugin_pid(bao: &Bao) -> Option<u32> {
-    let out = std::process::Command::new("pgrep")
-        .args(["-f", &bao.plugin_dir().display().to_string()])
-        .output()
-        .ok()?;
-    stdout(&out).lines().next()?.trim().parse().ok()
-}
-
 #[test]
 fn the_mount_survives_kills_reloads_remounts_and_restarts() {
     let dir = TempDir::new("plugin-life");
     let mut bao = Bao::file_backed_with_plugins(dir.path());
     let b = Backend::start(dir.path(), BackendOpts::default());
-    enable(&bao);
-    let token = plugin_token(&b);
-    configure(&bao, &b, &token);
+    let token = bao.enable_rekey_plugin(&b);
     bao.ok(&["write", "rekey/secrets/app/k", "kind=random"]);
     let current =
         |bao: &Bao| bao.json(&["read", "rekey/secrets/app/k"])["data"]["current_version"].clone();
 
     // SIGKILL: the host starts the plugin again on the next request.
-    let pid = plugin_pid(&bao).expect("a plugin process");
+    let pid = bao.plugin_pid().expect("a plugin process");
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
         rustix::process::Signal::KILL,
@@ -310,10 +306,10 @@ fn the_mount_survives_kills_reloads_remounts_and_restarts() {
     wait_for(
         "the killed plugin to be gone",
         Duration::from_secs(10),
-        || plugin_pid(&bao) != Some(pid),
+        || bao.plugin_pid() != Some(pid),
     );
     assert_eq!(current(&bao), 1);
-    let after_kill = plugin_pid(&bao).expect("a new plugin process");
+    let after_kill = bao.plugin_pid().expect("a new plugin process");
     assert_ne!(after_kill, pid);
 
     // `bao plugin reload`: a new process, same mount.
@@ -332,6 +328,9 @@ fn the_mount_survives_kills_reloads_remounts_and_restarts() {
     bao.ok(&["secrets", "enable", "-path=rekey", "rekey-vault-plugin"]);
     let e = fails(&bao, &["read", "rekey/secrets/app/k"]);
     assert!(e.contains("not configured"), "{e}");
-    configure(&bao, &b, &token);
+    bao.configure_rekey_plugin(&b, &token);
     assert_eq!(current(&bao), 2);
+    // Disabling rolls the mount back first; the plugin has nothing to
+    // roll back and says so as the host expects.
+    assert!(!bao.log().contains("error rolling back"), "{}", bao.log());
 }

@@ -180,15 +180,13 @@ mod tests {
     use super::*;
 
     fn status(provider: &str, path: &str, problem: &str) -> pb::SecretStatus {
+        let secret = pb::Secret {
+            provider: provider.into(),
+            provider_path: path.into(),
+            ..Default::default()
+        };
         pb::SecretStatus {
-            secret: Some(pb::Secret {
-                id: "prod/db".into(),
-                kind: "static".into(),
-                current_version: 1,
-                provider: provider.into(),
-                provider_path: path.into(),
-                ..Default::default()
-            }),
+            secret: Some(secret),
             provider_problem: problem.into(),
             ..Default::default()
         }

@@ -50,7 +50,6 @@ fn check_text(what: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// A prefix of secret ids: empty, or the characters ids are made of.
 /// `x-rekey-on-behalf-of`: who a front (the OpenBao / Vault plugin) acts
 /// for, e.g. `vault:userpass-alice/entity=7a1b...`. Recorded, never used
 /// to decide anything; ignored unless it is 1 to 160 characters of
@@ -66,6 +65,7 @@ fn on_behalf_of(md: &tonic::metadata::MetadataMap) -> Option<&str> {
         })
 }
 
+/// A prefix of secret ids: empty, or the characters ids are made of.
 fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.len() > 256
         || !prefix

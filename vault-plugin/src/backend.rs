@@ -31,9 +31,10 @@ pub const PLUGIN_VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"));
 pub struct Engine {
     broker: Arc<Broker>,
     storage: RwLock<Option<Storage>>,
-    /// The connection made from the stored configuration; dropped when the
-    /// configuration changes.
-    connection: Mutex<Option<Backend>>,
+    /// The connection made from the stored configuration, and the
+    /// configuration's generation: a change bumps it and drops the
+    /// connection, and a connection made from an older one is not kept.
+    connection: Mutex<(u64, Option<Backend>)>,
 }
 
 impl Engine {
@@ -41,7 +42,7 @@ impl Engine {
         Arc::new(Engine {
             broker,
             storage: RwLock::new(None),
-            connection: Mutex::new(None),
+            connection: Mutex::new((0, None)),
         })
     }
 
@@ -54,13 +55,18 @@ impl Engine {
     }
 
     fn forget_connection(&self) {
-        *self.connection.lock().expect("connection lock") = None;
+        let mut c = self.connection.lock().expect("connection lock");
+        *c = (c.0 + 1, None);
     }
 
     async fn connection(&self, storage: &Storage) -> Result<Backend, PluginError> {
-        if let Some(b) = self.connection.lock().expect("connection lock").clone() {
-            return Ok(b);
-        }
+        let generation = {
+            let c = self.connection.lock().expect("connection lock");
+            if let Some(b) = &c.1 {
+                return Ok(b.clone());
+            }
+            c.0
+        };
         let Some(config) = storage.load().await? else {
             return Err(PluginError::new(
                 412,
@@ -68,7 +74,10 @@ impl Engine {
             ));
         };
         let b = config.connect()?;
-        *self.connection.lock().expect("connection lock") = Some(b.clone());
+        let mut c = self.connection.lock().expect("connection lock");
+        if c.0 == generation {
+            c.1 = Some(b.clone());
+        }
         Ok(b)
     }
 
@@ -85,8 +94,13 @@ impl Engine {
             "create" => "update",
             other => other,
         };
-        if op == "help" {
-            return Ok(Some(json!({ "help": paths::help(&path), "see_also": [] })));
+        match op {
+            "help" => return Ok(Some(json!({ "help": paths::help(&path), "see_also": [] }))),
+            "read" | "update" | "delete" | "list" => {}
+            // The host asks every mount some operations (a periodic
+            // "rollback", "resolve-path" for policies) and expects this
+            // answer when the backend has nothing to do for them.
+            other => return Err(PluginError::unsupported(other, &path)),
         }
         let params = Params::parse(req.data)?;
         let Some((route, id)) = paths::route(&path) else {
@@ -124,7 +138,7 @@ impl Engine {
         };
         let id = id.unwrap_or_default();
         match (route.name, op) {
-            ("secrets/", _) => call.list().await,
+            ("secrets/", _) => call.list(id).await,
             ("secrets", "read") => call.read_secret(id, &params).await,
             ("secrets", _) => call.create(id, params).await,
             ("rotate", _) => call.rotate(id, params).await,

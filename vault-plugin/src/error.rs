@@ -51,9 +51,17 @@ impl PluginError {
             }
             Code::NotFound => Self::new(404, msg),
             Code::FailedPrecondition | Code::Aborted => Self::new(412, msg),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Self::new(
+            Code::Unavailable => Self::new(
                 502,
                 format!("the rekey backend at {backend} is unreachable: {msg}"),
+            ),
+            // Not a 5xx: Vault's clients send a 5xx again, and this call
+            // may have taken effect.
+            Code::DeadlineExceeded | Code::Cancelled => Self::new(
+                408,
+                format!(
+                    "the rekey backend at {backend} did not answer in time ({msg}); the call may have taken effect: read the secret's status before trying again, or retry a rotation with the same request_token"
+                ),
             ),
             Code::Unauthenticated => Self::new(
                 502,
@@ -101,6 +109,7 @@ mod tests {
         assert_eq!(s(Code::NotFound), 404);
         assert_eq!(s(Code::FailedPrecondition), 412);
         assert_eq!(s(Code::Unavailable), 502);
+        assert_eq!(s(Code::DeadlineExceeded), 408);
         assert_eq!(s(Code::Unauthenticated), 502);
         assert_eq!(s(Code::Internal), 500);
         let e = PluginError::from_status(

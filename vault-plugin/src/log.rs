@@ -6,11 +6,11 @@
 use std::io::Write as _;
 
 fn line(level: &str, message: &str) {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let ts = i64::try_from(ts).map_or_else(|_| "-".into(), rekey_proto::format_time);
+    // go-plugin's host reads `@timestamp` with six fractional digits; a
+    // line it cannot parse is logged as raw text at debug level.
+    let ts = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
     let v = serde_json::json!({
         "@level": level,
         "@message": message,
@@ -30,4 +30,16 @@ pub fn warn(message: &str) {
 
 pub fn error(message: &str) {
     line("error", message);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_have_the_six_digits_the_host_parses() {
+        let ts = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        let frac = ts.rsplit('.').next().unwrap();
+        assert_eq!(frac.len(), 7, "{ts}");
+    }
 }

@@ -79,7 +79,16 @@ async fn serve() -> Result<(), String> {
     let (conns, incoming) = mpsc::channel(16);
     let acceptor = tokio_rustls::TlsAcceptor::from(mtls.server.clone());
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait, and go on.
+                    log::warn(&format!("cannot accept a connection: {e}"));
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let (acceptor, conns) = (acceptor.clone(), conns.clone());
             tokio::spawn(async move {
                 match acceptor.accept(stream).await {

@@ -105,7 +105,7 @@ pub static ROUTES: &[Route] = &[
         operations: &["list"],
         synopsis: "Lists the ids of the secrets the plugin's token may read.",
         parameters: &[],
-        description: "Each key is a secret id; read rekey/secrets/<id> for its stages and versions.",
+        description: "Each key is a secret id; read rekey/secrets/<id> for its stages and versions. rekey/secrets/<prefix>/ lists the ids under that prefix, without it (rekey/secrets/prod/ lists api/db for prod/api/db).",
     },
     Route {
         name: "secrets",
@@ -323,8 +323,18 @@ pub static ROUTES: &[Route] = &[
     },
 ];
 
-/// The route a path falls under, and the id in it.
+/// The route a path falls under, and the id in it (for `secrets/P/`, a
+/// list, the prefix `P/`).
 pub fn route(path: &str) -> Option<(&'static Route, Option<&str>)> {
+    if let Some(prefix) = path.strip_prefix("secrets/")
+        && prefix.ends_with('/')
+        && prefix.len() > 1
+    {
+        return ROUTES
+            .iter()
+            .find(|r| r.name == "secrets/")
+            .map(|r| (r, Some(prefix)));
+    }
     ROUTES.iter().find_map(|r| {
         if r.id {
             let id = path.strip_prefix(r.name)?.strip_prefix('/')?;
@@ -413,14 +423,21 @@ impl Call<'_> {
         PluginError::from_status(s, &self.backend.address)
     }
 
-    pub async fn list(&self) -> Answer {
+    /// The ids under `prefix` (empty: all), each without the prefix.
+    pub async fn list(&self, prefix: &str) -> Answer {
         let r = self
             .client()
-            .list_secrets(self.request(rk::ListSecretsRequest::default()))
+            .list_secrets(self.request(rk::ListSecretsRequest {
+                prefix: prefix.into(),
+            }))
             .await
             .map_err(|s| self.failed(&s))?
             .into_inner();
-        let mut keys: Vec<String> = r.secrets.into_iter().map(|s| s.id).collect();
+        let mut keys: Vec<String> = r
+            .secrets
+            .into_iter()
+            .filter_map(|s| s.id.strip_prefix(prefix).map(str::to_string))
+            .collect();
         keys.sort();
         Ok(Some(json!({ "keys": keys })))
     }
@@ -447,7 +464,13 @@ impl Call<'_> {
 
     pub async fn create(&self, id: &str, mut p: Params) -> Answer {
         let allowed: Vec<&str> = route("secrets/x")
-            .map(|(r, _)| r.parameters.iter().map(|(n, _, _)| *n).collect())
+            .map(|(r, _)| {
+                r.parameters
+                    .iter()
+                    .map(|(n, _, _)| *n)
+                    .filter(|n| *n != "id")
+                    .collect()
+            })
             .unwrap_or_default();
         p.only("secrets/<id>", &allowed)?;
         let Some(kind) = p.text("kind")? else {
@@ -709,7 +732,8 @@ fn secret_and_version(secret: Option<rk::Secret>, version: Option<rk::Version>) 
     o
 }
 
-/// Handles a configuration request; `Ok(None)` when nothing is stored.
+/// The configuration a write makes: the stored one (if any) with the
+/// fields the write names changed, checked.
 pub fn merge_config(old: Option<Config>, p: &Params) -> Result<Config, PluginError> {
     p.only("config", &["address", "token", "ca_pem"])?;
     let mut c = old.unwrap_or_default();
@@ -740,6 +764,8 @@ mod tests {
         let (r, id) = route("rotate/prod/api/db").unwrap();
         assert_eq!((r.name, id), ("rotate", Some("prod/api/db")));
         assert_eq!(route("secrets/").unwrap().0.operations, ["list"]);
+        let (r, prefix) = route("secrets/prod/api/").unwrap();
+        assert_eq!((r.name, prefix), ("secrets/", Some("prod/api/")));
         assert_eq!(route("secrets/x").unwrap().1, Some("x"));
         assert!(route("config").unwrap().1.is_none());
         assert!(route("rotate/").is_none());

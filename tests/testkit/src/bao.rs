@@ -568,6 +568,23 @@ cluster_addr = "https://127.0.0.1:{cluster}"
         plugin_dir_of(&self.dir)
     }
 
+    /// The pid of a process running a plugin from [`Bao::plugin_dir`]
+    /// (the server starts one per mount), found in `/proc`.
+    #[must_use]
+    pub fn plugin_pid(&self) -> Option<u32> {
+        let dir = self.plugin_dir().display().to_string();
+        std::fs::read_dir("/proc").ok()?.find_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let argv0 = cmdline.split(|b| *b == 0).next()?;
+            std::str::from_utf8(argv0)
+                .ok()?
+                .starts_with(&dir)
+                .then_some(pid)
+        })
+    }
+
     /// Copies the plugin `binary` into [`Bao::plugin_dir`] under its own
     /// name and registers it as the secrets engine `name` with its
     /// SHA-256 (`bao plugin register -sha256=... secret NAME`); the hex
@@ -597,6 +614,45 @@ cluster_addr = "https://127.0.0.1:{cluster}"
             name,
         ]);
         sha
+    }
+
+    /// `rekey-vault-plugin` registered, enabled at `rekey/` and configured
+    /// with `b`'s address and a new rekey token (`vault-plugin`, on every
+    /// secret, with the rights the plugin's paths use), as the README sets
+    /// it up; that token.
+    ///
+    /// # Panics
+    ///
+    /// When a step fails.
+    pub fn enable_rekey_plugin(&self, b: &crate::Backend) -> String {
+        self.register_plugin(&crate::VAULT_PLUGIN.path(), "rekey-vault-plugin");
+        self.ok(&["secrets", "enable", "-path=rekey", "rekey-vault-plugin"]);
+        let t = b.cli_json(&[
+            "token",
+            "create",
+            "vault-plugin",
+            "--prefix",
+            "",
+            "--ops",
+            "create,rotate,revoke,rollback,read,reveal",
+        ]);
+        let token = t["token"].as_str().expect("a token").to_string();
+        self.configure_rekey_plugin(b, &token);
+        token
+    }
+
+    /// `rekey/config`: `b`'s address and `token`.
+    ///
+    /// # Panics
+    ///
+    /// When the write fails.
+    pub fn configure_rekey_plugin(&self, b: &crate::Backend, token: &str) {
+        self.ok(&[
+            "write",
+            "rekey/config",
+            &format!("address={}", b.grpc),
+            &format!("token={token}"),
+        ]);
     }
 
     /// Writes the policy `name` (`bao policy write`).
