@@ -30,7 +30,7 @@ pub fn state_name(s: i32) -> &'static str {
 
 /// The value as JSON: a string, or an object for structured kinds. Raw
 /// bytes that are not UTF-8 are shown as `{"base64": "..."}`.
-pub fn value_json(v: &pb::SecretValue) -> Value {
+fn value_json(v: &pb::SecretValue) -> Value {
     use base64::Engine as _;
     match &v.value {
         Some(pb::secret_value::Value::Raw(b)) => match std::str::from_utf8(b) {

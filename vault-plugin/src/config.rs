@@ -143,19 +143,31 @@ impl Storage {
         PluginError::internal(format!("storage {what}: {e}"))
     }
 
+    /// The host's answer to a storage call: its transport failure, or the
+    /// error it put in the reply (`err` empty when none).
+    fn replied<T>(
+        what: &str,
+        reply: Result<tonic::Response<T>, tonic::Status>,
+        err: impl FnOnce(&T) -> &str,
+    ) -> Result<T, PluginError> {
+        let reply = reply
+            .map_err(|e| Self::failed(what, e.message()))?
+            .into_inner();
+        match err(&reply) {
+            "" => Ok(reply),
+            e => Err(Self::failed(what, e)),
+        }
+    }
+
     pub async fn load(&self) -> Result<Option<Config>, PluginError> {
-        let reply = self
+        let got = self
             .0
             .clone()
             .get(StorageGetArgs {
                 key: CONFIG_KEY.into(),
             })
-            .await
-            .map_err(|e| Self::failed("read", e.message()))?
-            .into_inner();
-        if !reply.err.is_empty() {
-            return Err(Self::failed("read", reply.err));
-        }
+            .await;
+        let reply = Self::replied("read", got, |r| &r.err)?;
         let Some(mut entry) = reply.entry else {
             return Ok(None);
         };
@@ -180,31 +192,18 @@ impl Storage {
             })
             .await;
         value.zeroize();
-        let reply = result
-            .map_err(|e| Self::failed("write", e.message()))?
-            .into_inner();
-        if reply.err.is_empty() {
-            Ok(())
-        } else {
-            Err(Self::failed("write", reply.err))
-        }
+        Self::replied("write", result, |r| &r.err).map(drop)
     }
 
     pub async fn delete(&self) -> Result<(), PluginError> {
-        let reply = self
+        let deleted = self
             .0
             .clone()
             .delete(StorageDeleteArgs {
                 key: CONFIG_KEY.into(),
             })
-            .await
-            .map_err(|e| Self::failed("delete", e.message()))?
-            .into_inner();
-        if reply.err.is_empty() {
-            Ok(())
-        } else {
-            Err(Self::failed("delete", reply.err))
-        }
+            .await;
+        Self::replied("delete", deleted, |r| &r.err).map(drop)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The mount's paths: a front to the rekey backend over `rekey.v1`, and
 //! their help text.
 
-use rekey_proto::json::{secret_json, status_json, value_json, version_json};
+use rekey_proto::json::{secret_json, status_json, version_json};
 use rekey_proto::v1 as rk;
 use rekey_proto::v1::rekey_client::RekeyClient;
 use serde_json::{Value, json};
@@ -323,6 +323,26 @@ pub static ROUTES: &[Route] = &[
     },
 ];
 
+/// Refuses parameters the route `name` does not list (its help's
+/// PARAMETERS, without the id in the path).
+fn takes_only(p: &Params, name: &str) -> Result<(), PluginError> {
+    let Some(r) = ROUTES.iter().find(|r| r.name == name) else {
+        return Err(PluginError::internal(format!("no route {name:?}")));
+    };
+    let names: Vec<&str> = r
+        .parameters
+        .iter()
+        .map(|(n, _, _)| *n)
+        .filter(|n| *n != "id")
+        .collect();
+    let label = if r.id {
+        format!("{name}/<id>")
+    } else {
+        name.to_string()
+    };
+    p.only(&label, &names)
+}
+
 /// The route a path falls under, and the id in it (for `secrets/P/`, a
 /// list, the prefix `P/`).
 pub fn route(path: &str) -> Option<(&'static Route, Option<&str>)> {
@@ -419,20 +439,26 @@ impl Call<'_> {
         req
     }
 
-    fn failed(&self, s: &tonic::Status) -> PluginError {
-        PluginError::from_status(s, &self.backend.address)
+    /// A `rekey.v1` call's answer, or its failure as the host shows it.
+    async fn answer<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, PluginError> {
+        call.await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| PluginError::from_status(&s, &self.backend.address))
     }
 
     /// The ids under `prefix` (empty: all), each without the prefix.
     pub async fn list(&self, prefix: &str) -> Answer {
         let r = self
-            .client()
-            .list_secrets(self.request(rk::ListSecretsRequest {
-                prefix: prefix.into(),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            .answer(
+                self.client()
+                    .list_secrets(self.request(rk::ListSecretsRequest {
+                        prefix: prefix.into(),
+                    })),
+            )
+            .await?;
         let mut keys: Vec<String> = r
             .secrets
             .into_iter()
@@ -445,13 +471,13 @@ impl Call<'_> {
     pub async fn read_secret(&self, id: &str, p: &Params) -> Answer {
         p.only("secrets/<id>", &[])?;
         let r = self
-            .client()
-            .list_versions(self.request(rk::ListVersionsRequest {
-                secret_id: id.into(),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            .answer(
+                self.client()
+                    .list_versions(self.request(rk::ListVersionsRequest {
+                        secret_id: id.into(),
+                    })),
+            )
+            .await?;
         let secret = r.secret.unwrap_or_default();
         let mut o = secret_json(&secret);
         o["versions"] = r
@@ -463,16 +489,7 @@ impl Call<'_> {
     }
 
     pub async fn create(&self, id: &str, mut p: Params) -> Answer {
-        let allowed: Vec<&str> = route("secrets/x")
-            .map(|(r, _)| {
-                r.parameters
-                    .iter()
-                    .map(|(n, _, _)| *n)
-                    .filter(|n| *n != "id")
-                    .collect()
-            })
-            .unwrap_or_default();
-        p.only("secrets/<id>", &allowed)?;
+        takes_only(&p, "secrets")?;
         let Some(kind) = p.text("kind")? else {
             return Err(PluginError::bad_request(
                 "kind is required: random, encryption-key, static, postgres, redis or exec",
@@ -487,11 +504,12 @@ impl Call<'_> {
             min_interval_ms: ms("min_interval")?,
             next_rotation_at_ms: 0,
         };
-        let random = if p.unsigned("length")?.is_some() || p.text("encoding")?.is_some() {
+        let (length, encoding) = (p.unsigned("length")?, p.text("encoding")?);
+        let random = if length.is_some() || encoding.is_some() {
             Some(rk::RandomOptions {
-                length: u32::try_from(p.unsigned("length")?.unwrap_or(0))
+                length: u32::try_from(length.unwrap_or(0))
                     .map_err(|_| PluginError::bad_request("length is too large"))?,
-                encoding: p.text("encoding")?.unwrap_or_default(),
+                encoding: encoding.unwrap_or_default(),
             })
         } else {
             None
@@ -533,81 +551,72 @@ impl Call<'_> {
             })
             .transpose()?;
         let r = self
-            .client()
-            .create_secret(self.request(rk::CreateSecretRequest {
-                id: id.into(),
-                kind,
-                random,
-                schedule: Some(schedule),
-                validation_window_ms: p.duration_ms("window")?,
-                value,
-                postgres,
-                redis,
-                exec,
-                provider: s("provider")?,
-                provider_path: s("provider_path")?,
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            .answer(
+                self.client()
+                    .create_secret(self.request(rk::CreateSecretRequest {
+                        id: id.into(),
+                        kind,
+                        random,
+                        schedule: Some(schedule),
+                        validation_window_ms: p.duration_ms("window")?,
+                        value,
+                        postgres,
+                        redis,
+                        exec,
+                        provider: s("provider")?,
+                        provider_path: s("provider_path")?,
+                    })),
+            )
+            .await?;
         Ok(Some(secret_and_version(r.secret, r.version)))
     }
 
     pub async fn rotate(&self, id: &str, mut p: Params) -> Answer {
-        p.only("rotate/<id>", &["request_token", "value", "cancel"])?;
+        takes_only(&p, "rotate")?;
         let value = take_value(&mut p)?;
         let r = self
-            .client()
-            .rotate(self.request(rk::RotateRequest {
+            .answer(self.client().rotate(self.request(rk::RotateRequest {
                 secret_id: id.into(),
                 request_token: p.text("request_token")?.unwrap_or_default(),
                 value,
                 cancel: p.boolean("cancel")?.unwrap_or(false),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            })))
+            .await?;
         let mut o = secret_and_version(r.secret, r.version);
         o["replayed"] = json!(r.replayed);
         Ok(Some(o))
     }
 
     pub async fn rollback(&self, id: &str, p: &Params) -> Answer {
-        p.only("rollback/<id>", &[])?;
+        takes_only(p, "rollback")?;
         let r = self
-            .client()
-            .rollback(self.request(rk::RollbackRequest {
+            .answer(self.client().rollback(self.request(rk::RollbackRequest {
                 secret_id: id.into(),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            })))
+            .await?;
         Ok(Some(secret_and_version(r.secret, r.version)))
     }
 
     pub async fn revoke(&self, id: &str, p: &Params) -> Answer {
-        p.only("revoke/<id>", &["version", "force", "reason"])?;
+        takes_only(p, "revoke")?;
         let Some(version) = p.unsigned("version")? else {
             return Err(PluginError::bad_request(
                 "version is required: the version to revoke",
             ));
         };
         let r = self
-            .client()
-            .revoke(self.request(rk::RevokeRequest {
+            .answer(self.client().revoke(self.request(rk::RevokeRequest {
                 secret_id: id.into(),
                 version,
                 force: p.boolean("force")?.unwrap_or(false),
                 reason: p.text("reason")?.unwrap_or_default(),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            })))
+            .await?;
         Ok(Some(secret_and_version(r.secret, r.version)))
     }
 
     pub async fn creds(&self, id: &str, p: &Params) -> Answer {
-        p.only("creds/<id>", &["stage", "version"])?;
+        takes_only(p, "creds")?;
         let selector = match (p.text("stage")?, p.unsigned("version")?) {
             (Some(_), Some(_)) => {
                 return Err(PluginError::bad_request(
@@ -615,52 +624,41 @@ impl Call<'_> {
                 ));
             }
             (None, Some(v)) => Some(rk::get_secret_request::Selector::Version(v)),
-            (Some(stage), None) => Some(rk::get_secret_request::Selector::Stage(
-                match stage.as_str() {
-                    "current" => rk::Stage::Current,
-                    "previous" => rk::Stage::Previous,
-                    "pending" => rk::Stage::Pending,
-                    other => {
-                        return Err(PluginError::bad_request(format!(
-                            "stage must be current, previous or pending, not {other:?}"
-                        )));
-                    }
-                } as i32,
-            )),
+            (Some(stage), None) => {
+                let Some(s) = [rk::Stage::Current, rk::Stage::Previous, rk::Stage::Pending]
+                    .into_iter()
+                    .find(|s| s.label() == stage)
+                else {
+                    return Err(PluginError::bad_request(format!(
+                        "stage must be current, previous or pending, not {stage:?}"
+                    )));
+                };
+                Some(rk::get_secret_request::Selector::Stage(s as i32))
+            }
             (None, None) => None,
         };
         let r = self
-            .client()
-            .get_secret(self.request(rk::GetSecretRequest {
+            .answer(self.client().get_secret(self.request(rk::GetSecretRequest {
                 secret_id: id.into(),
                 selector,
                 reveal: true,
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
-        let version = r.version.unwrap_or_default();
-        let mut o = version_json(id, &version);
-        if let Some(mut obj) = o.as_object_mut().map(std::mem::take) {
+            })))
+            .await?;
+        let mut o = version_json(id, &r.version.unwrap_or_default());
+        if let Some(obj) = o.as_object_mut() {
             obj.remove("secret");
-            o = Value::Object(obj);
-        }
-        if o.get("value").is_none() {
-            o["value"] = version.value.as_ref().map_or(Value::Null, value_json);
+            obj.entry("value").or_insert(Value::Null);
         }
         Ok(Some(o))
     }
 
     pub async fn status(&self, id: &str, p: &Params) -> Answer {
-        p.only("status/<id>", &[])?;
+        takes_only(p, "status")?;
         let r = self
-            .client()
-            .get_status(self.request(rk::GetStatusRequest {
+            .answer(self.client().get_status(self.request(rk::GetStatusRequest {
                 secret_id: id.into(),
-            }))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+            })))
+            .await?;
         let Some(st) = r.secrets.first() else {
             return Err(PluginError::new(404, format!("secret {id:?} not found")));
         };
@@ -735,7 +733,7 @@ fn secret_and_version(secret: Option<rk::Secret>, version: Option<rk::Version>) 
 /// The configuration a write makes: the stored one (if any) with the
 /// fields the write names changed, checked.
 pub fn merge_config(old: Option<Config>, p: &Params) -> Result<Config, PluginError> {
-    p.only("config", &["address", "token", "ca_pem"])?;
+    takes_only(p, "config")?;
     let mut c = old.unwrap_or_default();
     if let Some(a) = p.text("address")? {
         c.address = a;

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::pki::openssl;
 use crate::process::{
-    free_port, next_seq, random_hex, random_uuid, spawn_until_first_line, stderr, stdout,
-    tool_binary,
+    free_port, next_seq, random_hex, random_uuid, sha256_hex_of, spawn_until_first_line, stderr,
+    stdout, tool_binary,
 };
 
 /// How long a server or an agent gets to become ready.
@@ -597,15 +597,9 @@ cluster_addr = "https://127.0.0.1:{cluster}"
         let dest = self.plugin_dir().join(name);
         std::fs::copy(binary, &dest)
             .unwrap_or_else(|e| panic!("copy {} to {}: {e}", binary.display(), dest.display()));
-        let sum = Command::new("sha256sum")
-            .arg(&dest)
-            .output()
-            .expect("sha256sum");
-        let sha = stdout(&sum)
-            .split_whitespace()
-            .next()
-            .expect("a digest")
-            .to_string();
+        let sha = sha256_hex_of(
+            &std::fs::read(&dest).unwrap_or_else(|e| panic!("read {}: {e}", dest.display())),
+        );
         self.ok(&[
             "plugin",
             "register",

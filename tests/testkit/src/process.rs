@@ -308,12 +308,23 @@ pub fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, S
 /// When `sha256sum` cannot run.
 #[must_use]
 pub fn sha256_hex(s: &str) -> String {
+    sha256_hex_of(s.as_bytes())
+}
+
+/// Hex SHA-256 of bytes (a plugin binary, as `bao plugin register`
+/// wants it).
+///
+/// # Panics
+///
+/// When `sha256sum` cannot run.
+#[must_use]
+pub fn sha256_hex_of(bytes: &[u8]) -> String {
     let out = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .and_then(|mut c| {
-            c.stdin.take().expect("stdin").write_all(s.as_bytes())?;
+            c.stdin.take().expect("stdin").write_all(bytes)?;
             c.wait_with_output()
         })
         .expect("sha256sum");
