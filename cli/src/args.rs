@@ -345,12 +345,46 @@ pub struct CreateArgs {
     /// postgres: terminate the old role's sessions at decommission.
     #[arg(long)]
     pub terminate_sessions: bool,
+    /// postgres: libpq's sslmode for apps' URLs (default: the admin URL's).
+    #[arg(long, value_name = "MODE")]
+    pub sslmode: Option<String>,
+    /// postgres: libpq's sslrootcert for apps' URLs (default: the admin URL's).
+    #[arg(long, value_name = "FILE")]
+    pub sslrootcert: Option<String>,
     /// redis: the ACL user whose passwords rotate.
     #[arg(long)]
     pub username: Option<String>,
     /// redis: address apps connect to (default: the admin URL's).
     #[arg(long)]
     pub address: Option<String>,
+    /// redis: single (the admin URL's server), nodes (a primary and its
+    /// replicas), sentinel or cluster; every step applies to every server.
+    #[arg(long, value_name = "T")]
+    pub topology: Option<String>,
+    /// redis: nodes, a server (repeat; default: found with ROLE); cluster,
+    /// a seed node (default: the admin URL's server).
+    #[arg(long = "node", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// redis: sentinel, a Sentinel to ask (repeat).
+    #[arg(long = "sentinel", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub sentinels: Vec<String>,
+    /// redis: sentinel, the name the Sentinels monitor the primary by.
+    #[arg(long)]
+    pub master_name: Option<String>,
+    /// redis (rediss://): CA certificates (PEM) on the backend's host;
+    /// default: the public CAs.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// redis (rediss://): a client certificate (PEM) on the backend's host.
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// redis (rediss://): the client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// redis (rediss://): the name servers' certificates are checked
+    /// against, and sent as SNI (default: the host connected to).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// exec: hook that prints a new value.
     #[arg(long)]
     pub hook_create: Option<PathBuf>,

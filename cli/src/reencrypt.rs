@@ -299,18 +299,18 @@ async fn reencrypt(
             })
             .collect::<Result<_, CliError>>()?
     };
+    let db = rekey_probe::postgres::PgUrl::parse(&url)
+        .map_err(|e| CliError::usage(format!("the database URL: {e}")))?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect(&url)
+        .connect_with(db.options())
         .await
         .map_err(|e| {
             failed(format!(
-                "cannot connect to the database: {}",
-                match e {
-                    sqlx::Error::Database(d) => d.message().to_string(),
-                    other => other.to_string(),
-                }
+                "cannot connect to the database {}: {}",
+                db.target(),
+                db.reason(&e)
             ))
         })?;
     let types = rekey_reencrypt::check_columns(&pool, &columns)

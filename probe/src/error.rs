@@ -34,6 +34,22 @@ pub enum Error {
     /// The URL cannot be used. It is not repeated: it may hold a password.
     #[error("{service}: {why}")]
     Url { service: Service, why: &'static str },
+    /// A TLS setting cannot be used: a file that cannot be read or holds
+    /// no PEM, a server name that is not one. Nothing was sent.
+    #[error("{service}: {setting} {reason}")]
+    Config {
+        service: Service,
+        setting: &'static str,
+        reason: String,
+    },
+    /// The TLS handshake failed; the reason says which way (wrong CA,
+    /// wrong host name, no TLS on the port, a refused client certificate).
+    #[error("{service}: TLS with {target} failed: {reason}")]
+    Tls {
+        service: Service,
+        target: String,
+        reason: String,
+    },
     /// A value cannot go into a header (CR, LF, other control or non-ASCII
     /// bytes). Nothing was sent.
     #[error("{service}: {what} holds bytes not allowed in a header; nothing was sent")]

@@ -3,7 +3,8 @@
 //! target: [`postgres`] (connect without statement logging, run a probe
 //! statement), [`redis`] (a small RESP2 client: AUTH, PING, ACL) and
 //! [`http`] (one request, status code only, headers built from checked
-//! types).
+//! types); [`tls`] configures the TLS the Redis client speaks and puts
+//! every TLS failure, Postgres's too, into words.
 //!
 //! Every failure is one [`Error`], whose message names the service, the
 //! target address and the step, and never a value: no URL with its
@@ -13,5 +14,6 @@ mod error;
 pub mod http;
 pub mod postgres;
 pub mod redis;
+pub mod tls;
 
 pub use error::{Error, Service};

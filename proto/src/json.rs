@@ -59,6 +59,9 @@ pub fn version_json(secret: &str, v: &pb::Version) -> Value {
     if v.revoked_at_ms > 0 {
         o["revoked_at"] = Value::String(format_time(v.revoked_at_ms));
     }
+    if !v.nodes.is_empty() {
+        o["nodes"] = json!(v.nodes);
+    }
     if let Some(val) = &v.value {
         o["value"] = value_json(val);
     }
@@ -201,6 +204,7 @@ mod tests {
             state: pb::VersionState::Active as i32,
             revoked_at_ms: 0,
             value: None,
+            nodes: vec![],
         };
         let j = version_json("prod/x", &v);
         assert_eq!(j["version"], 7);
@@ -208,6 +212,15 @@ mod tests {
         assert_eq!(j["stages"], json!(["current", "pending"]));
         assert_eq!(j["state"], "active");
         assert!(j.get("value").is_none());
+        assert!(j.get("nodes").is_none(), "only kinds on several servers");
+        let on = pb::Version {
+            nodes: vec!["10.0.0.1:6379".into(), "10.0.0.2:6379".into()],
+            ..v
+        };
+        assert_eq!(
+            version_json("prod/x", &on)["nodes"],
+            json!(["10.0.0.1:6379", "10.0.0.2:6379"])
+        );
     }
 
     #[test]

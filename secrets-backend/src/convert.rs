@@ -9,7 +9,7 @@ use crate::engine::SecretStatus;
 use crate::error::{Error, Result};
 use crate::kinds::exec::ExecOptions;
 use crate::kinds::postgres::PgOptions;
-use crate::kinds::redis::RedisOptions;
+use crate::kinds::redis::{RedisOptions, RedisTls};
 use crate::kinds::{DEFAULT_RANDOM_LENGTH, Encoding, InlineUrl, KindOptions, RandomOptions};
 use crate::store::{SecretRow, TokenRow, VersionRow, VersionState};
 
@@ -77,6 +77,7 @@ pub(crate) fn version(s: &SecretRow, v: &VersionRow, value: Option<&SecretValue>
         } as i32,
         revoked_at_ms: v.revoked_at_ms,
         value: value.map(value_to_pb),
+        nodes: v.nodes.clone(),
     }
 }
 
@@ -142,18 +143,34 @@ pub(crate) fn kind_options(r: &pb::CreateSecretRequest) -> Result<KindOptions> {
             })?,
             probe: p.probe.clone(),
             terminate_sessions: p.terminate_sessions,
+            sslmode: p.sslmode.clone(),
+            sslrootcert: p.sslrootcert.clone(),
+            admin_url: InlineUrl::default(),
+        }),
+    };
+    let redis = match &r.redis {
+        None => None,
+        Some(p) => Some(RedisOptions {
+            admin_url_file: p.admin_url_file.clone(),
+            username: p.username.clone(),
+            address: p.address.clone(),
+            topology: p.topology.parse().map_err(Error::InvalidArgument)?,
+            nodes: p.nodes.clone(),
+            sentinels: p.sentinels.clone(),
+            master_name: p.master_name.clone(),
+            tls: RedisTls {
+                ca_file: p.tls_ca_file.clone(),
+                cert_file: p.tls_cert_file.clone(),
+                key_file: p.tls_key_file.clone(),
+                server_name: p.tls_server_name.clone(),
+            },
             admin_url: InlineUrl::default(),
         }),
     };
     Ok(KindOptions {
         random,
         postgres,
-        redis: r.redis.as_ref().map(|p| RedisOptions {
-            admin_url_file: p.admin_url_file.clone(),
-            username: p.username.clone(),
-            address: p.address.clone(),
-            admin_url: InlineUrl::default(),
-        }),
+        redis,
         exec: r.exec.as_ref().map(|p| ExecOptions {
             create: p.create.clone(),
             set: p.set.clone(),

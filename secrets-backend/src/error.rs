@@ -37,14 +37,31 @@ pub enum Error {
         message: String,
         unavailable: bool,
     },
+    /// Not a source: sqlx's message already holds its cause, and a chain
+    /// printed as well would say it a second and a third time.
     #[error("store: {0}")]
-    Store(#[from] sqlx::Error),
+    Store(sqlx::Error),
+    /// The store's database cannot be reached: which way, in words.
+    #[error("store: {0}")]
+    StoreUnreachable(String),
     #[error("migration: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("crypto: {0}")]
     Key(#[from] rekey_keyring::KeyError),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Store(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Error::Migrate(e)
+    }
 }
 
 impl Error {
@@ -67,9 +84,11 @@ impl Error {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::Store(_) | Error::Migrate(_) | Error::Key(_) | Error::Internal(_) => {
-                Code::Internal
-            }
+            Error::Store(_)
+            | Error::StoreUnreachable(_)
+            | Error::Migrate(_)
+            | Error::Key(_)
+            | Error::Internal(_) => Code::Internal,
         }
     }
 

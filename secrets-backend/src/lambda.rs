@@ -468,7 +468,7 @@ impl Function {
             let previous = self.read(name, AsmVersion::Id(prev_id)).await?;
             let p = field(&previous, "password");
             if p.is_some() && p != field(&current, "password") && p != field(&pending, "password") {
-                kind.revoke(&ctx, &previous)
+                kind.revoke(&ctx, &previous, Some(&current))
                     .await
                     .map_err(|e| Failure::new("SetFailed", e.to_string()))?;
             }

@@ -461,7 +461,20 @@ fn spawn_background(
 async fn listen_changes(url: &str, engine: &Engine) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match sqlx::postgres::PgListener::connect(url).await {
+        let connected = match rekey_probe::postgres::PgUrl::parse(url) {
+            Ok(u) => sqlx::postgres::PgListener::connect_with(
+                // As PgListener::connect makes it: one connection, kept.
+                &sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .max_lifetime(None)
+                    .idle_timeout(None)
+                    .connect_lazy_with(u.options()),
+            )
+            .await
+            .map_err(|e| u.reason(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        match connected {
             Ok(mut l) => {
                 if let Err(e) = l.listen(store::NOTIFY_CHANNEL).await {
                     tracing::warn!(error = %e, "cannot LISTEN for changes");

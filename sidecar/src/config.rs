@@ -172,6 +172,13 @@ pub struct RawValidate {
     /// bearer token.
     pub url: Option<String>,
     pub timeout: Option<String>,
+    /// For redis with a `rediss://` URL: CA certificates (PEM; default:
+    /// the public CAs), a client certificate and its key, and the name
+    /// the server's certificate is checked against.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,7 +210,8 @@ pub enum Format {
 pub enum Validate {
     None,
     Postgres,
-    Redis,
+    /// With the TLS files a `rediss://` URL is checked with.
+    Redis(rekey_probe::tls::TlsFiles),
     Http(String),
 }
 
@@ -701,10 +709,29 @@ fn validation(
                 Duration::from_secs(5),
                 errors,
             );
+            let tls = rekey_probe::tls::TlsFiles {
+                ca_file: v.tls_ca_file,
+                cert_file: v.tls_cert_file,
+                key_file: v.tls_key_file,
+                server_name: v.tls_server_name,
+            };
+            if v.kind != "redis" && tls != rekey_probe::tls::TlsFiles::default() {
+                errors.push(format!(
+                    "{setting}.validate.tls_*: TLS files are for kind = \"redis\" (a Postgres URL carries its own sslrootcert)"
+                ));
+            }
             let k = match (v.kind.as_str(), v.url) {
                 ("none", _) => Validate::None,
                 ("postgres", _) => Validate::Postgres,
-                ("redis", _) => Validate::Redis,
+                ("redis", _) => {
+                    // Read once here so a missing file stops the start.
+                    if tls != rekey_probe::tls::TlsFiles::default()
+                        && let Err(e) = rekey_probe::tls::Tls::new(rekey_probe::Service::Redis, &tls)
+                    {
+                        errors.push(format!("{setting}.validate: {e}"));
+                    }
+                    Validate::Redis(tls)
+                }
                 ("http", Some(u)) if u.starts_with("http://") => Validate::Http(u),
                 ("http", _) => {
                     errors.push(format!(

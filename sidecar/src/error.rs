@@ -73,7 +73,7 @@ pub enum Error {
     // Validation.
     #[error("{check} validation needs a url field")]
     NoUrl { check: &'static str },
-    #[error("redis validation supports redis:// URLs")]
+    #[error("redis validation supports redis:// and rediss:// URLs")]
     NotARedisUrl,
     #[error("http validation needs a single value, or a password or token field")]
     NoToken,

@@ -80,7 +80,7 @@ enum NotLeader {
 async fn ensure_schema(pool: &PgPool) -> Result<(), ReencryptError> {
     rekey_reencrypt::checkpoint::ensure_table(pool)
         .await
-        .map_err(|e| ReencryptError::Schema { reason: db(e) })
+        .map_err(|e| ReencryptError::Schema { reason: rekey_probe::postgres::pg_error(&e) })
 }
 
 /// The advisory lock key for one secret.
@@ -105,19 +105,14 @@ fn key_of(v: &SecretValue) -> Result<MasterKey, ReencryptError> {
 
 /// The database's own message for a failed statement (no URL, no query
 /// parameters).
-fn db(e: sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
-        other => other.to_string(),
-    }
-}
-
 #[allow(
     clippy::needless_pass_by_value,
     reason = "used as map_err(db_error), which passes the error by value"
 )]
 fn db_error(e: sqlx::Error) -> ReencryptError {
-    ReencryptError::Database { reason: db(e) }
+    ReencryptError::Database {
+        reason: rekey_probe::postgres::pg_error(&e),
+    }
 }
 
 /// Runs until shutdown: whenever the served key changes, try to lead.
@@ -248,7 +243,7 @@ impl Leadership {
                 .bind(*key)
                 .fetch_one(&mut **conn)
                 .await
-                .map_err(|e| ReencryptError::LockConnection { reason: db(e) })?;
+                .map_err(|e| ReencryptError::LockConnection { reason: rekey_probe::postgres::pg_error(&e) })?;
                 Ok((!held).then_some(NotLeader::AdvisoryLockGone))
             }
             Leadership::Lease(h) => Ok(h.check().err().map(NotLeader::from)),
@@ -361,12 +356,17 @@ async fn attempt(
             .trim()
             .to_string(),
     );
+    let target = rekey_probe::postgres::PgUrl::parse(&url).map_err(|e| ReencryptError::Connect {
+        reason: e.to_string(),
+    })?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&url)
+        .connect_with(target.options())
         .await
-        .map_err(|e| ReencryptError::Connect { reason: db(e) })?;
+        .map_err(|e| ReencryptError::Connect {
+            reason: target.reason(&e),
+        })?;
     ensure_schema(&pool).await?;
     let finished = |pool: PgPool| async move {
         sqlx::query_scalar::<_, bool>(

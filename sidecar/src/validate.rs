@@ -31,7 +31,7 @@ pub async fn validate(how: &Validate, value: &SecretValue, timeout: Duration) ->
         match how {
             Validate::None => Ok(()),
             Validate::Postgres => postgres(value).await,
-            Validate::Redis => redis(value).await,
+            Validate::Redis(tls) => redis(value, tls).await,
             Validate::Http(url) => http(url, value).await,
         }
     };
@@ -50,27 +50,32 @@ async fn postgres(v: &SecretValue) -> Result<(), Error> {
     Ok(())
 }
 
-/// Where to check a Redis credential: the URL's address and credentials,
-/// with `username` and `password` fields taking precedence.
-fn redis_target(v: &SecretValue) -> Result<(String, Option<String>, Option<SecretString>), Error> {
+/// Where to check a Redis credential: the URL's address, TLS and
+/// credentials, with `username` and `password` fields taking precedence.
+fn redis_target(v: &SecretValue) -> Result<rekey_probe::redis::RedisUrl, Error> {
     let url = field(v, "url").ok_or(Error::NoUrl { check: "redis" })?;
-    let (addr, mut user, mut pass) =
-        rekey_probe::redis::parse_url(url).ok_or(Error::NotARedisUrl)?;
+    let mut target = rekey_probe::redis::parse_url(url).ok_or(Error::NotARedisUrl)?;
     if let Some(u) = field(v, "username") {
-        user = Some(u.to_string());
+        target.user = Some(u.to_string());
     }
     if let Some(p) = field(v, "password") {
-        pass = Some(SecretString::new(p.to_string()));
+        target.password = Some(SecretString::new(p.to_string()));
     }
-    Ok((addr, user, pass))
+    Ok(target)
 }
 
-async fn redis(v: &SecretValue) -> Result<(), Error> {
-    let (addr, user, pass) = redis_target(v)?;
+async fn redis(v: &SecretValue, files: &rekey_probe::tls::TlsFiles) -> Result<(), Error> {
+    let target = redis_target(v)?;
+    let tls = if target.tls {
+        Some(rekey_probe::tls::Tls::new(rekey_probe::Service::Redis, files)?)
+    } else {
+        None
+    };
     rekey_probe::redis::check(
-        &addr,
-        user.as_deref(),
-        pass.as_ref().map(SecretString::expose),
+        &target.addr,
+        tls.as_ref(),
+        target.user.as_deref(),
+        target.password.as_ref().map(SecretString::expose),
     )
     .await?;
     Ok(())
@@ -118,24 +123,26 @@ mod tests {
             ]
             .into(),
         );
-        let (addr, user, pass) = redis_target(&v).unwrap();
-        assert_eq!(addr, "cache:6380");
-        assert_eq!(user.as_deref(), Some("app"));
+        let t = redis_target(&v).unwrap();
+        assert_eq!(t.addr, "cache:6380");
+        assert!(!t.tls);
+        assert_eq!(t.user.as_deref(), Some("app"));
         assert_eq!(
-            pass.as_ref().map(SecretString::expose),
+            t.password.as_ref().map(SecretString::expose),
             Some("new"),
             "the password field wins"
         );
-        let raw = SecretValue::Raw(SecretBytes::new(b"redis://localhost".to_vec()));
-        let (addr, user, pass) = redis_target(&raw).unwrap();
-        assert_eq!((addr.as_str(), user, pass), ("localhost:6379", None, None));
+        let raw = SecretValue::Raw(SecretBytes::new(b"rediss://localhost".to_vec()));
+        let t = redis_target(&raw).unwrap();
+        assert_eq!(t.addr, "localhost:6379");
+        assert!(t.tls && t.user.is_none() && t.password.is_none());
         let raw = SecretValue::Raw(SecretBytes::new(b"redis://:pw@localhost".to_vec()));
-        let pass = redis_target(&raw).unwrap().2;
+        let pass = redis_target(&raw).unwrap().password;
         assert_eq!(pass.as_ref().map(SecretString::expose), Some("pw"));
         let e = redis_target(&SecretValue::Raw(SecretBytes::new(b"http://x".to_vec())));
         assert_eq!(
             e.unwrap_err().to_string(),
-            "redis validation supports redis:// URLs"
+            "redis validation supports redis:// and rediss:// URLs"
         );
     }
 
@@ -144,13 +151,16 @@ mod tests {
         // The machine's Redis on 127.0.0.1:6379 has the default user with
         // no password: PING must succeed, a wrong AUTH must fail.
         let ok = SecretValue::Raw(SecretBytes::new(b"redis://127.0.0.1:6379".to_vec()));
-        redis(&ok)
+        redis(&ok, &Default::default())
             .await
             .expect("Redis on 127.0.0.1:6379 (scripts/test starts it)");
         let bad = SecretValue::Raw(SecretBytes::new(
             b"redis://nobody:wrong-pass-123@127.0.0.1:6379".to_vec(),
         ));
-        let e = redis(&bad).await.unwrap_err().to_string();
+        let e = redis(&bad, &Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("redis: AUTH refused"), "{e}");
         assert!(!e.contains("wrong-pass-123"), "{e}");
     }

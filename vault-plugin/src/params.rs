@@ -74,6 +74,26 @@ impl Params {
         Ok(self.string(key)?.filter(|s| !s.is_empty()))
     }
 
+    /// A list: a JSON array of strings, or one comma-separated string
+    /// (the CLI's `key=a,b`), empty items dropped.
+    pub fn list(&self, key: &str) -> Result<Vec<String>, PluginError> {
+        let bad = || PluginError::bad_request(format!("{key} must be a list of strings"));
+        let items: Vec<String> = match self.0.get(key) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => s.split(',').map(str::to_string).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad()),
+        };
+        Ok(items
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect())
+    }
+
     pub fn boolean(&self, key: &str) -> Result<Option<bool>, PluginError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),

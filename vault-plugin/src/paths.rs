@@ -210,6 +210,16 @@ pub static ROUTES: &[Route] = &[
                 "postgres: end the old role's sessions at decommission.",
             ),
             (
+                "sslmode",
+                "string",
+                "postgres: libpq's sslmode for apps' URLs (default: the admin URL's).",
+            ),
+            (
+                "sslrootcert",
+                "string",
+                "postgres: libpq's sslrootcert for apps' URLs (default: the admin URL's).",
+            ),
+            (
                 "username",
                 "string",
                 "redis: the ACL user whose passwords rotate.",
@@ -218,6 +228,46 @@ pub static ROUTES: &[Route] = &[
                 "redis_address",
                 "string",
                 "redis: the address apps connect to (default: the admin URL's).",
+            ),
+            (
+                "topology",
+                "string",
+                "redis: single (default), nodes, sentinel or cluster; every step applies to every server.",
+            ),
+            (
+                "nodes",
+                "commaStringSlice",
+                "redis: nodes, the servers (default: found with ROLE); cluster, seed nodes.",
+            ),
+            (
+                "sentinels",
+                "commaStringSlice",
+                "redis: sentinel, the Sentinels (host:port).",
+            ),
+            (
+                "master_name",
+                "string",
+                "redis: sentinel, the name the Sentinels monitor the primary by.",
+            ),
+            (
+                "tls_ca_file",
+                "string",
+                "redis: rediss://, a CA file on the backend's host (default: the public CAs).",
+            ),
+            (
+                "tls_cert_file",
+                "string",
+                "redis: rediss://, a client certificate on the backend's host.",
+            ),
+            (
+                "tls_key_file",
+                "string",
+                "redis: rediss://, the client certificate's key.",
+            ),
+            (
+                "tls_server_name",
+                "string",
+                "redis: rediss://, the name certificates are checked against.",
             ),
             (
                 "hook_create",
@@ -527,6 +577,8 @@ impl Call<'_> {
                         .map_err(|_| PluginError::bad_request("port is too large"))?,
                     probe: s("probe")?,
                     terminate_sessions: p.boolean("terminate_sessions")?.unwrap_or(false),
+                    sslmode: s("sslmode")?,
+                    sslrootcert: s("sslrootcert")?,
                 })
             })
             .transpose()?;
@@ -536,6 +588,14 @@ impl Call<'_> {
                     admin_url_file: s("admin_url_file")?,
                     username: s("username")?,
                     address: s("redis_address")?,
+                    topology: s("topology")?,
+                    nodes: p.list("nodes")?,
+                    sentinels: p.list("sentinels")?,
+                    master_name: s("master_name")?,
+                    tls_ca_file: s("tls_ca_file")?,
+                    tls_cert_file: s("tls_cert_file")?,
+                    tls_key_file: s("tls_key_file")?,
+                    tls_server_name: s("tls_server_name")?,
                 })
             })
             .transpose()?;

@@ -88,11 +88,21 @@ fn request(a: &CreateArgs) -> Result<pb::CreateSecretRequest, CliError> {
             port: a.port.map_or(0, u32::from),
             probe: a.probe.clone().unwrap_or_default(),
             terminate_sessions: a.terminate_sessions,
+            sslmode: a.sslmode.clone().unwrap_or_default(),
+            sslrootcert: a.sslrootcert.clone().unwrap_or_default(),
         }),
         redis: (a.kind == "redis").then(|| pb::RedisOptions {
             admin_url_file: path_str(a.admin_url_file.as_deref()),
             username: a.username.clone().unwrap_or_default(),
             address: a.address.clone().unwrap_or_default(),
+            topology: a.topology.clone().unwrap_or_default(),
+            nodes: a.nodes.clone(),
+            sentinels: a.sentinels.clone(),
+            master_name: a.master_name.clone().unwrap_or_default(),
+            tls_ca_file: path_str(a.tls_ca_file.as_deref()),
+            tls_cert_file: path_str(a.tls_cert_file.as_deref()),
+            tls_key_file: path_str(a.tls_key_file.as_deref()),
+            tls_server_name: a.tls_server_name.clone().unwrap_or_default(),
         }),
         exec: if a.kind == "exec" {
             Some(pb::ExecOptions {

@@ -80,13 +80,14 @@ impl Engine {
                 Self::check_supplied(kind.as_ref(), &ctx, spec.value.as_ref())?;
                 let value = kind.create(&ctx, None, spec.value.take()).await?;
                 self.check_size(&spec.id, &value)?;
-                kind.set(&ctx, &value, None)
+                let nodes = kind
+                    .set(&ctx, &value, None)
                     .await
                     .map_err(|e| step_error(&spec.id, "set", e))?;
                 kind.test(&ctx, &value)
                     .await
                     .map_err(|e| step_error(&spec.id, "test", e))?;
-                First::Made(value)
+                First::Made(value, nodes.unwrap_or_default())
             }
         };
 
@@ -111,22 +112,23 @@ impl Engine {
         };
         row.next_rotation_at_ms = schedule::next_rotation(&row, now)?;
         let at = location(&row);
-        let (value_ref, detail) = match first {
+        let (value_ref, detail, nodes) = match first {
             First::Adopted(found) => (
                 found.value_ref,
                 format!(
                     "kind {}; adopted from {}: {}",
                     row.kind, row.provider, found.note
                 ),
+                Vec::new(),
             ),
-            First::Made(value) => {
+            First::Made(value, nodes) => {
                 let pending = provider.write_pending(at, 1, &value).await?;
                 let pending = Stored {
                     version: 1,
                     value_ref: &pending,
                 };
                 match provider.promote(at, pending, None).await {
-                    Ok(r) => (r, format!("kind {}", row.kind)),
+                    Ok(r) => (r, format!("kind {}", row.kind), nodes),
                     Err(e) => {
                         if let Err(d) = provider.discard(at, pending).await {
                             tracing::warn!(secret = %row.id, error = %d, "the provider kept a value of a creation that failed");
@@ -136,7 +138,10 @@ impl Engine {
                 }
             }
         };
-        let (version, ev) = match self.record_created(actor, &row, &value_ref, detail).await {
+        let (version, ev) = match self
+            .record_created(actor, &row, &value_ref, &nodes, detail)
+            .await
+        {
             Ok(x) => x,
             Err(e) => {
                 // The reference is this call's own: nobody else uses it.
@@ -194,14 +199,21 @@ impl Engine {
         actor: &Actor,
         row: &SecretRow,
         value_ref: &str,
+        nodes: &[String],
         detail: String,
     ) -> Result<(VersionRow, audit::Event)> {
         let mut tx = self.store.begin().await?;
         self.store.insert_secret(&mut tx, row).await?;
-        let version = self
+        let mut version = self
             .store
             .insert_version(&mut tx, &row.id, 1, row.created_at_ms, value_ref)
             .await?;
+        if !nodes.is_empty() {
+            self.store
+                .set_version_nodes(&mut tx, &row.id, 1, nodes)
+                .await?;
+            version.nodes = nodes.to_vec();
+        }
         let ev = self
             .record(&mut tx, event(actor, "create", &row.id, 1, "ok", detail))
             .await?;
@@ -214,7 +226,8 @@ impl Engine {
 /// or made by its kind.
 enum First {
     Adopted(OutsideChange),
-    Made(SecretValue),
+    /// The value and the servers its kind's set left it on.
+    Made(SecretValue, Vec<String>),
 }
 
 /// The path a provider keeps a new secret's values at: the one given, or

@@ -132,16 +132,28 @@ impl Engine {
         let id = s.id.as_str();
         let kind = self.kinds.get(&s.kind)?;
         let (v, value) = self.version_and_value(s, version).await?;
-        kind.revoke(
-            &SecretCtx {
-                id,
-                options: &s.options,
-            },
-            &value,
-        )
-        .await
-        .map_err(|e| step_error(id, "revoke", e))?;
-        drop(value);
+        // A kind on several servers gives current to any that lacks it.
+        let current = match s.current_version {
+            0 => None,
+            n if n == version => None,
+            n => Some(self.version_and_value(s, n).await?.1),
+        };
+        let nodes = kind
+            .revoke(
+                &SecretCtx {
+                    id,
+                    options: &s.options,
+                },
+                &value,
+                current.as_ref(),
+            )
+            .await
+            .map_err(|e| step_error(id, "revoke", e))?;
+        drop((value, current));
+        if nodes.is_some() {
+            self.record_nodes(id, version, Some(Vec::new())).await?;
+            self.record_nodes(id, s.current_version, nodes).await?;
+        }
         self.provider(s)?
             .revoke(location(s), stored(&v))
             .await

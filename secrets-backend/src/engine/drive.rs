@@ -38,12 +38,14 @@ impl Engine {
                         0 => None,
                         n => Some(self.version_and_value(&s, n).await?.1),
                     };
-                    if let Err(e) = self
+                    let nodes = match self
                         .retrying(id, "set", || kind.set(&ctx, &new, old.as_ref()))
                         .await
                     {
-                        return Err(self.abort(&rot, step_error(id, "set", e)).await);
-                    }
+                        Ok(nodes) => nodes,
+                        Err(e) => return Err(self.abort(&rot, step_error(id, "set", e)).await),
+                    };
+                    self.record_nodes(id, target, nodes).await?;
                     self.advance(id, target, RotationStep::Created, RotationStep::Set)
                         .await?;
                     self.metrics.step("set", started.elapsed().as_secs_f64());
@@ -97,10 +99,10 @@ impl Engine {
     }
 
     /// Runs a step up to `step_attempts` times with doubling pauses.
-    async fn retrying<F, Fut>(&self, id: &str, step: &str, f: F) -> Result<()>
+    async fn retrying<T, F, Fut>(&self, id: &str, step: &str, f: F) -> Result<T>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<()>>,
+        Fut: std::future::Future<Output = Result<T>>,
     {
         self.retrying_if(id, step, f, |_| true).await
     }

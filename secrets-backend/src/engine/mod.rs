@@ -342,6 +342,16 @@ impl Engine {
         self.store.require_secret(&mut c, id).await
     }
 
+    /// Records the servers a kind's step left version `n`'s value on
+    /// (nothing for a kind that does not say).
+    async fn record_nodes(&self, id: &str, n: i64, nodes: crate::kinds::Nodes) -> Result<()> {
+        if let Some(nodes) = nodes {
+            let mut c = self.store.conn().await?;
+            self.store.set_version_nodes(&mut c, id, n, &nodes).await?;
+        }
+        Ok(())
+    }
+
     /// Logs an event that was committed and moves the published head.
     fn published(&self, ev: &audit::Event) {
         audit::log_event(ev);

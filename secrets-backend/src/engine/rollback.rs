@@ -44,16 +44,18 @@ impl Engine {
         }
         let value = self.value_of(&s, &prev).await?;
         let kind = self.kinds.get(&s.kind)?;
-        kind.restore(
-            &SecretCtx {
-                id,
-                options: &s.options,
-            },
-            &value,
-        )
-        .await
-        .map_err(|e| step_error(id, "restore", e))?;
+        let nodes = kind
+            .restore(
+                &SecretCtx {
+                    id,
+                    options: &s.options,
+                },
+                &value,
+            )
+            .await
+            .map_err(|e| step_error(id, "restore", e))?;
         drop(value);
+        self.record_nodes(id, prev.version, nodes).await?;
         let _writing = RollingBack::new(self, id);
         let value_ref = self
             .provider(&s)?

@@ -6,7 +6,8 @@ use super::{Actor, CAS_ATTEMPTS, Engine, Outcome, location, stored};
 use crate::audit;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::store::{RotationRow, RotationStep, VersionState};
+use crate::kinds::SecretCtx;
+use crate::store::{RotationRow, RotationStep, SecretRow, VersionRow, VersionState};
 
 impl Engine {
     /// A step that failed every attempt: the rotation is parked as
@@ -55,6 +56,7 @@ impl Engine {
                 let pending = self.store.require_version(&mut tx, id, target).await?;
                 tx.commit().await?;
                 self.published(&ev);
+                self.withdraw(&s, &pending).await;
                 if let Err(e) = self.provider(&s)?.discard(location(&s), stored(&pending)).await {
                     tracing::warn!(secret = id, version = target, error = %e, "the provider did not drop the pending value");
                 }
@@ -69,6 +71,38 @@ impl Engine {
             tracing::error!(secret = id, error = %e, "cannot roll back failed rotation; it will be retried at restart");
         }
         err
+    }
+
+    /// Takes a parked rotation's value back from the servers its set may
+    /// have reached, for a kind whose set adds beside the older values (a
+    /// Redis user's passwords): a revoked version must not keep working
+    /// on some of them. Best effort; what is left is logged, and the next
+    /// decommission of that secret does not touch it.
+    async fn withdraw(&self, s: &SecretRow, pending: &VersionRow) {
+        let Ok(kind) = self.kinds.get(&s.kind) else {
+            return;
+        };
+        if !kind.set_keeps_older_values() {
+            return;
+        }
+        let r = async {
+            let value = self.value_of(s, pending).await?;
+            let current = match s.current_version {
+                0 => None,
+                n => Some(self.version_and_value(s, n).await?.1),
+            };
+            let ctx = SecretCtx {
+                id: &s.id,
+                options: &s.options,
+            };
+            kind.revoke(&ctx, &value, current.as_ref()).await?;
+            self.record_nodes(&s.id, pending.version, Some(Vec::new()))
+                .await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(secret = %s.id, version = pending.version, error = %e, "the parked version may still work on some servers");
+        }
     }
 
     /// `rekey rotate --cancel`: aborts a rotation in flight, or clears one

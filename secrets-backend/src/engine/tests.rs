@@ -38,7 +38,7 @@ impl Kind for Flaky {
         ctx: &SecretCtx<'_>,
         _: &SecretValue,
         _: Option<&SecretValue>,
-    ) -> Result<()> {
+    ) -> Result<crate::kinds::Nodes> {
         if self.fail_set.load(Ordering::SeqCst) {
             return Err(Error::Step {
                 secret: ctx.id.into(),
@@ -46,13 +46,13 @@ impl Kind for Flaky {
                 message: "target refused the new password".into(),
             });
         }
-        Ok(())
+        Ok(None)
     }
-    async fn restore(&self, _: &SecretCtx<'_>, _: &SecretValue) -> Result<()> {
+    async fn restore(&self, _: &SecretCtx<'_>, _: &SecretValue) -> Result<crate::kinds::Nodes> {
         if self.fail_restore.load(Ordering::SeqCst) {
             return Err(Error::Internal("target unreachable".into()));
         }
-        Ok(())
+        Ok(None)
     }
     fn one_rotation_at_a_time(&self) -> bool {
         true

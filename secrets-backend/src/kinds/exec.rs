@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
-use super::{Kind, KindOptions, SecretCtx, step};
+use super::{Kind, KindOptions, Nodes, SecretCtx, step};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -195,7 +195,7 @@ impl Kind for Exec {
         ctx: &SecretCtx<'_>,
         new: &SecretValue,
         old: Option<&SecretValue>,
-    ) -> Result<()> {
+    ) -> Result<Nodes> {
         let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
@@ -205,7 +205,7 @@ impl Kind for Exec {
             serde_json::json!({"step": "set", "secret_id": ctx.id, "new": to_json(new), "old": old.map(to_json)}),
         )
         .await
-        .map(drop)
+        .map(|_| None)
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
@@ -221,7 +221,12 @@ impl Kind for Exec {
         .map(drop)
     }
 
-    async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
+    async fn revoke(
+        &self,
+        ctx: &SecretCtx<'_>,
+        old: &SecretValue,
+        _current: Option<&SecretValue>,
+    ) -> Result<Nodes> {
         let o = ctx.options.exec(ctx.id)?;
         run_hook(
             ctx.id,
@@ -231,10 +236,10 @@ impl Kind for Exec {
             serde_json::json!({"step": "revoke", "secret_id": ctx.id, "old": to_json(old)}),
         )
         .await
-        .map(drop)
+        .map(|_| None)
     }
 
-    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
+    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<Nodes> {
         // The set hook makes a value valid again; `step` tells it why.
         let o = ctx.options.exec(ctx.id)?;
         run_hook(
@@ -245,7 +250,7 @@ impl Kind for Exec {
             serde_json::json!({"step": "restore", "secret_id": ctx.id, "new": to_json(previous)}),
         )
         .await
-        .map(drop)
+        .map(|_| None)
     }
 
     fn one_rotation_at_a_time(&self) -> bool {

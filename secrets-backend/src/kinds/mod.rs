@@ -24,6 +24,12 @@ pub(crate) mod redis;
 
 pub(crate) use options::KindOptions;
 
+/// The servers (`host:port`) a step left a value on, for a kind that keeps
+/// one credential on several (a Redis primary and its replicas, a
+/// cluster's nodes); `None` for a kind with one target or none. The engine
+/// records them on the version, and `rekey status` lists them.
+pub(crate) type Nodes = Option<Vec<String>>;
+
 /// What a step knows about the secret it acts on.
 pub(crate) struct SecretCtx<'a> {
     pub(crate) id: &'a str,
@@ -182,14 +188,14 @@ pub(crate) trait Kind: Send + Sync {
     ) -> Result<SecretValue>;
 
     /// Step 2: make the new value real where it must exist, keeping `old`
-    /// working.
+    /// working; the servers that now hold it.
     async fn set(
         &self,
         _ctx: &SecretCtx<'_>,
         _new: &SecretValue,
         _old: Option<&SecretValue>,
-    ) -> Result<()> {
-        Ok(())
+    ) -> Result<Nodes> {
+        Ok(None)
     }
 
     /// Step 3: prove the new value works.
@@ -197,14 +203,23 @@ pub(crate) trait Kind: Send + Sync {
         Ok(())
     }
 
-    /// Decommission: make an old value stop working.
-    async fn revoke(&self, _ctx: &SecretCtx<'_>, _old: &SecretValue) -> Result<()> {
-        Ok(())
+    /// Decommission: make an old value stop working. A kind that keeps
+    /// its credential on several servers also gives `current` to any of
+    /// them that lacks it (one added since the last step), and returns the
+    /// servers that hold current.
+    async fn revoke(
+        &self,
+        _ctx: &SecretCtx<'_>,
+        _old: &SecretValue,
+        _current: Option<&SecretValue>,
+    ) -> Result<Nodes> {
+        Ok(None)
     }
 
-    /// Rollback: make `previous` work again before it becomes current.
-    async fn restore(&self, _ctx: &SecretCtx<'_>, _previous: &SecretValue) -> Result<()> {
-        Ok(())
+    /// Rollback: make `previous` work again before it becomes current; the
+    /// servers that hold it.
+    async fn restore(&self, _ctx: &SecretCtx<'_>, _previous: &SecretValue) -> Result<Nodes> {
+        Ok(None)
     }
 
     /// True when `set` adds the new value beside every earlier one instead

@@ -18,26 +18,25 @@
 //! when a change fails.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use rekey_keyring::{SecretString, SecretValue};
-use rekey_probe::postgres::pg_error;
+use rekey_probe::postgres::{PgUrl, SslMode, pg_error};
 use ring::{digest, hmac, pbkdf2};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 
 use super::{
-    Encoding, InlineUrl, Kind, KindOptions, SecretCtx, admin_url, admin_url_option, field,
+    Encoding, InlineUrl, Kind, KindOptions, Nodes, SecretCtx, admin_url, admin_url_option, field,
     generate, step,
 };
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub(crate) struct PgOptions {
     /// A file holding the admin connection URL (read at each step).
     pub(crate) admin_url_file: String,
@@ -52,6 +51,11 @@ pub(crate) struct PgOptions {
     pub(crate) probe: String,
     /// Terminate the old role's sessions at decommission.
     pub(crate) terminate_sessions: bool,
+    /// libpq's `sslmode` for apps' URLs; empty: libpq's default.
+    pub(crate) sslmode: String,
+    /// `sslrootcert` for apps' URLs (a path as apps and the backend see
+    /// it, or `system`); empty: none.
+    pub(crate) sslrootcert: String,
     /// The admin URL handed in memory instead of `admin_url_file`.
     #[serde(skip)]
     pub(crate) admin_url: InlineUrl,
@@ -382,16 +386,40 @@ impl Kind for Postgres {
         let admin_url_file = p.admin_url_file.trim().to_string();
         let mut host = p.host.trim().to_string();
         let mut port = p.port;
+        let mut sslmode = p.sslmode.trim().to_string();
+        let mut sslrootcert = p.sslrootcert.trim().to_string();
+        if !sslmode.is_empty() && sslmode.parse::<SslMode>().is_err() {
+            problems.push(format!(
+                "--sslmode {sslmode:?}: use disable, allow, prefer, require, verify-ca or verify-full"
+            ));
+        }
         if let Some(u) = admin_url_option(&admin_url_file, &p.admin_url, &mut problems) {
-            if let Ok(o) = PgConnectOptions::from_str(&u) {
-                if host.is_empty() {
-                    host = o.get_host().to_string();
+            match PgUrl::parse(&u) {
+                Ok(url) => {
+                    let o = url.options();
+                    if host.is_empty() {
+                        host = o.get_host().to_string();
+                    }
+                    if port == 0 {
+                        port = o.get_port();
+                    }
+                    // Apps connect the way the admin does, unless told.
+                    let tls = url.tls();
+                    if sslmode.is_empty()
+                        && let Some(m) = tls.mode
+                    {
+                        sslmode = m.to_string();
+                    }
+                    if sslrootcert.is_empty()
+                        && let Some(r) = &tls.root_cert
+                    {
+                        sslrootcert.clone_from(r);
+                    }
                 }
-                if port == 0 {
-                    port = o.get_port();
+                Err(rekey_probe::Error::Url { .. }) => {
+                    problems.push(format!("{admin_url_file} does not hold a postgres:// URL"));
                 }
-            } else {
-                problems.push(format!("{admin_url_file} does not hold a postgres:// URL"));
+                Err(e) => problems.push(format!("{admin_url_file}: {e}")),
             }
         }
         let group_role = p.group_role.trim().to_string();
@@ -426,6 +454,8 @@ impl Kind for Postgres {
             port,
             probe,
             terminate_sessions: p.terminate_sessions,
+            sslmode,
+            sslrootcert,
             admin_url: p.admin_url.clone(),
         };
         Ok(o.into())
@@ -448,24 +478,38 @@ impl Kind for Postgres {
         let pw = String::from_utf8(pw.expose().to_vec()).unwrap_or_default();
         // Its PBKDF2 runs while the engine stores the pending version.
         self.start_verifier(ctx.id, &pw);
-        let url = format!(
+        let mut url = format!(
             "postgres://{user}:{pw}@{}:{}/{}",
             o.host, o.port, o.database
         );
-        Ok(SecretValue::Fields(
-            [
-                ("username".to_string(), SecretString::new(user)),
-                ("password".to_string(), SecretString::new(pw)),
-                ("host".to_string(), SecretString::new(o.host.clone())),
-                ("port".to_string(), SecretString::new(o.port.to_string())),
-                (
-                    "database".to_string(),
-                    SecretString::new(o.database.clone()),
-                ),
-                ("url".to_string(), SecretString::new(url)),
-            ]
-            .into(),
-        ))
+        let mut fields: std::collections::BTreeMap<String, SecretString> = [
+            ("username".to_string(), SecretString::new(user)),
+            ("password".to_string(), SecretString::new(pw)),
+            ("host".to_string(), SecretString::new(o.host.clone())),
+            ("port".to_string(), SecretString::new(o.port.to_string())),
+            (
+                "database".to_string(),
+                SecretString::new(o.database.clone()),
+            ),
+        ]
+        .into();
+        // The TLS settings travel with the credential, in the URL and as
+        // fields of their own, so an app that connects with either uses
+        // TLS as the backend does.
+        let mut sep = '?';
+        for (k, v) in [("sslmode", &o.sslmode), ("sslrootcert", &o.sslrootcert)] {
+            if !v.is_empty() {
+                url.push(sep);
+                url.push_str(&format!(
+                    "{k}={}",
+                    rekey_probe::postgres::encode_query_value(v)
+                ));
+                sep = '&';
+                fields.insert(k.to_string(), SecretString::new(v.clone()));
+            }
+        }
+        fields.insert("url".to_string(), SecretString::new(url));
+        Ok(SecretValue::Fields(fields))
     }
 
     async fn set(
@@ -473,8 +517,9 @@ impl Kind for Postgres {
         ctx: &SecretCtx<'_>,
         new: &SecretValue,
         _old: Option<&SecretValue>,
-    ) -> Result<()> {
-        enable(self, ctx.id, "set", ctx.options.postgres(ctx.id)?, new).await
+    ) -> Result<Nodes> {
+        enable(self, ctx.id, "set", ctx.options.postgres(ctx.id)?, new).await?;
+        Ok(None)
     }
 
     async fn test(&self, ctx: &SecretCtx<'_>, new: &SecretValue) -> Result<()> {
@@ -493,7 +538,12 @@ impl Kind for Postgres {
             })
     }
 
-    async fn revoke(&self, ctx: &SecretCtx<'_>, old: &SecretValue) -> Result<()> {
+    async fn revoke(
+        &self,
+        ctx: &SecretCtx<'_>,
+        old: &SecretValue,
+        _current: Option<&SecretValue>,
+    ) -> Result<Nodes> {
         let o = ctx.options.postgres(ctx.id)?;
         let user = field(old, "username").unwrap_or_default();
         if !valid_ident(user) {
@@ -526,10 +576,10 @@ impl Kind for Postgres {
         }
         .await;
         self.keep(ctx.id, c, done.is_ok());
-        done
+        done.map(|()| None)
     }
 
-    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<()> {
+    async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<Nodes> {
         enable(
             self,
             ctx.id,
@@ -537,7 +587,8 @@ impl Kind for Postgres {
             ctx.options.postgres(ctx.id)?,
             previous,
         )
-        .await
+        .await?;
+        Ok(None)
     }
 
     fn check_value(&self, _: &SecretCtx<'_>, value: &SecretValue) -> Result<()> {

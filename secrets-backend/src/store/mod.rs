@@ -75,6 +75,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "tokens",
         include_str!("../../migrations/0004_tokens.sql"),
     ),
+    (5, "nodes", include_str!("../../migrations/0005_nodes.sql")),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {
@@ -133,7 +134,19 @@ impl Store {
                 create_private_file(&path)?;
             }
         }
-        let opts: AnyConnectOptions = url
+        // A Postgres URL is read as libpq reads it (sslmode, sslrootcert,
+        // sslcert / sslkey), and a failure to connect says which way TLS
+        // went wrong.
+        let pg = match dialect {
+            Dialect::Postgres => Some(
+                rekey_probe::postgres::PgUrl::parse(url)
+                    .map_err(|e| Error::InvalidArgument(format!("store.url: {e}")))?,
+            ),
+            Dialect::Sqlite => None,
+        };
+        let opts: AnyConnectOptions = pg
+            .as_ref()
+            .map_or(url, |u| u.as_str())
             .parse()
             .map_err(|e: sqlx::Error| Error::InvalidArgument(format!("store.url: {e}")))?;
         let pool = AnyPoolOptions::new()
@@ -160,7 +173,15 @@ impl Store {
             .test_before_acquire(dialect == Dialect::Postgres)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
-            .await?;
+            .await
+            .map_err(|e| match &pg {
+                Some(u) => Error::StoreUnreachable(format!(
+                    "cannot connect to {}: {}",
+                    u.target(),
+                    u.reason(&e)
+                )),
+                None => Error::from(e),
+            })?;
         let store = Self { pool, dialect, kek };
         migrator(dialect).run(&store.pool).await?;
         store.check_kek(first_use).await?;

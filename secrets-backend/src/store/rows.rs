@@ -215,6 +215,9 @@ table_row! {
         pub(crate) revoked_at_ms: i64,
         /// How the secret's provider finds this version's value.
         pub(crate) value_ref: String,
+        /// The servers its value is on, as its kind's last step found
+        /// them; empty for kinds with one target.
+        pub(crate) nodes: Vec<String>,
     }
 }
 

@@ -170,9 +170,10 @@ impl Store {
             state: VersionState::Active,
             revoked_at_ms: 0,
             value_ref: value_ref.into(),
+            nodes: Vec::new(),
         };
         sqlx::query(&format!(
-            "INSERT INTO versions ({}) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO versions ({}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             VersionRow::columns()
         ))
         .bind(&row.secret_id)
@@ -181,9 +182,29 @@ impl Store {
         .bind(row.state.as_str())
         .bind(row.revoked_at_ms)
         .bind(&row.value_ref)
+        .bind("[]")
         .execute(c)
         .await?;
         Ok(row)
+    }
+
+    /// Records the servers a version's value is on.
+    pub(crate) async fn set_version_nodes(
+        &self,
+        c: &mut Conn,
+        secret_id: &str,
+        version: i64,
+        nodes: &[String],
+    ) -> Result<()> {
+        let json = serde_json::to_string(nodes)
+            .map_err(|e| Error::Internal(format!("server list: {e}")))?;
+        sqlx::query("UPDATE versions SET nodes = $1 WHERE secret_id = $2 AND version = $3")
+            .bind(json)
+            .bind(secret_id)
+            .bind(version)
+            .execute(c)
+            .await?;
+        Ok(())
     }
 
     pub(crate) async fn get_version(

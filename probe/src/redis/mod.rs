@@ -1,5 +1,6 @@
-//! A minimal Redis client (RESP2 over TCP) for the commands rotation and
-//! validation need: AUTH, PING, ACL.
+//! A minimal Redis client (RESP2 over TCP, or over TLS for `rediss://`)
+//! for the commands rotation and validation need: AUTH, PING, ACL, and
+//! the few that find a deployment's nodes (ROLE, SENTINEL, CLUSTER).
 //!
 //! A command is encoded into one buffer, sized up front so it never
 //! reallocates, that zeroes itself on drop: it holds passwords. Redis echoes
@@ -17,12 +18,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use rekey_keyring::SecretString;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Service, redact};
+use crate::tls::Tls;
+
+mod stream;
+mod url;
+
+use stream::Stream;
+pub use url::{RedisUrl, host_of, parse_url};
 
 /// Connect and per-call timeout of [`Conn::connect`] and [`check`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,8 +45,11 @@ const MIN_SCRUB: usize = 4;
 
 /// One connection to a Redis server.
 pub struct Conn {
-    io: BufReader<TcpStream>,
+    io: BufReader<Stream>,
     addr: String,
+    /// How the connection was secured, for the words of a later failure
+    /// (a server may refuse a client certificate after the handshake).
+    tls: Option<Tls>,
     timeout: Duration,
     /// Set once a call timed out or a reply was malformed.
     broken: bool,
@@ -72,46 +82,19 @@ impl fmt::Debug for Reply {
     }
 }
 
-/// `redis://[user[:password]@]host[:port][/db]` split into address
-/// (`host:port`, port 6379 by default), user and password. `None` for
-/// another scheme or no host.
-#[must_use]
-pub fn parse_url(url: &str) -> Option<(String, Option<String>, Option<SecretString>)> {
-    let rest = url.strip_prefix("redis://")?;
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (Some(a), h),
-        None => (None, rest),
-    };
-    let host = host.split('/').next().unwrap_or(host);
-    if host.is_empty() {
-        return None;
-    }
-    let addr = if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:6379")
-    };
-    let (user, pass) = match auth {
-        Some(a) => match a.split_once(':') {
-            Some((u, p)) => (
-                Some(u.to_string()).filter(|u| !u.is_empty()),
-                Some(SecretString::new(p.to_string())),
-            ),
-            None => (None, Some(SecretString::new(a.to_string()))),
-        },
-        None => (None, None),
-    };
-    Some((addr, user, pass))
-}
-
 /// Authenticates when a password is given (`AUTH [user] password`), then
 /// expects `PONG` to `PING`: the check a new Redis credential must pass.
 ///
 /// # Errors
 /// [`Error::Refused`] with step `AUTH` (or `PING`, when the server wants a
 /// password none was given for), or the connection's errors.
-pub async fn check(addr: &str, user: Option<&str>, password: Option<&str>) -> Result<(), Error> {
-    let mut c = Conn::connect(addr).await?;
+pub async fn check(
+    addr: &str,
+    tls: Option<&Tls>,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> Result<(), Error> {
+    let mut c = Conn::connect(addr, tls).await?;
     if let Some(p) = password
         && let Err(reason) = c.auth(user, p).await?
     {
@@ -139,20 +122,41 @@ enum Broken {
 type ReadFut<'a> = Pin<Box<dyn Future<Output = Result<Reply, Broken>> + Send + 'a>>;
 
 impl Conn {
-    /// Connects within [`DEFAULT_TIMEOUT`]; calls get the same timeout.
+    /// Connects within [`DEFAULT_TIMEOUT`], over TLS when `tls` is given;
+    /// calls get the same timeout.
     ///
     /// # Errors
-    /// [`Error::Connect`] or [`Error::Timeout`].
-    pub async fn connect(addr: &str) -> Result<Conn, Error> {
-        Self::connect_timeout(addr, DEFAULT_TIMEOUT).await
+    /// [`Error::Connect`], [`Error::Tls`] or [`Error::Timeout`].
+    pub async fn connect(addr: &str, tls: Option<&Tls>) -> Result<Conn, Error> {
+        Self::connect_timeout(addr, tls, DEFAULT_TIMEOUT).await
     }
 
-    /// Connects within `timeout`, which then bounds every call.
+    /// Connects (and shakes hands) within `timeout`, which then bounds
+    /// every call.
     ///
     /// # Errors
-    /// [`Error::Connect`] or [`Error::Timeout`].
-    pub async fn connect_timeout(addr: &str, timeout: Duration) -> Result<Conn, Error> {
-        let s = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    /// [`Error::Connect`], [`Error::Tls`] or [`Error::Timeout`].
+    pub async fn connect_timeout(
+        addr: &str,
+        tls: Option<&Tls>,
+        timeout: Duration,
+    ) -> Result<Conn, Error> {
+        let open = async {
+            let s = TcpStream::connect(addr)
+                .await
+                .map_err(|e| Error::Connect {
+                    service: Service::Redis,
+                    target: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            // Small commands, one at a time: do not wait to fill a segment.
+            let _ = s.set_nodelay(true);
+            Ok(match tls {
+                None => Stream::Plain(s),
+                Some(t) => Stream::Tls(Box::new(t.handshake(s, host_of(addr), addr).await?)),
+            })
+        };
+        let stream = match tokio::time::timeout(timeout, open).await {
             Err(_) => {
                 return Err(Error::Timeout {
                     service: Service::Redis,
@@ -161,20 +165,12 @@ impl Conn {
                     after: timeout,
                 });
             }
-            Ok(Err(e)) => {
-                return Err(Error::Connect {
-                    service: Service::Redis,
-                    target: addr.to_string(),
-                    reason: e.to_string(),
-                });
-            }
-            Ok(Ok(s)) => s,
+            Ok(r) => r?,
         };
-        // Small commands, one at a time: do not wait to fill a segment.
-        let _ = s.set_nodelay(true);
         Ok(Conn {
-            io: BufReader::new(s),
+            io: BufReader::new(stream),
             addr: addr.to_string(),
+            tls: tls.cloned(),
             timeout,
             broken: false,
         })
@@ -200,21 +196,25 @@ impl Conn {
         let cmd = encode(args);
         let timeout = self.timeout;
         let sent = async {
-            self.io
-                .get_mut()
-                .write_all(&cmd)
-                .await
-                .map_err(Broken::Io)?;
+            let io = self.io.get_mut();
+            io.write_all(&cmd).await.map_err(Broken::Io)?;
+            io.flush().await.map_err(Broken::Io)?;
             self.read(0).await
         };
         let reply = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(r)) => r,
             Ok(Err(b)) => {
                 self.broken = true;
-                let reason = match b {
-                    Broken::Io(e) => e.to_string(),
-                    Broken::Closed => "the server closed the connection".into(),
-                    Broken::Malformed(why) => why.into(),
+                let reason = match (b, &self.tls) {
+                    (Broken::Io(e), Some(tls)) => tls.io_reason(&e, host_of(&self.addr)),
+                    (Broken::Io(e), None) => e.to_string(),
+                    (Broken::Closed, Some(_)) => "the server closed the connection".into(),
+                    // What a TLS port does with a command in plain text.
+                    (Broken::Closed, None) => {
+                        "the server closed the connection (a port that takes only TLS? use rediss://)"
+                            .into()
+                    }
+                    (Broken::Malformed(why), _) => why.into(),
                 };
                 return Err(self.failed(step, reason));
             }
@@ -432,21 +432,6 @@ mod tests {
     }
 
     #[test]
-    fn urls() {
-        let (addr, user, pass) = parse_url("redis://admin:pw@127.0.0.1:6380/0").unwrap();
-        assert_eq!(addr, "127.0.0.1:6380");
-        assert_eq!(user.as_deref(), Some("admin"));
-        assert_eq!(pass.as_ref().map(SecretString::expose), Some("pw"));
-        assert_eq!(parse_url("redis://cache").unwrap().0, "cache:6379");
-        let (_, user, pass) = parse_url("redis://only-pass@cache").unwrap();
-        assert_eq!(user, None);
-        assert_eq!(pass.as_ref().map(SecretString::expose), Some("only-pass"));
-        assert!(parse_url("http://x").is_none());
-        assert!(parse_url("redis://").is_none());
-        assert!(parse_url("redis://u:p@/0").is_none());
-    }
-
-    #[test]
     fn commands_are_exactly_sized_and_named_without_values() {
         let c = encode(&["AUTH", "app", "pässword"]);
         assert_eq!(
@@ -492,10 +477,10 @@ mod tests {
     async fn check_against_the_real_server() {
         // The machine's Redis has the default user without a password:
         // PING works, a wrong AUTH is refused.
-        check(REDIS, None, None)
+        check(REDIS, None, None, None)
             .await
             .expect("Redis on 127.0.0.1:6379 (scripts/test starts it)");
-        let e = check(REDIS, Some("nobody"), Some("wrong-pass-123"))
+        let e = check(REDIS, None, Some("nobody"), Some("wrong-pass-123"))
             .await
             .unwrap_err();
         let msg = e.to_string();
@@ -504,7 +489,7 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("wrong-pass-123"), "{msg}");
-        let e = check("127.0.0.1:1", None, None).await.unwrap_err();
+        let e = check("127.0.0.1:1", None, None, None).await.unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("redis: cannot connect to 127.0.0.1:1"),
@@ -515,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn acl_users_as_the_backend_rotates_them() {
         let user = unique("rekey-probe");
-        let mut c = Conn::connect(REDIS).await.unwrap();
+        let mut c = Conn::connect(REDIS, None).await.unwrap();
         assert_eq!(c.addr(), REDIS);
         assert_eq!(
             c.call(&["ACL", "GETUSER", &user]).await.unwrap(),
@@ -534,23 +519,23 @@ mod tests {
             .await
             .unwrap();
         // Both passwords work during the window, then the old one goes.
-        check(REDIS, Some(&user), Some("first-pass-1"))
+        check(REDIS, None, Some(&user), Some("first-pass-1"))
             .await
             .unwrap();
-        check(REDIS, Some(&user), Some("second-pass-2"))
+        check(REDIS, None, Some(&user), Some("second-pass-2"))
             .await
             .unwrap();
         c.call(&["ACL", "SETUSER", &user, "<first-pass-1"])
             .await
             .unwrap();
-        let e = check(REDIS, Some(&user), Some("first-pass-1"))
+        let e = check(REDIS, None, Some(&user), Some("first-pass-1"))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("AUTH refused"), "{e}");
         assert_eq!(c.auth(Some(&user), "second-pass-2").await.unwrap(), Ok(()));
 
         // Errors that echo an argument reach nobody with it.
-        let mut admin = Conn::connect(REDIS).await.unwrap();
+        let mut admin = Conn::connect(REDIS, None).await.unwrap();
         let r = admin
             .call(&["ACL", "SETUSER", &user, "%Q~leaky-secret-77"])
             .await
@@ -592,7 +577,7 @@ mod tests {
             (b"+OK\n", "not a RESP reply"),
         ] {
             let addr = fake(answer).await;
-            let mut c = Conn::connect(&addr).await.unwrap();
+            let mut c = Conn::connect(&addr, None).await.unwrap();
             let e = c.call(&["PING"]).await.unwrap_err();
             assert!(
                 matches!(&e, Error::Failed { step, .. } if step == "PING"),
@@ -607,7 +592,7 @@ mod tests {
             deep.extend_from_slice(b"*1\r\n");
         }
         let addr = fake(deep.leak()).await;
-        let e = Conn::connect(&addr)
+        let e = Conn::connect(&addr, None)
             .await
             .unwrap()
             .call(&["PING"])
@@ -619,7 +604,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_server_times_out() {
         let addr = fake(b"").await;
-        let mut c = Conn::connect_timeout(&addr, Duration::from_millis(200))
+        let mut c = Conn::connect_timeout(&addr, None, Duration::from_millis(200))
             .await
             .unwrap();
         let e = c.call(&["AUTH", "u", "silent-secret"]).await.unwrap_err();

@@ -5,10 +5,14 @@
 //! password: the target is shown as `user@host:port/database`, and every
 //! driver message is scrubbed of the URL, the password (as written and
 //! percent-decoded) and a `password=` parameter before it is passed on.
+//! URLs are read as libpq reads them, TLS settings included ([`url`]).
+
+mod url;
+
+pub use url::{PgUrl, SslMode, TlsParams, encode_value as encode_query_value};
 
 use std::future::Future;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -25,50 +29,15 @@ pub const DEFAULT_PROBE: &str = "SELECT 1";
 /// garble the message; it is not a secret anyone should rely on).
 const MIN_SCRUB: usize = 3;
 
-/// The URL as connect options, with statement logging off.
-///
-/// # Errors
-/// [`Error::Url`] when it is not a `postgres://` URL; the URL is not
-/// repeated.
-pub fn options(url: &str) -> Result<PgConnectOptions, Error> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(not_a_url());
-    }
-    Ok(PgConnectOptions::from_str(url)
-        .map_err(|_| not_a_url())?
-        .disable_statement_logging())
-}
-
-fn not_a_url() -> Error {
-    Error::Url {
-        service: Service::Postgres,
-        why: "the URL is not a postgres:// URL",
-    }
-}
-
-/// `user@host:port/database`: what a message may say about a connection,
-/// scrubbed like any message (a name could be the password).
-fn target(o: &PgConnectOptions, url: &str) -> String {
-    let host = match o.get_socket() {
-        Some(s) => s.display().to_string(),
-        None => format!("{}:{}", o.get_host(), o.get_port()),
-    };
-    let shown = match o.get_database() {
-        Some(db) => format!("{}@{host}/{db}", o.get_username()),
-        None => format!("{}@{host}", o.get_username()),
-    };
-    scrub(&shown, url)
-}
-
 /// Connects within `timeout`, without statement logging.
 ///
 /// # Errors
 /// [`Error::Url`], [`Error::Timeout`], or [`Error::Connect`] with the
 /// server's reason (a wrong password, an unknown database), scrubbed.
 pub async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, Error> {
-    let opts = options(url)?;
-    let target = target(&opts, url);
-    match tokio::time::timeout(timeout, open(opts)).await {
+    let url = PgUrl::parse(url)?;
+    let target = url.target();
+    match tokio::time::timeout(timeout, open(url.options())).await {
         Err(_) => Err(Error::Timeout {
             service: Service::Postgres,
             target,
@@ -78,7 +47,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, Error
         Ok(Err(e)) => Err(Error::Connect {
             service: Service::Postgres,
             target,
-            reason: scrub(&pg_error(&e), url),
+            reason: url.reason(&e),
         }),
         Ok(Ok(c)) => Ok(c),
     }
@@ -93,7 +62,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, Error
 pub async fn check(url: &str, probe: &str, timeout: Duration) -> Result<(), Error> {
     let started = tokio::time::Instant::now();
     let mut c = connect(url, timeout).await?;
-    let target = target(&options(url)?, url);
+    let target = PgUrl::parse(url)?.target();
     let left = timeout.saturating_sub(started.elapsed());
     let r = tokio::time::timeout(left, execute(&mut c, probe)).await;
     // A failed close leaves nothing behind that matters to the check.
@@ -170,7 +139,7 @@ pub fn scrub(msg: &str, url: &str) -> String {
 }
 
 /// `%XX` decoded; an invalid escape or non-UTF-8 result stays as written.
-fn percent_decode(encoded: &str) -> Zeroizing<String> {
+pub(crate) fn percent_decode(encoded: &str) -> Zeroizing<String> {
     let bytes = encoded.as_bytes();
     let hex = |c: Option<&u8>| c.and_then(|c| char::from(*c).to_digit(16));
     let mut out = Zeroizing::new(Vec::with_capacity(bytes.len()));
@@ -204,11 +173,11 @@ mod tests {
             "postgres://u:hunter22@h:notaport/db",
             "hunter22",
         ] {
-            let e = options(bad).unwrap_err().to_string();
+            let e = PgUrl::parse(bad).unwrap_err().to_string();
             assert_eq!(e, "postgres: the URL is not a postgres:// URL");
         }
-        let o = options("postgresql://app_a:pw@db.internal:6432/appdb").unwrap();
-        assert_eq!(target(&o, "x"), "app_a@db.internal:6432/appdb");
+        let u = PgUrl::parse("postgresql://app_a:pw@db.internal:6432/appdb").unwrap();
+        assert_eq!(u.target(), "app_a@db.internal:6432/appdb");
     }
 
     #[test]
