@@ -167,16 +167,17 @@ impl Tls {
         host: &str,
         target: &str,
     ) -> Result<TlsStream<TcpStream>, Error> {
-        let name = match &self.server_name {
-            Some(n) => n.clone(),
-            None => ServerName::try_from(host.trim_matches(['[', ']']).to_string()).map_err(
-                |_| Error::Config {
-                    service: self.service,
-                    setting: "TLS server name",
-                    reason: format!("{host:?} is not a DNS name or an IP address; set one"),
-                },
-            )?,
-        };
+        let name =
+            match &self.server_name {
+                Some(n) => n.clone(),
+                None => ServerName::try_from(host.trim_matches(['[', ']']).to_string()).map_err(
+                    |_| Error::Config {
+                        service: self.service,
+                        setting: "TLS server name",
+                        reason: format!("{host:?} is not a DNS name or an IP address; set one"),
+                    },
+                )?,
+            };
         let shown = name.to_str().into_owned();
         TlsConnector::from(self.config.clone())
             .connect(name, tcp)
@@ -204,8 +205,7 @@ pub(crate) fn io_reason(e: &std::io::Error, host: &str, trust: &str) -> String {
     }
     match e.kind() {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            "the server closed the connection during the TLS handshake (a port without TLS?)"
-                .into()
+            "the server closed the connection during the TLS handshake (a port without TLS?)".into()
         }
         _ => e.to_string(),
     }
@@ -219,6 +219,10 @@ pub fn reason(e: &rustls::Error, host: &str, trust: &str) -> String {
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer => format!(
                 "the server's certificate is not signed by {trust} (a wrong CA, or none given)"
+            ),
+            // A CA of the same name that did not sign it.
+            CertificateError::BadSignature => format!(
+                "the server's certificate is not signed by {trust} (a CA of the same name, but not the one that signed it)"
             ),
             CertificateError::NotValidForName => {
                 format!("the server's certificate is not valid for the host name {host}")

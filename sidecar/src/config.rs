@@ -726,7 +726,8 @@ fn validation(
                 ("redis", _) => {
                     // Read once here so a missing file stops the start.
                     if tls != rekey_probe::tls::TlsFiles::default()
-                        && let Err(e) = rekey_probe::tls::Tls::new(rekey_probe::Service::Redis, &tls)
+                        && let Err(e) =
+                            rekey_probe::tls::Tls::new(rekey_probe::Service::Redis, &tls)
                     {
                         errors.push(format!("{setting}.validate: {e}"));
                     }

@@ -80,7 +80,9 @@ enum NotLeader {
 async fn ensure_schema(pool: &PgPool) -> Result<(), ReencryptError> {
     rekey_reencrypt::checkpoint::ensure_table(pool)
         .await
-        .map_err(|e| ReencryptError::Schema { reason: rekey_probe::postgres::pg_error(&e) })
+        .map_err(|e| ReencryptError::Schema {
+            reason: rekey_probe::postgres::pg_error(&e),
+        })
 }
 
 /// The advisory lock key for one secret.
@@ -356,9 +358,10 @@ async fn attempt(
             .trim()
             .to_string(),
     );
-    let target = rekey_probe::postgres::PgUrl::parse(&url).map_err(|e| ReencryptError::Connect {
-        reason: e.to_string(),
-    })?;
+    let target =
+        rekey_probe::postgres::PgUrl::parse(&url).map_err(|e| ReencryptError::Connect {
+            reason: e.to_string(),
+        })?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
         .acquire_timeout(Duration::from_secs(10))

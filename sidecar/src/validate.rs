@@ -67,7 +67,10 @@ fn redis_target(v: &SecretValue) -> Result<rekey_probe::redis::RedisUrl, Error> 
 async fn redis(v: &SecretValue, files: &rekey_probe::tls::TlsFiles) -> Result<(), Error> {
     let target = redis_target(v)?;
     let tls = if target.tls {
-        Some(rekey_probe::tls::Tls::new(rekey_probe::Service::Redis, files)?)
+        Some(rekey_probe::tls::Tls::new(
+            rekey_probe::Service::Redis,
+            files,
+        )?)
     } else {
         None
     };

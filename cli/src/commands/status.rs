@@ -42,11 +42,22 @@ fn print_status(st: &pb::SecretStatus) {
 /// The table form of one secret's status, a line each.
 fn status_lines(st: &pb::SecretStatus) -> Vec<String> {
     let s = st.secret.clone().unwrap_or_default();
+    // A version, and the servers its value is on for kinds that keep it
+    // on several (a Redis deployment).
     let label = |n: u64| {
-        st.versions
-            .iter()
-            .find(|v| v.version == n)
-            .map_or_else(|| "-".into(), version_label)
+        st.versions.iter().find(|v| v.version == n).map_or_else(
+            || "-".into(),
+            |v| match v.nodes.as_slice() {
+                [] => version_label(v),
+                [one] => format!("{} on {}", version_label(v), safe(one)),
+                many => format!(
+                    "{} on {} servers: {}",
+                    version_label(v),
+                    many.len(),
+                    many.iter().map(|n| safe(n)).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        )
     };
     let mut out = Vec::new();
     out.push(format!("{} ({})", safe(&s.id), safe(&s.kind)));
@@ -187,6 +198,21 @@ mod tests {
         assert!(
             lines.contains(&"  provider:  vault-main (secret/rekey/prod/db)".to_string()),
             "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn status_lists_the_servers_each_password_is_on() {
+        let mut st = status("", "", "");
+        st.versions[0].nodes = vec!["10.0.0.1:6379".into(), "10.0.0.2:6379".into()];
+        assert_eq!(
+            status_lines(&st)[1],
+            "  current:   v1 (2026-11-18T11:06:40.123Z) on 2 servers: 10.0.0.1:6379, 10.0.0.2:6379"
+        );
+        st.versions[0].nodes.truncate(1);
+        assert_eq!(
+            status_lines(&st)[1],
+            "  current:   v1 (2026-11-18T11:06:40.123Z) on 10.0.0.1:6379"
         );
     }
 }

@@ -321,7 +321,8 @@ impl PgUrl {
                 None => inner.to_string(),
             },
             sqlx::Error::Database(d)
-                if d.code().as_deref() == Some("28000") && d.message().contains("no encryption") =>
+                if d.code().as_deref() == Some("28000")
+                    && d.message().contains("no encryption") =>
             {
                 format!(
                     "{}: the server takes this connection only over TLS, and sslmode={mode} does not use it (use sslmode=verify-full)",
@@ -402,10 +403,15 @@ mod tests {
         let e = PgUrl::parse(&format!("{base}?sslmode=strict"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("postgres: sslmode \"strict\" is not one of"), "{e}");
-        let e = PgUrl::parse(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"))
-            .unwrap_err()
-            .to_string();
+        assert!(
+            e.starts_with("postgres: sslmode \"strict\" is not one of"),
+            "{e}"
+        );
+        let e = PgUrl::parse(&format!(
+            "{base}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(
             e.starts_with("postgres: sslrootcert /nonexistent/ca.pem: cannot read it"),
             "{e}"

@@ -112,6 +112,11 @@ pub async fn check(
     }
 }
 
+/// A plain connection the server dropped: most likely a port that takes
+/// only TLS.
+const PLAIN_TO_TLS: &str =
+    "the server closed the connection (a port that takes only TLS? use rediss://)";
+
 /// Why reading a reply failed, before the step is known.
 enum Broken {
     Io(std::io::Error),
@@ -142,13 +147,11 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Conn, Error> {
         let open = async {
-            let s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| Error::Connect {
-                    service: Service::Redis,
-                    target: addr.to_string(),
-                    reason: e.to_string(),
-                })?;
+            let s = TcpStream::connect(addr).await.map_err(|e| Error::Connect {
+                service: Service::Redis,
+                target: addr.to_string(),
+                reason: e.to_string(),
+            })?;
             // Small commands, one at a time: do not wait to fill a segment.
             let _ = s.set_nodelay(true);
             Ok(match tls {
@@ -207,13 +210,20 @@ impl Conn {
                 self.broken = true;
                 let reason = match (b, &self.tls) {
                     (Broken::Io(e), Some(tls)) => tls.io_reason(&e, host_of(&self.addr)),
+                    // What a TLS port does with a command in plain text.
+                    (Broken::Closed, None) => PLAIN_TO_TLS.into(),
+                    (Broken::Io(e), None)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::UnexpectedEof
+                                | std::io::ErrorKind::BrokenPipe
+                        ) =>
+                    {
+                        PLAIN_TO_TLS.into()
+                    }
                     (Broken::Io(e), None) => e.to_string(),
                     (Broken::Closed, Some(_)) => "the server closed the connection".into(),
-                    // What a TLS port does with a command in plain text.
-                    (Broken::Closed, None) => {
-                        "the server closed the connection (a port that takes only TLS? use rediss://)"
-                            .into()
-                    }
                     (Broken::Malformed(why), _) => why.into(),
                 };
                 return Err(self.failed(step, reason));

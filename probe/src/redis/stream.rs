@@ -52,4 +52,3 @@ impl AsyncWrite for Stream {
         }
     }
 }
-

@@ -80,7 +80,6 @@ pub fn host_of(addr: &str) -> &str {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,7 +94,10 @@ mod tests {
         assert_eq!(parse_url("redis://cache").unwrap().addr, "cache:6379");
         let u = parse_url("redis://only-pass@cache").unwrap();
         assert_eq!(u.user, None);
-        assert_eq!(u.password.as_ref().map(SecretString::expose), Some("only-pass"));
+        assert_eq!(
+            u.password.as_ref().map(SecretString::expose),
+            Some("only-pass")
+        );
         let u = parse_url("rediss://app:pw@cache.example.com:6380?x=1").unwrap();
         assert!(u.tls);
         assert_eq!(u.addr, "cache.example.com:6380");

@@ -9,7 +9,11 @@
 //!   their own data, logs and configuration; [`Backend::cli`] runs the real
 //!   CLI against a backend.
 //! - [`PgDb`], [`PgServer`], [`RedisUsers`]: the machine's Postgres and
-//!   Redis, and a private Postgres with password authentication.
+//!   Redis, and a private Postgres with password authentication (TLS
+//!   only, if asked).
+//! - [`RedisServer`], [`SentinelSet`], [`RedisCluster`]: private Redis
+//!   deployments (TLS only, a primary with replicas and Sentinels, a
+//!   cluster) with an admin user.
 //! - [`server_pki`], [`issue_cert`], [`LeaseApiServer`]: certificates and a
 //!   stand-in for the Kubernetes Lease API.
 //! - [`Bao`], [`BaoAgent`], [`TokenReviewServer`]: OpenBao (dev or
@@ -41,6 +45,7 @@ mod lease;
 mod pg;
 mod pki;
 mod process;
+mod redis;
 mod sidecar;
 
 pub use aws::{LambdaError, LambdaFunction, LambdaRuntime, Moto, ROTATION_LAMBDA_ARN, moto_binary};
@@ -53,5 +58,9 @@ pub use pki::{issue_cert, server_pki};
 pub use process::{
     KEY_HOOK, TempDir, eventually, free_port, http_get, http_request, hyvve_open_in_python, metric,
     sha256_hex, stderr, stdout, succeed, terminate, tool_binary, wait_for, write_exec, write_hook,
+};
+pub use redis::{
+    MASTER_NAME, REDIS_ADMIN, RedisApp, RedisCluster, RedisOpts, RedisServer, SentinelSet,
+    redis_pki,
 };
 pub use sidecar::{Sidecar, reencrypt_sidecar_config};

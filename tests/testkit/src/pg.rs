@@ -1,7 +1,7 @@
 //! Postgres for the tests: a fresh database per test on the machine's
 //! server (trust auth), or a private server with password authentication.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::process::{free_port, rand_u32, succeed};
@@ -62,9 +62,14 @@ impl Drop for PgDb {
 /// (`scram-sha-256` for TCP), created with `initdb` for one test and
 /// removed afterwards. The machine's own server trusts every local
 /// connection, so it cannot show that an old password stops working.
+///
+/// [`PgServer::start_tls`] makes one that takes TCP connections only over
+/// TLS (`hostssl`), as managed Postgres does.
 pub struct PgServer {
     pub port: u16,
     pub admin_password: String,
+    /// With TLS: the CA file its certificate chains to.
+    pub ca: Option<PathBuf>,
     dir: PathBuf,
     bin: PathBuf,
 }
@@ -75,6 +80,25 @@ impl PgServer {
     /// When the server binaries are missing or it does not start.
     #[must_use]
     pub fn start(tag: &str) -> PgServer {
+        Self::start_with(tag, None)
+    }
+
+    /// A server with `ssl = on` and the certificate [`crate::server_pki`]
+    /// made in `pki` (for localhost and 127.0.0.1), listening on 127.0.0.1
+    /// and 127.0.0.2 (a name its certificate lacks). `pg_hba.conf` allows
+    /// `hostssl ... scram-sha-256` only, and `hostssl ... cert` for the
+    /// role `rekey_cert` (a client certificate with that common name, from
+    /// the same CA).
+    ///
+    /// # Panics
+    ///
+    /// When the server binaries are missing or it does not start.
+    #[must_use]
+    pub fn start_tls(tag: &str, pki: &Path) -> PgServer {
+        Self::start_with(tag, Some(pki))
+    }
+
+    fn start_with(tag: &str, pki: Option<&Path>) -> PgServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect(
                 "PostgreSQL server binaries in /usr/lib/postgresql (scripts/test installs them)",
@@ -100,6 +124,36 @@ impl PgServer {
                     .args(args),
             );
         };
+        let mut settings = format!(
+            "-k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.display()
+        );
+        if let Some(pki) = pki {
+            // The server's key must be its own, mode 0600.
+            for f in ["server.pem", "server.key", "ca.pem"] {
+                std::fs::copy(pki.join(f), dir.join(f)).expect("copy the server's certificate");
+            }
+            std::fs::set_permissions(
+                dir.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .expect("chmod the server's key");
+            settings = format!(
+                "-k {} -c listen_addresses=127.0.0.1,127.0.0.2 -c fsync=off -c ssl=on \
+                 -c ssl_cert_file={d}/server.pem -c ssl_key_file={d}/server.key \
+                 -c ssl_ca_file={d}/ca.pem -c hba_file={d}/pg_hba.conf",
+                dir.display(),
+                d = dir.display()
+            );
+            std::fs::write(
+                dir.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all rekey_cert 127.0.0.1/32 cert\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all 127.0.0.2/32 scram-sha-256\n",
+            )
+            .expect("write pg_hba.conf");
+        }
         succeed(
             Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -127,27 +181,44 @@ impl PgServer {
             "-l".into(),
             path(dir.join("log")),
             "-o".into(),
-            format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-                dir.display()
-            ),
+            format!("-p {port} {settings}"),
             "-w".into(),
             "start".into(),
         ]);
         PgServer {
             port,
             admin_password,
+            ca: pki.map(|p| p.join("ca.pem")),
             dir,
             bin,
         }
     }
 
-    /// The superuser's URL (password authentication).
+    /// A URL for `user` / `password` at 127.0.0.1; with TLS,
+    /// `sslmode=verify-full` and the CA file.
+    #[must_use]
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        let base = format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port);
+        match &self.ca {
+            Some(ca) => format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display()),
+            None => base,
+        }
+    }
+
+    /// The superuser's URL (password authentication; TLS as
+    /// [`PgServer::url`]).
     #[must_use]
     pub fn admin_url(&self, db: &str) -> String {
+        self.url("postgres", &self.admin_password, db)
+    }
+
+    /// The superuser over the server's Unix socket (trusted, no TLS): for
+    /// the test's own setup.
+    fn socket_url(&self, db: &str) -> String {
         format!(
-            "postgres://postgres:{}@127.0.0.1:{}/{db}",
-            self.admin_password, self.port
+            "postgres://postgres@localhost:{}/{db}?host={}",
+            self.port,
+            self.dir.display()
         )
     }
 
@@ -176,7 +247,7 @@ impl PgServer {
     /// When the SQL fails.
     pub async fn sql(&self, db: &str, sql: &str) {
         use sqlx::Connection;
-        let mut c = sqlx::PgConnection::connect(&self.admin_url(db))
+        let mut c = sqlx::PgConnection::connect(&self.socket_url(db))
             .await
             .expect("connect as admin");
         sqlx::raw_sql(sql).execute(&mut c).await.expect("admin SQL");
@@ -189,7 +260,7 @@ impl PgServer {
     /// The server's refusal, as text.
     pub async fn login(&self, user: &str, password: &str, db: &str) -> Result<(), String> {
         use sqlx::Connection;
-        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port);
+        let url = self.url(user, password, db);
         let mut c = sqlx::PgConnection::connect(&url)
             .await
             .map_err(|e| e.to_string())?;

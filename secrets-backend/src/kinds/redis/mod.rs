@@ -141,7 +141,12 @@ fn reach(secret: &str, step_name: &'static str, o: &RedisOptions) -> Result<Reac
 }
 
 /// Every server of the deployment, found now.
-async fn servers(secret: &str, step_name: &'static str, o: &RedisOptions, r: &Reach) -> Result<Vec<String>> {
+async fn servers(
+    secret: &str,
+    step_name: &'static str,
+    o: &RedisOptions,
+    r: &Reach,
+) -> Result<Vec<String>> {
     topology::discover(&o.layout(), r)
         .await
         .map_err(|e| step(secret, step_name, e))
@@ -369,7 +374,16 @@ impl Kind for Redis {
             add.push(owned(p));
         }
         let o = ctx.options.redis(ctx.id)?;
-        let nodes = change(ctx.id, "set", o, Change { add, remove: vec![] }).await?;
+        let nodes = change(
+            ctx.id,
+            "set",
+            o,
+            Change {
+                add,
+                remove: vec![],
+            },
+        )
+        .await?;
         Ok(Some(nodes))
     }
 
@@ -411,7 +425,16 @@ impl Kind for Redis {
     async fn restore(&self, ctx: &SecretCtx<'_>, previous: &SecretValue) -> Result<Nodes> {
         let add = vec![owned(password(previous, ctx.id, "restore")?)];
         let o = ctx.options.redis(ctx.id)?;
-        let nodes = change(ctx.id, "restore", o, Change { add, remove: vec![] }).await?;
+        let nodes = change(
+            ctx.id,
+            "restore",
+            o,
+            Change {
+                add,
+                remove: vec![],
+            },
+        )
+        .await?;
         Ok(Some(nodes))
     }
 
@@ -463,7 +486,10 @@ mod tests {
             }))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("needs --sentinel") && e.contains("needs --master-name"), "{e}");
+        assert!(
+            e.contains("needs --sentinel") && e.contains("needs --master-name"),
+            "{e}"
+        );
         let e = Redis
             .check_options(&with(RedisOptions {
                 tls: RedisTls {
@@ -488,10 +514,9 @@ mod tests {
         assert_eq!(r.nodes, ["10.0.0.1:7000"]);
         assert_eq!(r.address, "127.0.0.1:6379");
         // Rows stored before topologies still read.
-        let old: RedisOptions = serde_json::from_str(
-            r#"{"admin_url_file":"/a","username":"app","address":"h:6379"}"#,
-        )
-        .unwrap();
+        let old: RedisOptions =
+            serde_json::from_str(r#"{"admin_url_file":"/a","username":"app","address":"h:6379"}"#)
+                .unwrap();
         assert_eq!(old.topology, Topology::Single);
         std::fs::remove_dir_all(&dir).unwrap();
     }

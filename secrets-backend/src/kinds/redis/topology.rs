@@ -191,7 +191,8 @@ async fn role_of(reach: &Reach, addr: &str) -> Result<Role, String> {
             ))
         }
         Some("slave" | "replica") => {
-            let (Some(host), Some(port)) = (items.get(1).and_then(text), items.get(2).and_then(text))
+            let (Some(host), Some(port)) =
+                (items.get(1).and_then(text), items.get(2).and_then(text))
             else {
                 return Err(bad());
             };
