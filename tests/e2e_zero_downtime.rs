@@ -1,6 +1,8 @@
 //! Zero downtime, proven: an app under load (a Postgres pool and a Redis
 //! connection built from the credential files its sidecar writes, rebuilt
 //! when a file changes) while rekey rotates both credentials twenty times.
+//! The Postgres server takes only TLS, so the app's pool connects with the
+//! TLS settings the credential's URL carries.
 //! No query may fail; every rotation must converge and be decommissioned;
 //! the app must have run queries with every one of the 21 credentials of
 //! each kind (so it really moved from each old one to the new one); and
@@ -194,7 +196,13 @@ async fn run_app(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_credential() {
     let dir = TempDir::new("zero");
-    let pg = PgServer::start("zero");
+    // Postgres as managed services run it: TLS only (hostssl), and the
+    // admin URL with sslmode=verify-full, which the credential's URL
+    // carries to the app.
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    server_pki(&pki);
+    let pg = PgServer::start_tls("zero", &pki);
     pg.sql("postgres", "CREATE ROLE app_owner NOLOGIN").await;
     pg.sql("postgres", "CREATE DATABASE appdb OWNER app_owner")
         .await;
@@ -344,6 +352,14 @@ async fn an_app_under_load_sees_no_failed_query_across_twenty_rotations_of_each_
     let seen = app.seen.lock().await;
     let current_db = b.cli_json(&["get", "prod/app/database", "--reveal"])["value"].clone();
     let current_redis = b.cli_json(&["get", "prod/app/redis", "--reveal"])["value"].clone();
+    let url = current_db["url"].as_str().unwrap();
+    assert!(
+        url.ends_with(&format!(
+            "?sslmode=verify-full&sslrootcert={}",
+            pki.join("ca.pem").display()
+        )),
+        "the app's pool verified the server: {url}"
+    );
     // The app used every credential: v1 and each of the twenty new ones,
     // each for at least one successful query, so it moved from every old
     // credential to its successor without a failed query.

@@ -232,7 +232,11 @@ pub fn reason(e: &rustls::Error, host: &str, trust: &str) -> String {
                 if presented.is_empty() {
                     "no host".to_string()
                 } else {
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|n| bare_name(n))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
@@ -260,6 +264,15 @@ pub fn reason(e: &rustls::Error, host: &str, trust: &str) -> String {
     }
 }
 
+/// A name as rustls presents it (`DnsName("db.internal")`,
+/// `IpAddress(10.0.0.1)`) without the wrapping.
+fn bare_name(presented: &str) -> &str {
+    presented
+        .split_once('(')
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .map_or(presented, |inner| inner.trim_matches('"'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +292,9 @@ mod tests {
             ca,
         );
         assert!(r.contains("not valid for the host name 127.0.0.2"), "{r}");
+        assert_eq!(bare_name("DnsName(\"localhost\")"), "localhost");
+        assert_eq!(bare_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(bare_name("plain"), "plain");
         let r = reason(
             &rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
             "db",
