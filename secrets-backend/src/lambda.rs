@@ -35,7 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::error::innermost;
 use crate::kinds::postgres::PgOptions;
-use crate::kinds::redis::RedisOptions;
+use crate::kinds::redis::{RedisOptions, RedisTls};
 use crate::kinds::{
     Encoding, InlineUrl, Kind, KindOptions, Kinds, RandomOptions, SecretCtx, field,
 };
@@ -99,9 +99,26 @@ const KINDS: [(&str, &[&str]); 3] = [
             "PORT",
             "PROBE",
             "TERMINATE_SESSIONS",
+            "SSLMODE",
+            "SSLROOTCERT",
         ],
     ),
-    ("redis", &["USERNAME", "ADDRESS"]),
+    (
+        "redis",
+        &[
+            "USERNAME",
+            "ADDRESS",
+            "TOPOLOGY",
+            "NODES",
+            "SENTINELS",
+            "MASTER_NAME",
+            "TLS",
+            "TLS_CA_FILE",
+            "TLS_CERT_FILE",
+            "TLS_KEY_FILE",
+            "TLS_SERVER_NAME",
+        ],
+    ),
 ];
 
 /// Settings that are not a kind's options.
@@ -120,6 +137,8 @@ pub struct Settings {
     options: KindOptions,
     admin_secret_id: Option<String>,
     backend: Option<BackendSettings>,
+    /// A Redis admin secret of fields makes a `rediss://` URL.
+    redis_tls: bool,
 }
 
 struct BackendSettings {
@@ -171,6 +190,14 @@ impl Settings {
             }
         }
         let get = |k: &str| env.get(k).map(|v| v.trim().to_string()).unwrap_or_default();
+        let flag = |k: &str, problems: &mut Vec<String>| match get(k).as_str() {
+            "" | "false" => false,
+            "true" => true,
+            other => {
+                problems.push(format!("REKEY_{k}={other:?}: use true or false"));
+                false
+            }
+        };
         let options = match kind_name {
             "random" => {
                 let length = match get("LENGTH").as_str() {
@@ -202,24 +229,54 @@ impl Settings {
                     }),
                 },
                 probe: get("PROBE"),
-                terminate_sessions: match get("TERMINATE_SESSIONS").as_str() {
-                    "" | "false" => false,
-                    "true" => true,
-                    other => {
-                        problems.push(format!(
-                            "REKEY_TERMINATE_SESSIONS={other:?}: use true or false"
-                        ));
-                        false
-                    }
-                },
+                terminate_sessions: flag("TERMINATE_SESSIONS", &mut problems),
+                sslmode: get("SSLMODE"),
+                sslrootcert: get("SSLROOTCERT"),
                 ..PgOptions::default()
             }),
-            _ => KindOptions::from(RedisOptions {
-                username: get("USERNAME"),
-                address: get("ADDRESS"),
-                ..RedisOptions::default()
-            }),
+            _ => {
+                let list = |k: &str| -> Vec<String> {
+                    get(k)
+                        .split(',')
+                        .map(|a| a.trim().to_string())
+                        .filter(|a| !a.is_empty())
+                        .collect()
+                };
+                KindOptions::from(RedisOptions {
+                    username: get("USERNAME"),
+                    address: get("ADDRESS"),
+                    topology: get("TOPOLOGY").parse().unwrap_or_else(|_| {
+                        problems.push(format!(
+                            "REKEY_TOPOLOGY={:?}: use single, nodes, sentinel or cluster",
+                            get("TOPOLOGY")
+                        ));
+                        crate::kinds::redis::Topology::default()
+                    }),
+                    nodes: list("NODES"),
+                    sentinels: list("SENTINELS"),
+                    master_name: get("MASTER_NAME"),
+                    tls: RedisTls {
+                        ca_file: get("TLS_CA_FILE"),
+                        cert_file: get("TLS_CERT_FILE"),
+                        key_file: get("TLS_KEY_FILE"),
+                        server_name: get("TLS_SERVER_NAME"),
+                    },
+                    ..RedisOptions::default()
+                })
+            }
         };
+        // An admin secret of fields (AWS's templates) makes a rediss://
+        // URL when TLS is asked for.
+        let redis_tls = kind_name == "redis"
+            && (flag("TLS", &mut problems)
+                || [
+                    "TLS_CA_FILE",
+                    "TLS_CERT_FILE",
+                    "TLS_KEY_FILE",
+                    "TLS_SERVER_NAME",
+                ]
+                .iter()
+                .any(|k| !get(k).is_empty()));
         let admin_secret_id = Some(get("ADMIN_SECRET_ID")).filter(|s| !s.is_empty());
         if kind_name != "random" && admin_secret_id.is_none() {
             problems.push(format!(
@@ -285,6 +342,7 @@ impl Settings {
             options,
             admin_secret_id,
             backend,
+            redis_tls,
         })
     }
 }
@@ -390,7 +448,7 @@ impl Function {
                         format!("the admin secret REKEY_ADMIN_SECRET_ID: {}", e.message),
                     )
                 })?;
-            let url = admin_url(self.settings.kind.name(), &v)
+            let url = admin_url(self.settings.kind.name(), &v, &raw, self.settings.redis_tls)
                 .map_err(|m| Failure::new("AdminSecret", format!("{id}: {m}")))?;
             let inline = InlineUrl::new(url);
             if let Some(p) = raw.postgres.as_mut() {
@@ -585,7 +643,16 @@ fn done(step: &str, name: &str, token: &str, what: &str) -> serde_json::Value {
 /// The admin URL from an admin secret: its `url` field or a URL as the
 /// whole value, or the fields AWS's own rotation templates use
 /// (`username`, `password`, `host`, `port`, `dbname`).
-fn admin_url(kind: &str, v: &SecretValue) -> Result<Zeroizing<String>, String> {
+///
+/// Built from fields, a Postgres URL takes the TLS settings of `options`
+/// (`REKEY_SSLMODE`, `REKEY_SSLROOTCERT`), and a Redis URL is
+/// `rediss://` when `redis_tls`.
+fn admin_url(
+    kind: &str,
+    v: &SecretValue,
+    options: &KindOptions,
+    redis_tls: bool,
+) -> Result<Zeroizing<String>, String> {
     let scheme = if kind == "postgres" {
         "postgres"
     } else {
@@ -614,14 +681,24 @@ fn admin_url(kind: &str, v: &SecretValue) -> Result<Zeroizing<String>, String> {
     let port = field(v, "port").unwrap_or(default_port);
     Ok(Zeroizing::new(if kind == "postgres" {
         let db = field(v, "dbname").unwrap_or("postgres");
-        format!(
+        let mut url = format!(
             "postgres://{}:{}@{host}:{port}/{}",
             pct(user),
             pct(pw),
             pct(db)
-        )
+        );
+        let p = options.postgres.clone().unwrap_or_default();
+        let mut sep = '?';
+        for (k, val) in [("sslmode", &p.sslmode), ("sslrootcert", &p.sslrootcert)] {
+            if !val.is_empty() {
+                url.push_str(&format!("{sep}{k}={}", pct(val)));
+                sep = '&';
+            }
+        }
+        url
     } else {
-        format!("redis://{user}:{pw}@{host}:{port}")
+        let scheme = if redis_tls { "rediss" } else { "redis" };
+        format!("{scheme}://{user}:{pw}@{host}:{port}")
     }))
 }
 
@@ -726,6 +803,7 @@ mod tests {
     #[test]
     fn admin_urls_from_aws_template_fields() {
         let fields = crate::kinds::fields_of;
+        let none = KindOptions::default();
         let v = fields(&[
             ("engine", "postgres"),
             ("username", "admin"),
@@ -734,17 +812,61 @@ mod tests {
             ("dbname", "app"),
         ]);
         assert_eq!(
-            admin_url("postgres", &v).unwrap().as_str(),
+            admin_url("postgres", &v, &none, false).unwrap().as_str(),
             "postgres://admin:p%40ss%2Fword@db:5432/app"
+        );
+        // An RDS admin secret, verified against the CA bundle in the image.
+        let tls = KindOptions::from(PgOptions {
+            sslmode: "verify-full".into(),
+            sslrootcert: "/opt/rds/global-bundle.pem".into(),
+            ..PgOptions::default()
+        });
+        assert_eq!(
+            admin_url("postgres", &v, &tls, false).unwrap().as_str(),
+            "postgres://admin:p%40ss%2Fword@db:5432/app?sslmode=verify-full&sslrootcert=%2Fopt%2Frds%2Fglobal-bundle.pem"
         );
         let v = fields(&[("url", "redis://a:b@r:6380")]);
         assert_eq!(
-            admin_url("redis", &v).unwrap().as_str(),
+            admin_url("redis", &v, &none, false).unwrap().as_str(),
             "redis://a:b@r:6380"
         );
+        let v = fields(&[("username", "a"), ("password", "b"), ("host", "cache")]);
+        assert_eq!(
+            admin_url("redis", &v, &none, true).unwrap().as_str(),
+            "rediss://a:b@cache:6379"
+        );
         let raw = SecretValue::Raw(rekey_keyring::SecretBytes::new(b"hunter2".to_vec()));
-        let e = admin_url("postgres", &raw).unwrap_err();
+        let e = admin_url("postgres", &raw, &none, false).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
-        assert!(admin_url("redis", &fields(&[("password", "x")])).is_err());
+        assert!(admin_url("redis", &fields(&[("password", "x")]), &none, false).is_err());
+    }
+
+    #[test]
+    fn redis_topology_and_tls_settings() {
+        let s = Settings::from_vars(vars(&[
+            ("REKEY_KIND", "redis"),
+            ("REKEY_ADMIN_SECRET_ID", "prod/redis-admin"),
+            ("REKEY_USERNAME", "app"),
+            ("REKEY_TOPOLOGY", "sentinel"),
+            ("REKEY_SENTINELS", "10.0.0.1:26379, 10.0.0.2:26379"),
+            ("REKEY_MASTER_NAME", "mymaster"),
+            ("REKEY_TLS", "true"),
+        ]))
+        .unwrap();
+        assert!(s.redis_tls);
+        let r = s.options.redis.unwrap();
+        assert_eq!(r.topology, crate::kinds::redis::Topology::Sentinel);
+        assert_eq!(r.sentinels, ["10.0.0.1:26379", "10.0.0.2:26379"]);
+        let e = Settings::from_vars(vars(&[
+            ("REKEY_KIND", "redis"),
+            ("REKEY_ADMIN_SECRET_ID", "x"),
+            ("REKEY_USERNAME", "app"),
+            ("REKEY_TOPOLOGY", "mesh"),
+            ("REKEY_TLS", "maybe"),
+        ]))
+        .err()
+        .unwrap();
+        assert!(e.contains("REKEY_TOPOLOGY=\"mesh\": use single"), "{e}");
+        assert!(e.contains("REKEY_TLS=\"maybe\": use true or false"), "{e}");
     }
 }

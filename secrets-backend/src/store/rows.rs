@@ -329,7 +329,7 @@ mod tests {
     fn column_lists_follow_the_fields() {
         assert_eq!(
             VersionRow::columns(),
-            "secret_id, version, created_at_ms, state, revoked_at_ms, value_ref"
+            "secret_id, version, created_at_ms, state, revoked_at_ms, value_ref, nodes"
         );
     }
 }
