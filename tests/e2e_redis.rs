@@ -224,6 +224,23 @@ fn tls_only_redis_rotates_and_a_wrong_ca_or_missing_certificate_is_named() {
         "nothing was created"
     );
 
+    // The name certificates are checked against (and sent as SNI): one
+    // the certificate lacks is refused, one it has is taken although the
+    // connection goes to an address.
+    let mut named = full.to_vec();
+    named.extend(["--tls-server-name", "cache.wrong.example"]);
+    let o = create("prod/cache", &named);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not valid for the host name cache.wrong.example"),
+        "{}",
+        stderr(&o)
+    );
+    named.pop();
+    named.push("localhost");
+    let o = create("prod/named", &named);
+    assert!(o.status.success(), "{}", stderr(&o));
+
     let v1 = create("prod/cache", &full);
     assert!(v1.status.success(), "{}", stderr(&v1));
     let value = b.cli_json(&["get", "prod/cache", "--reveal"])["value"].clone();
@@ -596,4 +613,22 @@ fn a_replica_added_later_is_found_at_the_next_step() {
         assert!(s.auth("app", &v2), "current is on {}", s.addr());
         assert!(!s.auth("app", &v1), "previous is gone from {}", s.addr());
     }
+
+    // A rollback restores previous on every server, also where it went
+    // missing (a replica whose ACL was reloaded, say).
+    let o = b.cli(&["rotate", "prod/cache"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v3 = current_password(&b, "prod/cache");
+    assert_eq!(
+        third.cli(&["ACL", "SETUSER", "app", &format!("<{v2}")]),
+        "OK"
+    );
+    assert!(!third.auth("app", &v2));
+    b.cli_json(&["rollback", "prod/cache"]);
+    assert_eq!(current_password(&b, "prod/cache"), v2);
+    for s in [&primary, &first, &second, &third] {
+        assert!(s.auth("app", &v2), "previous is restored on {}", s.addr());
+        assert!(s.auth("app", &v3), "{}", s.addr());
+    }
+    assert_eq!(current_nodes(&b, "prod/cache"), four);
 }

@@ -138,3 +138,19 @@ pub(crate) fn innermost(e: &dyn std::error::Error) -> String {
     }
     cur.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// anyhow prints a chain of sources after the message; a store error's
+    /// message holds its cause already, so the cause must not follow it
+    /// again (it used to be printed three times).
+    #[test]
+    fn a_store_error_says_its_cause_once() {
+        let e = anyhow::Error::from(Error::Store(sqlx::Error::Protocol("the cause".into())))
+            .context("cannot open the store");
+        let shown = format!("{e:#}");
+        assert_eq!(shown.matches("the cause").count(), 1, "{shown}");
+    }
+}
