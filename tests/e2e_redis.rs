@@ -100,6 +100,25 @@ fn sidecar(dir: &Path, b: &Backend, id: &str, file: &Path) -> Sidecar {
     )
 }
 
+/// On every one of `servers`, the app user signs in with `current` and
+/// with none of `old`.
+fn assert_only_current<'a>(
+    servers: impl IntoIterator<Item = &'a RedisServer>,
+    current: &str,
+    old: &[String],
+) {
+    for s in servers {
+        assert!(s.auth("app", current), "current works on {}", s.addr());
+        for p in old {
+            assert!(
+                !s.auth("app", p),
+                "an old password still works on {}",
+                s.addr()
+            );
+        }
+    }
+}
+
 /// The SHA-256 digests of the app user's passwords on `server`, as
 /// `ACL GETUSER` lists them.
 fn password_digests(server: &RedisServer) -> Vec<String> {
@@ -253,28 +272,22 @@ fn tls_only_redis_rotates_and_a_wrong_ca_or_missing_certificate_is_named() {
 
     // The sidecar validates each version over TLS before serving it.
     let out = dir.path().join("cache.json");
-    let cfg = write(
+    let validate = |ca: &str| {
+        format!(
+            "format = \"json\"\nvalidate = {{ kind = \"redis\", tls_ca_file = \"{ca}\", tls_cert_file = \"{cert}\", tls_key_file = \"{key}\" }}"
+        )
+    };
+    let cfg = sidecar_config(
         dir.path(),
         "sidecar.toml",
-        &format!(
-            r#"
-backend = "{backend}"
-token_file = "{token}"
-listen = "127.0.0.1:0"
-[[secrets]]
-id = "prod/cache"
-path = "{out}"
-format = "json"
-validate = {{ kind = "redis", tls_ca_file = "{ca}", tls_cert_file = "{cert}", tls_key_file = "{key}" }}
-"#,
-            backend = b.grpc,
-            token = b.token_path().display(),
-            out = out.display(),
-        ),
+        &b,
+        "prod/cache",
+        &out,
+        &validate(&ca),
     );
     let sc = Sidecar::start(
         dir.path(),
-        &["--config", &cfg],
+        &["--config", cfg.to_str().unwrap()],
         &[("REKEY_REPORT_SPREAD", "100ms")],
     );
     wait_for("the sidecar ready", Duration::from_secs(10), || {
@@ -283,33 +296,25 @@ validate = {{ kind = "redis", tls_ca_file = "{ca}", tls_cert_file = "{cert}", tl
     let passwords = rotate_times(&b, "prod/cache", 2, |_| {});
     assert_eq!(current_nodes(&b, "prod/cache"), [server.addr()]);
     let (last, old) = passwords.split_last().unwrap();
-    assert!(server.auth("app", last));
-    for p in old {
-        assert!(
-            !server.auth("app", p),
-            "decommission removed the old password"
-        );
-    }
+    assert_only_current([&server], last, old);
 
     // A sidecar that checks with the wrong CA rejects the value, says
     // why, and serves nothing it could not check.
-    let wrong = write(
+    let wrong_out = dir.path().join("wrong.json");
+    let wrong = sidecar_config(
         dir.path(),
         "wrong.toml",
-        &std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace(&ca, &wrong_ca)
-            .replace(
-                &out.display().to_string(),
-                &dir.path().join("wrong.json").display().to_string(),
-            ),
+        &b,
+        "prod/cache",
+        &wrong_out,
+        &validate(&wrong_ca),
     );
-    let bad = Sidecar::start(dir.path(), &["--config", &wrong], &[]);
+    let bad = Sidecar::start(dir.path(), &["--config", wrong.to_str().unwrap()], &[]);
     wait_for("the rejection", Duration::from_secs(10), || {
         bad.get("/readyz").1.contains("not signed by the CA file")
     });
     assert_ne!(bad.get("/readyz").0, 200);
-    assert!(!dir.path().join("wrong.json").exists());
+    assert!(!wrong_out.exists());
     assert!(!b.log().contains(last.as_str()) && !sc.log().contains(last.as_str()));
 }
 
@@ -405,16 +410,7 @@ fn sentinel_ten_rotations_and_a_failover_in_a_window_fail_no_command() {
     assert_clean(&summary, passwords.len());
 
     let (last, old) = passwords.split_last().unwrap();
-    for s in set.servers() {
-        assert!(s.auth("app", last), "current works on {}", s.addr());
-        for p in old {
-            assert!(
-                !s.auth("app", p),
-                "an old password still works on {}",
-                s.addr()
-            );
-        }
-    }
+    assert_only_current(set.servers(), last, old);
     assert_eq!(current_nodes(&b, "prod/cache"), all);
 }
 
@@ -458,12 +454,7 @@ fn a_cluster_of_six_rotates_on_every_node_and_never_finishes_without_one() {
     let summary = app.stop();
     assert_clean(&summary, passwords.len());
     let (last, old) = passwords.split_last().unwrap();
-    for n in &cluster.nodes {
-        assert!(n.auth("app", last), "current works on {}", n.addr());
-        for p in old {
-            assert!(!n.auth("app", p), "an old password works on {}", n.addr());
-        }
-    }
+    assert_only_current(&cluster.nodes, last, old);
 
     // One node down (it answers no command) during set: the rotation
     // does not finish, says which node, and leaves nothing behind.

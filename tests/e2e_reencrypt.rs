@@ -31,13 +31,7 @@ fn keys() -> [(&'static str, &'static str); 2] {
 
 async fn seed(db: &PgDb) -> sqlx::PgPool {
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE ai_provider_configs (id text PRIMARY KEY, api_key_encrypted text NOT NULL);
-         CREATE TABLE mcp_server_configs (id text PRIMARY KEY, api_key_encrypted text);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::raw_sql(HYVVE_TABLES).execute(&pool).await.unwrap();
     let old = MasterKey::from_base64(OLD).unwrap();
     let new = MasterKey::from_base64(NEW).unwrap();
     for i in 0..24 {

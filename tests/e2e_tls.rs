@@ -126,27 +126,17 @@ async fn the_store_and_a_postgres_secret_work_over_verify_full_tls() {
 
     // The sidecar validates every version over TLS before it serves it.
     let out = t.dir.path().join("db.json");
-    let cfg = t.write(
+    let cfg = sidecar_config(
+        t.dir.path(),
         "sidecar.toml",
-        &format!(
-            r#"
-backend = "{backend}"
-token_file = "{token}"
-listen = "127.0.0.1:0"
-[[secrets]]
-id = "prod/api/database"
-path = "{out}"
-format = "json"
-validate = {{ kind = "postgres" }}
-"#,
-            backend = b.grpc,
-            token = b.token_path().display(),
-            out = out.display(),
-        ),
+        &b,
+        "prod/api/database",
+        &out,
+        "format = \"json\"\nvalidate = { kind = \"postgres\" }",
     );
     let sc = Sidecar::start(
         t.dir.path(),
-        &["--config", &cfg],
+        &["--config", cfg.to_str().unwrap()],
         &[("REKEY_REPORT_SPREAD", "100ms")],
     );
     wait_for("the sidecar ready", Duration::from_secs(10), || {
@@ -192,13 +182,7 @@ validate = {{ kind = "postgres" }}
 async fn platform_db(t: &TlsPg, db: &str, key: &MasterKey) -> sqlx::PgPool {
     t.pg.sql("postgres", &format!("CREATE DATABASE {db}")).await;
     let pool = sqlx::PgPool::connect(&t.pg.admin_url(db)).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE ai_provider_configs (id text PRIMARY KEY, api_key_encrypted text NOT NULL);
-         CREATE TABLE mcp_server_configs (id text PRIMARY KEY, api_key_encrypted text);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::raw_sql(HYVVE_TABLES).execute(&pool).await.unwrap();
     for i in 0..20 {
         sqlx::query("INSERT INTO ai_provider_configs VALUES ($1, $2)")
             .bind(format!("00000000-0000-0000-0000-{i:012}"))
@@ -284,8 +268,9 @@ async fn reencrypt_and_the_reencryption_task_run_over_tls() {
     all_under(&task_pool, &key_of(&b, "prod/enc/task", "current")).await;
 }
 
-/// Starts the backend on `store_url`; it must stop with one line that
-/// says why.
+/// Starts the backend on `store_url`; it must stop with one `error:` line.
+/// What it printed: that line and, for a setting that is checked before
+/// start (a file the URL names), the list of problems under it.
 fn refused_store(dir: &Path, store_url: &str) -> String {
     let cfg = dir.join(format!("refused-{}.toml", rand_tag()));
     std::fs::write(
@@ -307,7 +292,10 @@ fn refused_store(dir: &Path, store_url: &str) -> String {
     let err = stderr(&o);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    lines[0].to_string()
+    err.lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn rand_tag() -> String {
@@ -467,24 +455,15 @@ async fn a_wrong_ca_a_wrong_host_and_no_tls_each_say_which() {
         "--value-file",
         &disabled,
     ]);
-    let cfg = t.write(
+    let cfg = sidecar_config(
+        t.dir.path(),
         "validating.toml",
-        &format!(
-            r#"
-backend = "{backend}"
-token_file = "{token}"
-listen = "127.0.0.1:0"
-[[secrets]]
-id = "prod/url"
-path = "{out}"
-validate = {{ kind = "postgres" }}
-"#,
-            backend = b.grpc,
-            token = b.token_path().display(),
-            out = t.dir.path().join("url").display(),
-        ),
+        &b,
+        "prod/url",
+        &t.dir.path().join("url"),
+        "validate = { kind = \"postgres\" }",
     );
-    let sc = Sidecar::start(t.dir.path(), &["--config", &cfg], &[]);
+    let sc = Sidecar::start(t.dir.path(), &["--config", cfg.to_str().unwrap()], &[]);
     wait_for("the rejection", Duration::from_secs(10), || {
         sc.get("/readyz").1.contains("only over TLS")
     });

@@ -140,9 +140,7 @@ fn the_runbook_runs_as_written_against_a_local_backend() {
         &db.url,
         &format!(
             "CREATE ROLE {group} NOLOGIN; ALTER DATABASE {} OWNER TO {group}; \
-             SET ROLE {group}; \
-             CREATE TABLE ai_provider_configs (id text PRIMARY KEY, api_key_encrypted text NOT NULL); \
-             CREATE TABLE mcp_server_configs (id text PRIMARY KEY, api_key_encrypted text)",
+             SET ROLE {group}; {HYVVE_TABLES}",
             db.name
         ),
     );

@@ -53,7 +53,7 @@ pub use backend::{Backend, BackendOpts, Client, TokenInterceptor, client};
 pub use bao::{AGENT_RENDER_INTERVAL, Bao, BaoAgent, TokenReviewServer, bao_binary};
 pub use bins::{BACKEND, Binary, CLI, LAMBDA, SIDECAR, VAULT_PLUGIN};
 pub use lease::LeaseApiServer;
-pub use pg::{PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
+pub use pg::{HYVVE_TABLES, PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
     KEY_HOOK, TempDir, eventually, free_port, http_get, http_request, hyvve_open_in_python, metric,
@@ -63,4 +63,4 @@ pub use redis::{
     MASTER_NAME, REDIS_ADMIN, RedisApp, RedisCluster, RedisOpts, RedisServer, SentinelSet,
     redis_pki,
 };
-pub use sidecar::{Sidecar, reencrypt_sidecar_config};
+pub use sidecar::{Sidecar, reencrypt_sidecar_config, sidecar_config};

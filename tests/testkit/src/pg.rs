@@ -6,6 +6,12 @@ use std::process::{Command, Stdio};
 
 use crate::process::{free_port, rand_u32, succeed};
 
+/// The platform's two credential tables as the runbook's platform has
+/// them: HYVVE envelopes in text columns, ids uuid text, the second
+/// column nullable.
+pub const HYVVE_TABLES: &str = "CREATE TABLE ai_provider_configs (id text PRIMARY KEY, api_key_encrypted text NOT NULL); \
+     CREATE TABLE mcp_server_configs (id text PRIMARY KEY, api_key_encrypted text);";
+
 /// The Postgres server the machine runs (trust auth); override with
 /// `REKEY_TEST_PG_URL`.
 #[must_use]

@@ -169,3 +169,34 @@ database_url_file = "{db}"
     .expect("write the sidecar config");
     p
 }
+
+/// A sidecar configuration for `b` (`dir/name`) with one `[[secrets]]`
+/// entry for `id` written to `out`; `entry` adds lines to it (`format`,
+/// `validate`, ...).
+///
+/// # Panics
+///
+/// When the file cannot be written.
+#[must_use]
+pub fn sidecar_config(
+    dir: &Path,
+    name: &str,
+    b: &Backend,
+    id: &str,
+    out: &Path,
+    entry: &str,
+) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "backend = \"{backend}\"\ntoken_file = \"{token}\"\nlisten = \"127.0.0.1:0\"\n\
+             [[secrets]]\nid = \"{id}\"\npath = \"{out}\"\n{entry}\n",
+            backend = b.grpc,
+            token = b.token_path().display(),
+            out = out.display(),
+        ),
+    )
+    .expect("write the sidecar config");
+    p
+}
