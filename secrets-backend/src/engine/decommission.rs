@@ -132,10 +132,11 @@ impl Engine {
         let id = s.id.as_str();
         let kind = self.kinds.get(&s.kind)?;
         let (v, value) = self.version_and_value(s, version).await?;
-        // A kind on several servers gives current to any that lacks it.
+        // A kind whose values pile up on several servers (Redis) gives
+        // current to any that lacks it; the others need no second read
+        // (one more round trip to a provider).
         let current = match s.current_version {
-            0 => None,
-            n if n == version => None,
+            n if n == 0 || n == version || !kind.set_keeps_older_values() => None,
             n => Some(self.version_and_value(s, n).await?.1),
         };
         let nodes = kind
