@@ -416,6 +416,146 @@ async fn verify(b: &Backend, expect: Option<(u64, &str)>) -> pb::VerifyAuditResp
         .into_inner()
 }
 
+/// One audit row as the store keeps it.
+type AuditRow = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+);
+
+/// The plain SHA-256 of an event, as anyone who can read the source and
+/// write the store can compute it: over its fields in the order the chain
+/// covers them (the backend's canonical JSON), with `prev_hash`.
+fn plain_digest(r: &AuditRow, prev_hash: &str) -> String {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let canonical = format!(
+        r#"{{"seq":{},"time_ms":{},"actor":{},"action":{},"secret_id":{},"version":{},"outcome":{},"request_id":{},"detail":{},"prev_hash":{}}}"#,
+        r.0,
+        r.1,
+        q(&r.2),
+        q(&r.3),
+        q(&r.4),
+        r.5,
+        q(&r.6),
+        q(&r.7),
+        q(&r.8),
+        q(prev_hash)
+    );
+    sha256_hex(&canonical)
+}
+
+const AUDIT_ROW: &str = "SELECT seq, time_ms, actor, action, secret_id, version, outcome, request_id, detail, prev_hash FROM audit";
+
+/// Rebuilds the whole chain with plain SHA-256 digests; the newest seq.
+async fn rebuild_plain_chain(conn: &mut sqlx::SqliteConnection) -> i64 {
+    let rows: Vec<AuditRow> = sqlx::query_as(&format!("{AUDIT_ROW} ORDER BY seq"))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let mut prev = "0".repeat(64);
+    for r in &rows {
+        let hash = plain_digest(r, &prev);
+        sqlx::query("UPDATE audit SET prev_hash = $1, hash = $2 WHERE seq = $3")
+            .bind(&prev)
+            .bind(&hash)
+            .bind(r.0)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    rows.last().map_or(0, |r| r.0)
+}
+
+/// With write access to the stopped store and no KEK: edit an event,
+/// rebuild the chain with plain SHA-256, then make it pass as an old
+/// chain (`audit_legacy_through` at the newest event) or as one to re-key
+/// (`audit_chain = 'sha256'`). After a restart the forgery is reported,
+/// by `--verify` and by `rekey_audit_tampered`, and nothing re-keyed it.
+/// A deleted `kek_check` stops the backend.
+#[tokio::test]
+async fn a_rebuilt_plain_chain_is_caught_after_a_restart_and_a_lost_kek_check_stops_the_backend() {
+    for (attack, meta, problem) in [
+        (
+            "legacy-through",
+            "INSERT INTO meta (key, value) VALUES ('audit_legacy_through', '$N') \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "meta.audit_legacy_through was altered",
+        ),
+        (
+            "chain-sha256",
+            "UPDATE meta SET value = 'sha256' WHERE key = 'audit_chain'",
+            "meta.audit_chain says \"sha256\"",
+        ),
+    ] {
+        let dir = TempDir::new("downgrade");
+        let mut b = Backend::start(dir.path(), BackendOpts::default());
+        b.cli_json(&["create", "prod/a", "--kind", "random"]);
+        for _ in 0..3 {
+            b.cli_json(&["rotate", "prod/a"]);
+        }
+        assert!(verify(&b, None).await.ok);
+        b.stop();
+        let db = format!("sqlite://{}", dir.path().join("data/rekey.db").display());
+        let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let newest = rebuild_plain_chain(&mut conn).await;
+        sqlx::query(&meta.replace("$N", &newest.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        drop(conn);
+        b.restart();
+        let v = verify(&b, None).await;
+        assert!(!v.ok, "{attack}: the forged chain passed: {v:?}");
+        assert!(v.problem.contains(problem), "{attack}: {v:?}");
+        assert_eq!(
+            backend_metric(&b, "rekey_audit_tampered"),
+            Some(1.0),
+            "{attack}: reported from the start"
+        );
+        // Nothing re-keyed the forgery: event 2 still carries its plain digest.
+        let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        let (row, hash): (AuditRow, String) = {
+            let r: AuditRow = sqlx::query_as(&format!("{AUDIT_ROW} WHERE seq = 2"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            let h: String = sqlx::query_scalar("SELECT hash FROM audit WHERE seq = 2")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            (r, h)
+        };
+        assert_eq!(hash, plain_digest(&row, &row.9), "{attack}");
+        if attack == "chain-sha256" {
+            // A deleted key check: refused, and no key written over the data.
+            b.stop();
+            sqlx::query("DELETE FROM meta WHERE key = 'kek_check'")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            drop(conn);
+            let kek = std::fs::read(dir.path().join("data/kek")).unwrap();
+            let config = std::fs::read_to_string(&b.config_path).unwrap();
+            let (code, err) = start_refused(dir.path(), &config);
+            assert_eq!(code, Some(1), "{err}");
+            assert!(err.contains("meta.kek_check) is gone"), "{err}");
+            assert_eq!(std::fs::read(dir.path().join("data/kek")).unwrap(), kek);
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_audit_chain_is_keyed_anchored_and_watched_by_the_running_backend() {
     let dir = TempDir::new("chain");
@@ -435,14 +575,20 @@ async fn the_audit_chain_is_keyed_anchored_and_watched_by_the_running_backend() 
 
     let db = format!("sqlite://{}", dir.path().join("data/rekey.db").display());
     let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
-    // Edit an event and recompute a plain SHA-256 over it: refused.
+    // Edit an event and recompute its real plain SHA-256 (over the edited
+    // fields, with its prev_hash): refused, since the chain is keyed.
     let (actor, hash): (String, String) =
         sqlx::query_as("SELECT actor, hash FROM audit WHERE seq = 2")
             .fetch_one(&mut conn)
             .await
             .unwrap();
+    let mut edited: AuditRow = sqlx::query_as(&format!("{AUDIT_ROW} WHERE seq = 2"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    edited.2 = "mallory".into();
     sqlx::query("UPDATE audit SET actor = 'mallory', hash = $1 WHERE seq = 2")
-        .bind(sha256_hex("anything"))
+        .bind(plain_digest(&edited, &edited.9))
         .execute(&mut conn)
         .await
         .unwrap();

@@ -12,16 +12,21 @@
 //! (`--expect-head SEQ:MAC`); and a running backend reports a store whose
 //! head falls behind the one it last saw.
 //!
-//! Stores written before the chain was keyed carried plain SHA-256 hashes;
-//! they are re-chained under the MAC at start-up when their old chain is
-//! intact. A broken old chain is left as it is and keeps being reported.
+//! The meta rows that verification depends on (`audit_chain`,
+//! `audit_legacy_through`, and the KEK's canary) carry a MAC under a key
+//! derived from the KEK too, so the chain cannot be downgraded: a store
+//! cannot be made to look as if it came from before the chain was keyed.
+//! Stores that did carried plain SHA-256 hashes; the first start of this
+//! release on them (the canary proves that they are from an earlier
+//! release) re-chains them under the MAC when their old chain is intact.
+//! A broken old chain is left as it is and keeps being reported.
 
 use ring::digest;
 use serde::Serialize;
 use sqlx::Row;
 
 use crate::error::{Error, Result};
-use crate::store::{self, Conn, Dialect, Store};
+use crate::store::{self, Canary, Conn, Dialect, Sealed, Store};
 
 /// `prev_hash` of the first event.
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -285,18 +290,55 @@ pub(crate) async fn list(
     rows.iter().map(from_row).collect()
 }
 
-/// Re-chains a store written before the chain was keyed: once, under the
-/// append lock, and only when its old SHA-256 chain is intact (a broken
-/// one is left as evidence and recorded in `audit_legacy_through`).
-pub(crate) async fn migrate(store: &Store) -> Result<()> {
+/// Brings the chain and the meta rows it depends on to this release, once,
+/// under the append lock:
+/// - a new store: `audit_chain` is written sealed (with its MAC);
+/// - a store whose meta rows are sealed: nothing; verification checks them;
+/// - a store from a release before meta rows were sealed (its canary,
+///   which nobody can make without the KEK, says so): its meta rows are
+///   sealed as they are, and a plain SHA-256 chain from before the chain
+///   was keyed (no `audit_chain` row: no release before wrote one) is
+///   re-chained under the MAC when intact; a broken one is left as evidence
+///   and recorded in `audit_legacy_through`. Then the canary says
+///   "sealed", so no later start re-keys anything. An `audit_chain` that
+///   no release writes is left as it is, and verification reports it.
+pub(crate) async fn migrate(store: &Store, canary: Canary) -> Result<()> {
     let mut tx = store.begin().await?;
     lock_appends(store, &mut tx).await?;
-    if store::meta_get(&mut tx, CHAIN_META).await?.as_deref() == Some(KEYED) {
-        return Ok(());
+    match canary {
+        Canary::Sealed => return Ok(()),
+        Canary::Fresh => store.sealed_set(&mut tx, CHAIN_META, KEYED).await?,
+        Canary::Legacy => {
+            // Another replica may have moved it on while this one waited.
+            if store.canary(&mut tx).await? != Some(Canary::Legacy) {
+                return Ok(());
+            }
+            match store::meta_get(&mut tx, CHAIN_META).await?.as_deref() {
+                Some(KEYED) => store.sealed_set(&mut tx, CHAIN_META, KEYED).await?,
+                None => {
+                    rekey_legacy_chain(store, &mut tx).await?;
+                    store.sealed_set(&mut tx, CHAIN_META, KEYED).await?;
+                }
+                Some(other) => tracing::error!(
+                    audit_chain = other,
+                    "meta.audit_chain holds a value no release writes: the store was altered; the chain is not re-keyed, and `rekey audit --verify` reports it"
+                ),
+            }
+            if let Some(n) = store::meta_get(&mut tx, LEGACY_META).await? {
+                store.sealed_set(&mut tx, LEGACY_META, &n).await?;
+            }
+            store.write_canary(&mut tx).await?;
+        }
     }
-    let events = all_events(&mut tx).await?;
-    let intact = walk(&events, None, Event::legacy_hash).is_none();
-    if intact {
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Re-chains a plain SHA-256 chain under the MAC when it is intact; else
+/// records in `audit_legacy_through` where the old chain ends.
+async fn rekey_legacy_chain(store: &Store, tx: &mut Conn) -> Result<()> {
+    let events = all_events(tx).await?;
+    if walk(&events, None, Event::legacy_hash).is_none() {
         let mut prev = GENESIS.to_string();
         for e in events {
             let mut e = Event {
@@ -317,11 +359,65 @@ pub(crate) async fn migrate(store: &Store) -> Result<()> {
             through = last.seq,
             "the audit log was altered before it was keyed; it stays as it is and `rekey audit --verify` reports where"
         );
-        store::meta_set(&mut tx, LEGACY_META, &last.seq.to_string()).await?;
+        store
+            .sealed_set(tx, LEGACY_META, &last.seq.to_string())
+            .await?;
     }
-    store::meta_set(&mut tx, CHAIN_META, KEYED).await?;
-    tx.commit().await?;
     Ok(())
+}
+
+/// What is wrong with the meta rows the chain's verification depends on:
+/// an `audit_chain` that is gone, forged or not the keyed chain, an
+/// `audit_legacy_through` that is forged, or one that marks an intact
+/// plain chain (it is written only for an old chain that was broken, so
+/// an intact one there was rebuilt). Also the first event of that range
+/// that the problem concerns (0 for the log as a whole), and where the old
+/// chain ends for the walk.
+async fn meta_problem(store: &Store, c: &mut Conn) -> Result<(Option<(i64, String)>, i64)> {
+    let chain = match store.sealed_get(c, CHAIN_META).await? {
+        Sealed::Valid(v) if v == KEYED => None,
+        Sealed::Absent => Some("meta.audit_chain is gone: the store was altered".to_string()),
+        Sealed::Valid(v) | Sealed::Forged(v) if v != KEYED => Some(format!(
+            "meta.audit_chain says {v:?}, which no release writes: the store was altered"
+        )),
+        // The keyed chain's name, without its MAC.
+        Sealed::Valid(_) | Sealed::Forged(_) => Some("meta.audit_chain was altered".to_string()),
+    };
+    if let Some(why) = chain {
+        return Ok((Some((0, why)), 0));
+    }
+    let legacy_through = match store.sealed_get(c, LEGACY_META).await? {
+        Sealed::Absent => 0,
+        Sealed::Valid(n) => n.parse().unwrap_or(0),
+        Sealed::Forged(_) => {
+            return Ok((
+                Some((0, "meta.audit_legacy_through was altered".to_string())),
+                0,
+            ));
+        }
+    };
+    if legacy_through > 0 {
+        let old = list(c, "", 0, legacy_through).await?;
+        if walk(&old, None, Event::legacy_hash).is_none() {
+            return Ok((
+                Some((
+                    1,
+                    format!(
+                        "events 1 to {legacy_through} are marked as an old chain that was broken, \
+                         yet they form an intact plain SHA-256 chain: they were rebuilt"
+                    ),
+                )),
+                legacy_through,
+            ));
+        }
+    }
+    Ok((None, legacy_through))
+}
+
+/// Whether the meta rows the chain depends on hold (cheap: for every
+/// scheduler pass); the problem when they do not.
+pub(crate) async fn check_meta(store: &Store, c: &mut Conn) -> Result<Option<String>> {
+    Ok(meta_problem(store, c).await?.0.map(|(_, why)| why))
 }
 
 async fn all_events(c: &mut Conn) -> Result<Vec<Event>> {
@@ -385,14 +481,12 @@ pub(crate) async fn verify(
     expected: &[(&str, Head)],
 ) -> Result<Verification> {
     let events = all_events(c).await?;
-    let legacy_through: i64 = store::meta_get(c, LEGACY_META)
-        .await?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let (meta, legacy_through) = meta_problem(store, c).await?;
     let split = events.partition_point(|e| e.seq <= legacy_through);
     let (old, keyed) = events.split_at(split);
-    let first_bad =
-        walk(old, None, Event::legacy_hash).or_else(|| walk(keyed, old.last(), |e| e.mac(store)));
+    let first_bad = meta.or_else(|| {
+        walk(old, None, Event::legacy_hash).or_else(|| walk(keyed, old.last(), |e| e.mac(store)))
+    });
     let checked = match &first_bad {
         Some((seq, _)) => seq - 1,
         None => i64::try_from(events.len()).unwrap_or(i64::MAX),
@@ -522,45 +616,81 @@ mod tests {
         assert!(v.first_bad.unwrap().1.contains("does not carry the MAC"));
     }
 
+    /// Writes `n` events chained by plain SHA-256 as the releases before
+    /// the keyed chain did (or as somebody without the KEK can).
+    async fn plain_chain(c: &mut Conn, n: i64, actor: &str) {
+        sqlx::query("DELETE FROM audit")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        let mut prev = GENESIS.to_string();
+        for seq in 1..=n {
+            let mut e = Event {
+                seq,
+                time_ms: 5,
+                actor: actor.into(),
+                action: "rotate".into(),
+                secret_id: "s".into(),
+                version: seq,
+                outcome: "ok".into(),
+                request_id: "r".into(),
+                detail: String::new(),
+                prev_hash: prev.clone(),
+                hash: String::new(),
+            };
+            e.hash = e.legacy_hash();
+            sqlx::query(&format!(
+                "INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            ))
+            .bind(e.seq)
+            .bind(e.time_ms)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.secret_id)
+            .bind(e.version)
+            .bind(&e.outcome)
+            .bind(&e.request_id)
+            .bind(&e.detail)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
+            .execute(&mut *c)
+            .await
+            .unwrap();
+            prev = e.hash;
+        }
+    }
+
+    /// A store as a release before sealed meta rows left it: the old
+    /// canary, no MACs on meta rows.
+    async fn as_an_earlier_release_left_it(s: &Store, c: &mut Conn) {
+        s.write_legacy_canary(c).await.unwrap();
+        sqlx::query("UPDATE meta SET mac = ''")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn an_old_sha256_chain_is_rekeyed_when_intact_and_kept_as_evidence_when_not() {
         for tampered in [false, true] {
             let dir = tempdir();
             let s = store_in(&dir, 1).await;
             let mut c = s.conn().await.unwrap();
-            // Write a chain the way the previous release did.
-            let mut prev = GENESIS.to_string();
-            for seq in 1..=3 {
-                let mut e = Event {
-                    seq,
-                    time_ms: 5,
-                    actor: "admin".into(),
-                    action: "rotate".into(),
-                    secret_id: "s".into(),
-                    version: seq,
-                    outcome: "ok".into(),
-                    request_id: "r".into(),
-                    detail: String::new(),
-                    prev_hash: prev.clone(),
-                    hash: String::new(),
-                };
-                e.hash = e.legacy_hash();
-                sqlx::query(&format!("INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
-                    .bind(e.seq).bind(e.time_ms).bind(&e.actor).bind(&e.action).bind(&e.secret_id)
-                    .bind(e.version).bind(&e.outcome).bind(&e.request_id).bind(&e.detail)
-                    .bind(&e.prev_hash).bind(&e.hash)
-                    .execute(&mut *c).await.unwrap();
-                prev = e.hash;
-            }
+            // A store from before the chain was keyed: no audit_chain row.
+            plain_chain(&mut c, 3, "admin").await;
             if tampered {
                 sqlx::query("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
                     .execute(&mut *c)
                     .await
                     .unwrap();
             }
-            store::meta_set(&mut c, CHAIN_META, "sha256").await.unwrap();
+            sqlx::query("DELETE FROM meta WHERE key = 'audit_chain'")
+                .execute(&mut *c)
+                .await
+                .unwrap();
+            as_an_earlier_release_left_it(&s, &mut c).await;
             drop(c);
-            migrate(&s).await.unwrap();
+            migrate(&s, Canary::Legacy).await.unwrap();
             append(&s, ev("rotate"), 6).await.unwrap();
             let v = check(&s, &[]).await;
             if tampered {
@@ -572,6 +702,111 @@ mod tests {
                 let e1 = list(&mut c, "", 0, 1).await.unwrap().remove(0);
                 assert_ne!(e1.hash, e1.legacy_hash());
             }
+            // And the canary says so: no later start re-keys anything.
+            let mut c = s.conn().await.unwrap();
+            assert_eq!(s.canary(&mut c).await.unwrap(), Some(Canary::Sealed));
         }
+    }
+
+    /// Somebody with write access to a stopped store and no KEK rebuilds
+    /// the chain with plain SHA-256 (after editing an event), then tries
+    /// to make it pass: as an old chain (audit_legacy_through at the
+    /// newest event), or as one to re-key (audit_chain = 'sha256', or the
+    /// row deleted). None of it passes, and nothing is re-keyed.
+    #[tokio::test]
+    async fn a_rebuilt_plain_chain_cannot_pass_for_an_old_one() {
+        for attack in ["legacy-through", "chain-sha256", "chain-deleted"] {
+            let dir = tempdir();
+            let s = store_in(&dir, 1).await;
+            for a in ["create", "rotate", "rotate"] {
+                append(&s, ev(a), 10).await.unwrap();
+            }
+            let mut c = s.conn().await.unwrap();
+            plain_chain(&mut c, 3, "mallory").await;
+            let meta = match attack {
+                "legacy-through" => {
+                    "INSERT INTO meta (key, value) VALUES ('audit_legacy_through', '3')"
+                }
+                "chain-sha256" => "UPDATE meta SET value = 'sha256' WHERE key = 'audit_chain'",
+                _ => "DELETE FROM meta WHERE key = 'audit_chain'",
+            };
+            sqlx::query(meta).execute(&mut *c).await.unwrap();
+            drop(c);
+            // The next start: the store's canary says its meta is sealed.
+            let mut c = s.conn().await.unwrap();
+            let canary = s.canary(&mut c).await.unwrap().unwrap();
+            assert_eq!(canary, Canary::Sealed, "{attack}");
+            drop(c);
+            migrate(&s, canary).await.unwrap();
+            let v = check(&s, &[]).await;
+            let (_, why) = v
+                .first_bad
+                .unwrap_or_else(|| panic!("{attack}: the forgery passed"));
+            let want = match attack {
+                "legacy-through" => "meta.audit_legacy_through was altered",
+                "chain-sha256" => "meta.audit_chain says \"sha256\", which no release writes",
+                _ => "meta.audit_chain is gone",
+            };
+            assert!(why.contains(want), "{attack}: {why}");
+            let mut c = s.conn().await.unwrap();
+            let e1 = list(&mut c, "", 0, 1).await.unwrap().remove(0);
+            assert_eq!(
+                e1.hash,
+                e1.legacy_hash(),
+                "{attack}: nothing re-keyed the forgery"
+            );
+            assert!(check_meta(&s, &mut c).await.unwrap().is_some(), "{attack}");
+        }
+    }
+
+    /// A store an earlier release left with a broken old chain: its
+    /// audit_legacy_through is sealed as found; one set over an intact
+    /// plain chain was set for a rebuilt one, and is reported.
+    #[tokio::test]
+    async fn a_legacy_range_over_an_intact_plain_chain_is_reported() {
+        let dir = tempdir();
+        let s = store_in(&dir, 1).await;
+        let mut c = s.conn().await.unwrap();
+        plain_chain(&mut c, 3, "mallory").await;
+        store::meta_set(&mut c, LEGACY_META, "3").await.unwrap();
+        as_an_earlier_release_left_it(&s, &mut c).await;
+        drop(c);
+        migrate(&s, Canary::Legacy).await.unwrap();
+        let (seq, why) = check(&s, &[]).await.first_bad.unwrap();
+        assert_eq!(seq, 1);
+        assert!(why.contains("they were rebuilt"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_store_with_data_and_no_kek_check_is_refused() {
+        let dir = tempdir();
+        let s = store_in(&dir, 1).await;
+        append(&s, ev("create"), 10).await.unwrap();
+        let mut c = s.conn().await.unwrap();
+        sqlx::query("DELETE FROM meta WHERE key = 'kek_check'")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        drop(c);
+        s.close().await;
+        let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
+        let made_a_key = std::sync::atomic::AtomicBool::new(false);
+        let e = Store::open(
+            &url,
+            1,
+            std::sync::Arc::new(rekey_keyring::MasterKey::from_bytes(&[1; 32]).unwrap()),
+            Some(|| {
+                made_a_key.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }),
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("meta.kek_check) is gone"), "{e}");
+        assert!(
+            !made_a_key.load(std::sync::atomic::Ordering::SeqCst),
+            "no new key"
+        );
     }
 }

@@ -233,6 +233,10 @@ pub async fn run(
         },
     ));
 
+    // Before anything is served: a store whose audit meta rows were
+    // altered is reported at once, not at the first scheduler pass.
+    engine.check_audit_head().await;
+
     let grpc_addr = metrics::bound(&grpc_listener);
     let metrics_addr = metrics_listener.as_ref().map(metrics::bound);
 

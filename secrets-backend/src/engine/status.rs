@@ -393,12 +393,19 @@ impl Engine {
     }
 
     /// Compares the store's audit log with the newest event this backend
-    /// saw: once that event is gone or changed, the store was tampered with
-    /// (`rekey_audit_tampered` turns 1 and stays). A newer head written by
+    /// saw, and checks the meta rows its verification depends on: once
+    /// that event is gone or changed, or a meta row does not hold, the
+    /// store was tampered with (`rekey_audit_tampered` turns 1 and stays). A newer head written by
     /// another replica moves the seen head on.
     pub(crate) async fn check_audit_head(&self) {
         let r: Result<()> = async {
             let mut c = self.store.conn().await?;
+            if let Some(why) = audit::check_meta(&self.store, &mut c).await? {
+                if self.metrics.audit_tampered.get() == 0 {
+                    tracing::error!(problem = %why, "the audit log's meta rows do not hold: the store was tampered with");
+                }
+                self.metrics.audit_tampered.set(1);
+            }
             let store_head = audit::head(&mut c).await?;
             let Some(seen) = self.seen_audit_head() else {
                 if let Some(h) = store_head {

@@ -38,6 +38,34 @@ pub(crate) enum Dialect {
     Postgres,
 }
 
+/// Meta key of the canary sealed under the KEK.
+const KEK_CHECK: &str = "kek_check";
+/// The canary of stores written before meta rows were sealed.
+const CANARY_LEGACY: &[u8] = b"rekey kek check";
+/// The canary of stores whose meta rows carry MACs.
+const CANARY_SEALED: &[u8] = b"rekey kek check/2: meta rows sealed";
+
+/// What the canary says about a store, at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Canary {
+    /// A new store: the canary was just written.
+    Fresh,
+    /// Written by a release before meta rows were sealed: its meta rows
+    /// carry no MACs yet.
+    Legacy,
+    /// Its meta rows that verification depends on carry MACs.
+    Sealed,
+}
+
+/// A meta row read with its MAC checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sealed {
+    Absent,
+    Valid(String),
+    /// There, but its MAC does not hold: written without the KEK.
+    Forged(String),
+}
+
 /// The Postgres channel that carries ids of changed secrets between replicas.
 pub(crate) const NOTIFY_CHANNEL: &str = "rekey_changes";
 
@@ -76,6 +104,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0004_tokens.sql"),
     ),
     (5, "nodes", include_str!("../../migrations/0005_nodes.sql")),
+    (
+        6,
+        "meta_mac",
+        include_str!("../../migrations/0006_meta_mac.sql"),
+    ),
 ];
 
 fn migrator(dialect: Dialect) -> Migrator {
@@ -184,8 +217,8 @@ impl Store {
             })?;
         let store = Self { pool, dialect, kek };
         migrator(dialect).run(&store.pool).await?;
-        store.check_kek(first_use).await?;
-        crate::audit::migrate(&store).await?;
+        let canary = store.check_kek(first_use).await?;
+        crate::audit::migrate(&store, canary).await?;
         Ok(store)
     }
 
@@ -211,31 +244,118 @@ impl Store {
     }
 
     /// A canary sealed under the KEK tells a wrong KEK apart from corrupt
-    /// data at start-up, before any request is served.
-    async fn check_kek(&self, first_use: Option<impl FnOnce() -> Result<()>>) -> Result<()> {
-        use base64::Engine as _;
-        const CANARY: &[u8] = b"rekey kek check";
-        let b64 = base64::engine::general_purpose::STANDARD;
+    /// data at start-up, before any request is served; which canary it is
+    /// tells whether the store's meta rows are sealed ([`Canary`]). A store
+    /// that holds data but no canary was altered: it is refused, and no
+    /// new key is written over its data.
+    async fn check_kek(&self, first_use: Option<impl FnOnce() -> Result<()>>) -> Result<Canary> {
         let mut c = self.conn().await?;
-        if let Some(text) = meta_get(&mut c, "kek_check").await? {
-            let env = b64
-                .decode(text)
-                .map_err(|_| Error::Internal("meta.kek_check is not base64".into()))?;
-            let key_id = rekey_keyring::envelope_key_id(&env).unwrap_or_default();
-            match self.kek.open(&env, b"kek-check") {
-                Ok(p) if p.expose() == CANARY => Ok(()),
-                _ => Err(Error::FailedPrecondition(format!(
-                    "the key-encryption key (id {}) is not the one this store was written with (id {key_id})",
-                    self.kek.id_hex()
-                ))),
-            }
-        } else {
-            if let Some(f) = first_use {
-                f()?;
-            }
-            let env = self.kek.seal(CANARY, b"kek-check")?;
-            meta_set(&mut c, "kek_check", &b64.encode(env)).await
+        if let Some(canary) = self.canary(&mut c).await? {
+            return Ok(canary);
         }
+        let held: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM secrets) + (SELECT COUNT(*) FROM audit) + (SELECT COUNT(*) FROM tokens)",
+        )
+        .fetch_one(&mut *c)
+        .await?;
+        if held > 0 {
+            return Err(Error::FailedPrecondition(
+                "the store holds data, but its key check (meta.kek_check) is gone: the store was altered. \
+                 rekey neither starts on it nor writes a new key-encryption key over its data; \
+                 restore the store (or that row) from a backup"
+                    .into(),
+            ));
+        }
+        if let Some(f) = first_use {
+            f()?;
+        }
+        self.write_canary(&mut c).await?;
+        Ok(Canary::Fresh)
+    }
+
+    /// The canary, opened: `None` when there is none.
+    pub(crate) async fn canary(&self, c: &mut Conn) -> Result<Option<Canary>> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Some(text) = meta_get(c, KEK_CHECK).await? else {
+            return Ok(None);
+        };
+        let env = b64
+            .decode(text)
+            .map_err(|_| Error::Internal("meta.kek_check is not base64".into()))?;
+        let key_id = rekey_keyring::envelope_key_id(&env).unwrap_or_default();
+        match self.kek.open(&env, b"kek-check") {
+            Ok(p) if p.expose() == CANARY_SEALED => Ok(Some(Canary::Sealed)),
+            Ok(p) if p.expose() == CANARY_LEGACY => Ok(Some(Canary::Legacy)),
+            _ => Err(Error::FailedPrecondition(format!(
+                "the key-encryption key (id {}) is not the one this store was written with (id {key_id})",
+                self.kek.id_hex()
+            ))),
+        }
+    }
+
+    /// Writes the canary the releases before sealed meta rows wrote, as
+    /// such a store has it.
+    #[cfg(test)]
+    pub(crate) async fn write_legacy_canary(&self, c: &mut Conn) -> Result<()> {
+        use base64::Engine as _;
+        let env = self.kek.seal(CANARY_LEGACY, b"kek-check")?;
+        meta_set(
+            c,
+            KEK_CHECK,
+            &base64::engine::general_purpose::STANDARD.encode(env),
+        )
+        .await
+    }
+
+    /// Writes the canary of a store whose meta rows are sealed.
+    pub(crate) async fn write_canary(&self, c: &mut Conn) -> Result<()> {
+        use base64::Engine as _;
+        let env = self.kek.seal(CANARY_SEALED, b"kek-check")?;
+        let text = base64::engine::general_purpose::STANDARD.encode(env);
+        self.sealed_set(c, KEK_CHECK, &text).await
+    }
+
+    /// A meta row that verification depends on, and whether its MAC holds.
+    pub(crate) async fn sealed_get(&self, c: &mut Conn, key: &str) -> Result<Sealed> {
+        let row = sqlx::query("SELECT value, mac FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(c)
+            .await?;
+        let Some(r) = row else {
+            return Ok(Sealed::Absent);
+        };
+        let (value, mac): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        if rekey_keyring::ct_eq(self.meta_mac(key, &value).as_bytes(), mac.as_bytes()) {
+            Ok(Sealed::Valid(value))
+        } else {
+            Ok(Sealed::Forged(value))
+        }
+    }
+
+    /// Writes a meta row with its MAC.
+    pub(crate) async fn sealed_set(&self, c: &mut Conn, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO meta (key, value, mac) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, mac = excluded.mac",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(self.meta_mac(key, value))
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    /// HMAC-SHA256 under a key derived from the KEK over a meta row's key
+    /// and value: who can write the store but does not hold the KEK cannot
+    /// make one.
+    fn meta_mac(&self, key: &str, value: &str) -> String {
+        let mut data = Vec::with_capacity(key.len() + 1 + value.len());
+        data.extend_from_slice(key.as_bytes());
+        data.push(0);
+        data.extend_from_slice(value.as_bytes());
+        hex::encode(self.kek.fingerprint(b"rekey.v1/meta", &data))
     }
 
     /// Tells other replicas (Postgres LISTEN/NOTIFY) that a secret changed;
@@ -447,6 +567,14 @@ mod tests {
                 .unwrap();
             sqlx::query("INSERT INTO versions (secret_id, version, created_at_ms, state, kek_id, value_ct) VALUES ('a/b', 1, 1, 'active', 'k', $1)")
                 .bind(ct)
+                .execute(&pool)
+                .await
+                .unwrap();
+            // Every release has written the KEK's canary.
+            use base64::Engine as _;
+            let canary = kek.seal(CANARY_LEGACY, b"kek-check").unwrap();
+            sqlx::query("INSERT INTO meta (key, value) VALUES ('kek_check', $1)")
+                .bind(base64::engine::general_purpose::STANDARD.encode(canary))
                 .execute(&pool)
                 .await
                 .unwrap();
