@@ -265,6 +265,88 @@ fn policies_and_audit_devices_apply_to_the_mount() {
     assert_eq!(ours["version"], rotated["data"]["current_version"]);
 }
 
+/// A user who may only change secrets gets no value from any answer, and
+/// one who may only update the config cannot move the stored token.
+#[test]
+fn a_user_who_may_only_rotate_sees_no_value_and_a_config_writer_cannot_move_the_token() {
+    let dir = TempDir::new("plugin-rights");
+    let (bao, b, _) = ready(dir.path());
+    bao.ok(&["write", "rekey/secrets/app/api", "kind=random"]);
+    // A user who may rotate, roll back and revoke, and nothing else: Vault
+    // refuses them creds, and none of their answers carries a value.
+    bao.policy(
+        "rekey-changes-only",
+        r#"path "rekey/rotate/*" { capabilities = ["update"] }
+path "rekey/rollback/*" { capabilities = ["update"] }
+path "rekey/revoke/*" { capabilities = ["update"] }"#,
+    );
+    let rotator = bao.token(&["rekey-changes-only"], "1h");
+    let o = as_token(&bao, &rotator, &["read", "rekey/creds/app/api"]);
+    assert!(stderr(&o).contains("Code: 403"), "{}", stderr(&o));
+    let reveal = || {
+        b.cli_json(&["get", "app/api", "--reveal"])["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut values = vec![reveal()];
+    let mut answers = String::new();
+    for (i, args) in [
+        &["write", "-format=json", "-f", "rekey/rotate/app/api"][..],
+        &["write", "-format=json", "-f", "rekey/rollback/app/api"],
+        &["write", "-format=json", "-f", "rekey/rotate/app/api"],
+        &[
+            "write",
+            "-format=json",
+            "rekey/revoke/app/api",
+            "version=1",
+            "force=true",
+            "reason=the rotator cleans up",
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = as_token(&bao, &rotator, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        answers.push_str(&stdout(&o));
+        if i == 0 || i == 2 {
+            values.push(reveal());
+        }
+    }
+    assert_eq!(values.len(), 3);
+    for v in &values {
+        assert!(
+            !answers.contains(v.as_str()),
+            "a value in an answer: {answers}"
+        );
+    }
+
+    // A user who may only update the config cannot send the stored token
+    // to an address of theirs: a new address needs the token in the same
+    // write.
+    bao.policy(
+        "rekey-config-writer",
+        r#"path "rekey/config" { capabilities = ["update"] }"#,
+    );
+    let writer = bao.token(&["rekey-config-writer"], "1h");
+    let o = as_token(
+        &bao,
+        &writer,
+        &["write", "rekey/config", "address=http://127.0.0.1:9"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("Code: 400") && stderr(&o).contains("must give token too"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        bao.json(&["read", "rekey/config"])["data"]["address"],
+        b.grpc.as_str()
+    );
+}
+
 #[test]
 fn an_unreachable_backend_is_a_502_that_says_so() {
     let dir = TempDir::new("plugin-down");

@@ -96,8 +96,13 @@ pub static ROUTES: &[Route] = &[
                 "string",
                 "The PEM certificate of the CA that signed the backend's certificate, for https.",
             ),
+            (
+                "allow_plaintext",
+                "bool",
+                "With an http:// address where an https:// one was: send the token unencrypted anyway.",
+            ),
         ],
-        description: "Stored in the mount's storage, seal-wrapped where the seal supports it. A write changes only the fields it names. A read shows the address, the CA, and whether a token is set; the token itself is never returned.",
+        description: "Stored in the mount's storage, seal-wrapped where the seal supports it. A write changes only the fields it names, but one that changes address or ca_pem must give token too (the stored token goes only where it went before), and moving from https:// to http:// needs allow_plaintext=true. A read shows the address, the CA, and whether a token is set; the token itself is never returned.",
     },
     Route {
         name: "secrets/",
@@ -792,12 +797,19 @@ fn secret_and_version(secret: Option<rk::Secret>, version: Option<rk::Version>) 
 
 /// The configuration a write makes: the stored one (if any) with the
 /// fields the write names changed, checked.
+///
+/// The stored token goes only where it went before: a write that changes
+/// the address or the CA must bring the token too (a caller allowed to
+/// write the config is not thereby allowed to send the token elsewhere),
+/// and moving from `https://` to `http://` needs `allow_plaintext=true`.
 pub fn merge_config(old: Option<Config>, p: &Params) -> Result<Config, PluginError> {
     takes_only(p, "config")?;
+    let before = old.clone();
     let mut c = old.unwrap_or_default();
     if let Some(a) = p.text("address")? {
         c.address = a;
     }
+    let token_given = p.string("token")?.is_some();
     if let Some(t) = p.string("token")? {
         c.token = t;
     }
@@ -808,6 +820,23 @@ pub fn merge_config(old: Option<Config>, p: &Params) -> Result<Config, PluginErr
         return Err(PluginError::bad_request(
             "address is required: the rekey backend's gRPC address, e.g. http://rekey-backend.rekey:7700",
         ));
+    }
+    if let Some(b) = &before {
+        let moved = b.address != c.address || b.ca_pem != c.ca_pem;
+        if moved && !b.token.is_empty() && !token_given {
+            return Err(PluginError::bad_request(
+                "a write that changes address or ca_pem must give token too: the stored token is sent only to the backend and CA it was written with",
+            ));
+        }
+        let https = |a: &str| a.starts_with("https://");
+        if https(&b.address)
+            && !https(&c.address)
+            && !p.boolean("allow_plaintext")?.unwrap_or(false)
+        {
+            return Err(PluginError::bad_request(
+                "moving from https:// to http:// sends the token unencrypted: give allow_plaintext=true to do it anyway",
+            ));
+        }
     }
     c.check()?;
     Ok(c)
@@ -862,20 +891,57 @@ mod tests {
         assert_eq!(Caller::default().on_behalf_of(), "vault:unknown");
     }
 
-    #[test]
-    fn a_config_write_merges_and_keeps_the_token() {
-        let old = Config {
-            address: "http://a:1".into(),
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    fn stored(address: &str, ca: Option<&str>) -> Option<Config> {
+        Some(Config {
+            address: address.into(),
             token: "t0".into(),
-            ca_pem: None,
-        };
-        let c = merge_config(
-            Some(old),
-            &Params::from_json(json!({"address": "http://b:2"})),
+            ca_pem: ca.map(str::to_string),
+        })
+    }
+
+    #[test]
+    fn a_config_write_merges_and_keeps_the_token_where_it_went() {
+        let merged = |old, p| merge_config(old, &Params::from_json(p));
+        // A new token alone, or the same address again: kept or replaced.
+        let c = merged(stored("http://a:1", None), json!({"token": "t1"})).unwrap();
+        assert_eq!((c.address.as_str(), c.token.as_str()), ("http://a:1", "t1"));
+        let c = merged(stored("http://a:1", None), json!({"address": "http://a:1"})).unwrap();
+        assert_eq!(c.token, "t0");
+        let e = merged(None, json!({"token": "t"})).unwrap_err();
+        assert!(e.message.contains("address is required"), "{e}");
+
+        // Another address or CA without the token: the stored token would
+        // go to somebody else's listener. Refused.
+        for p in [
+            json!({"address": "http://attacker:7700"}),
+            json!({"address": "https://attacker:7700", "ca_pem": CA}),
+            json!({"ca_pem": CA.replace("MIIB", "MIIC")}),
+        ] {
+            let e = merged(stored("https://a:1", Some(CA)), p.clone()).unwrap_err();
+            assert_eq!(e.status, 400, "{p}");
+            assert!(e.message.contains("must give token too"), "{p}: {e}");
+        }
+        let c = merged(
+            stored("http://a:1", None),
+            json!({"address": "http://b:2", "token": "t2"}),
         )
         .unwrap();
-        assert_eq!((c.address.as_str(), c.token.as_str()), ("http://b:2", "t0"));
-        let e = merge_config(None, &Params::from_json(json!({"token": "t"}))).unwrap_err();
-        assert!(e.message.contains("address is required"), "{e}");
+        assert_eq!((c.address.as_str(), c.token.as_str()), ("http://b:2", "t2"));
+
+        // https to http: only when asked for, token given or not.
+        let e = merged(
+            stored("https://a:1", Some(CA)),
+            json!({"address": "http://a:1", "token": "t2", "ca_pem": ""}),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("allow_plaintext=true"), "{e}");
+        let c = merged(
+            stored("https://a:1", Some(CA)),
+            json!({"address": "http://a:1", "token": "t2", "ca_pem": "", "allow_plaintext": true}),
+        )
+        .unwrap();
+        assert_eq!(c.address, "http://a:1");
     }
 }
