@@ -366,3 +366,126 @@ operations = ["create", "rotate", "read"]
         stderr(&audit)
     );
 }
+
+/// A consumer's reports belong to the identity that made it: another
+/// identity with `report` on the same secret can neither say it left nor
+/// overwrite what it serves, and only an identity that gets a secret's
+/// keys may report its re-encryption finished.
+#[tokio::test]
+async fn a_consumer_belongs_to_its_identity_and_only_a_key_holder_reports_reencryption() {
+    let dir = TempDir::new("reports");
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml: "[scheduler]\ntick = \"100ms\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&[
+        "create",
+        "prod/shared",
+        "--kind",
+        "random",
+        "--window",
+        "0s",
+    ]);
+    b.cli_json(&[
+        "create",
+        "prod/enc",
+        "--kind",
+        "encryption-key",
+        "--window",
+        "0s",
+    ]);
+    let token = |name: &str, ops: &str| {
+        b.cli_json(&["token", "create", name, "--prefix", "prod/", "--ops", ops])["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut a = client(&b.grpc, &token("sidecar-a", "watch,report,read")).await;
+    let mut other = client(&b.grpc, &token("reporter-b", "report,read")).await;
+    let report = |consumer: &str, version: u64, leaving: bool| pb::ReportStatusRequest {
+        consumer_id: consumer.into(),
+        pod: "api-0".into(),
+        namespace: "prod".into(),
+        secrets: vec![pb::ServedSecret {
+            secret_id: "prod/shared".into(),
+            version,
+            healthy: true,
+            error: String::new(),
+        }],
+        leaving,
+    };
+    a.report_status(report("api-0", 1, false)).await.unwrap();
+
+    let consumers = || {
+        let st = b.cli_json(&["status", "prod/shared"]);
+        st[0]["consumers"].as_array().unwrap().clone()
+    };
+    for (version, leaving) in [(1, true), (7, false)] {
+        let e = other
+            .report_status(report("api-0", version, leaving))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("belongs to another identity"), "{e}");
+    }
+    let rows = consumers();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["identity"], "sidecar-a");
+    assert_eq!(rows[0]["version"], 1, "the owner's report stands");
+    // Under a consumer id of its own, the other identity reports freely.
+    other
+        .report_status(report("batch-0", 1, false))
+        .await
+        .unwrap();
+    assert_eq!(consumers().len(), 2);
+
+    // Re-encryption finished: refused to an identity without the keys,
+    // audited, and decommission still waits.
+    b.cli_json(&["rotate", "prod/enc"]);
+    let finished = |consumer: &str| pb::ReportReencryptionRequest {
+        secret_id: "prod/enc".into(),
+        version: 2,
+        consumer_id: consumer.into(),
+        rows_done: 0,
+        rows_total: 0,
+        rate: 0.0,
+        finished: true,
+        phase: "done".into(),
+    };
+    let e = other
+        .report_reencryption(finished("batch-0"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let audit = b.cli_json(&["audit", "--secret", "prod/enc"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "reencrypt"
+                && e["actor"] == "reporter-b"
+                && e["outcome"] == "permission_denied"),
+        "{audit}"
+    );
+    let st = b.cli_json(&["status", "prod/enc"]);
+    assert_eq!(st[0]["previous_version"], 1, "not decommissioned: {st}");
+    assert!(
+        st[0]["decommission_blockers"]
+            .to_string()
+            .contains("has not been reported finished"),
+        "held back by the re-encryption the refused report claimed: {st}"
+    );
+    a.report_reencryption(finished("api-0")).await.unwrap();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the decommission",
+        || async {
+            (b.cli_json(&["status", "prod/enc"])[0]["previous_version"].is_null()).then_some(())
+        },
+    )
+    .await;
+}

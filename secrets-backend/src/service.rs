@@ -637,6 +637,21 @@ impl Rekey for RekeyService {
             self.caller(&request, "ReportReencryption", &request.get_ref().secret_id)?;
         let r = request.into_inner();
         self.auth.authorize(&who, Operation::Report, &r.secret_id)?;
+        // Finished lets the old key be revoked: only who could have
+        // re-encrypted (it gets the secret's keys) may say so.
+        if r.finished
+            && !self.auth.allows(&who, Operation::Watch, &r.secret_id)
+            && !self.auth.allows(&who, Operation::Reveal, &r.secret_id)
+        {
+            let e = Error::PermissionDenied(format!(
+                "reporting re-encryption of {} finished needs watch or reveal on it: only a re-encryption consumer, which holds its keys, may report that",
+                r.secret_id
+            ));
+            self.engine
+                .record_refusal(&actor, "reencrypt", &r.secret_id, signed(r.version), &e)
+                .await;
+            return Err(e.into());
+        }
         self.engine
             .report_reencryption(
                 &actor,

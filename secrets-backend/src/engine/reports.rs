@@ -28,6 +28,8 @@ pub(super) enum Change {
     Delete {
         consumer_id: String,
         secret_id: String,
+        /// Only the identity that owns the row may remove it.
+        identity: String,
     },
 }
 
@@ -39,6 +41,7 @@ impl Change {
             Change::Delete {
                 consumer_id,
                 secret_id,
+                ..
             } => (consumer_id, secret_id),
         }
     }
@@ -74,26 +77,29 @@ impl Engine {
         for c in group {
             latest.insert(c.key(), c);
         }
+        let live_since = crate::clock::now_ms() - self.consumer_ttl_ms();
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         for (key, c) in latest {
             match c {
                 Change::Upsert(r) => upserts.push(r),
-                Change::Delete { .. } => deletes.push(key),
+                Change::Delete { identity, .. } => deletes.push((key, identity.as_str())),
             }
         }
         if deletes.is_empty() && upserts.len() <= crate::store::CONSUMERS_PER_STATEMENT {
             // One statement is its own transaction.
             let mut c = self.store.conn().await?;
-            return self.store.upsert_consumers(&mut c, &upserts).await;
+            return self.store.upsert_consumers(&mut c, &upserts, live_since).await;
         }
         let mut tx = self.store.begin().await?;
-        for (consumer, secret) in deletes {
+        for ((consumer, secret), identity) in deletes {
             self.store
-                .delete_consumer(&mut tx, consumer, secret)
+                .delete_consumer(&mut tx, consumer, secret, identity)
                 .await?;
         }
-        self.store.upsert_consumers(&mut tx, &upserts).await?;
+        self.store
+            .upsert_consumers(&mut tx, &upserts, live_since)
+            .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -187,6 +187,29 @@ impl Engine {
                 "consumer_id must be 1 to 256 characters".into(),
             ));
         }
+        // A live consumer's rows belong to the identity that reports it:
+        // another one may neither speak for it nor say it left (which would
+        // let a version it still serves be revoked).
+        let taken = {
+            let mut c = self.store.conn().await?;
+            self.store
+                .consumers_owned_by_others(
+                    &mut c,
+                    consumer_id,
+                    identity,
+                    now_ms() - self.consumer_ttl_ms(),
+                )
+                .await?
+        };
+        if let Some(secret) = served
+            .iter()
+            .map(|s| &s.secret_id)
+            .find(|id| taken.contains(id))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "consumer {consumer_id} of {secret} belongs to another identity; report under a consumer id of your own"
+            )));
+        }
         let now = now_ms();
         let changes = served
             .iter()
@@ -195,6 +218,7 @@ impl Engine {
                     Change::Delete {
                         consumer_id: consumer_id.into(),
                         secret_id: s.secret_id.clone(),
+                        identity: identity.into(),
                     }
                 } else {
                     Change::Upsert(ConsumerRow {

@@ -144,8 +144,16 @@ impl Store {
     }
 
     /// Writes consumer rows, each replacing the row of its (consumer,
-    /// secret); many rows to a statement. No two rows may share a key.
-    pub(crate) async fn upsert_consumers(&self, c: &mut Conn, rows: &[&ConsumerRow]) -> Result<()> {
+    /// secret) when the same identity wrote it, or when that row was last
+    /// reported before `live_since_ms` (a consumer that is not live holds
+    /// nothing back, so its id may pass to another identity); many rows
+    /// to a statement. No two rows may share a key.
+    pub(crate) async fn upsert_consumers(
+        &self,
+        c: &mut Conn,
+        rows: &[&ConsumerRow],
+        live_since_ms: i64,
+    ) -> Result<()> {
         for chunk in rows.chunks(super::CONSUMERS_PER_STATEMENT) {
             let values = (0..chunk.len())
                 .map(|i| {
@@ -158,8 +166,10 @@ impl Store {
                 "INSERT INTO consumers ({}) VALUES {values} \
                  ON CONFLICT (consumer_id, secret_id) DO UPDATE SET pod = excluded.pod, namespace = excluded.namespace, \
                  identity = excluded.identity, version = excluded.version, healthy = excluded.healthy, \
-                 error = excluded.error, reported_at_ms = excluded.reported_at_ms",
-                ConsumerRow::columns()
+                 error = excluded.error, reported_at_ms = excluded.reported_at_ms \
+                 WHERE consumers.identity = excluded.identity OR consumers.reported_at_ms < ${}",
+                ConsumerRow::columns(),
+                chunk.len() * 9 + 1
             );
             let mut q = sqlx::query(&sql);
             for r in chunk {
@@ -174,23 +184,27 @@ impl Store {
                     .bind(&r.error)
                     .bind(r.reported_at_ms);
             }
-            q.execute(&mut *c).await?;
+            q.bind(live_since_ms).execute(&mut *c).await?;
         }
         Ok(())
     }
 
-    /// Forgets a consumer of one secret.
+    /// Forgets a consumer of one secret, if `identity` owns its row.
     pub(crate) async fn delete_consumer(
         &self,
         c: &mut Conn,
         consumer_id: &str,
         secret_id: &str,
+        identity: &str,
     ) -> Result<()> {
-        sqlx::query("DELETE FROM consumers WHERE consumer_id = $1 AND secret_id = $2")
-            .bind(consumer_id)
-            .bind(secret_id)
-            .execute(c)
-            .await?;
+        sqlx::query(
+            "DELETE FROM consumers WHERE consumer_id = $1 AND secret_id = $2 AND identity = $3",
+        )
+        .bind(consumer_id)
+        .bind(secret_id)
+        .bind(identity)
+        .execute(c)
+        .await?;
         Ok(())
     }
 
@@ -201,6 +215,26 @@ impl Store {
                 .fetch_all(c)
                 .await?,
         )
+    }
+
+    /// The secrets whose row for `consumer_id` another identity than
+    /// `identity` owns and reported at `live_since_ms` or later.
+    pub(crate) async fn consumers_owned_by_others(
+        &self,
+        c: &mut Conn,
+        consumer_id: &str,
+        identity: &str,
+        live_since_ms: i64,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT secret_id FROM consumers WHERE consumer_id = $1 AND identity <> $2 \
+             AND reported_at_ms >= $3 ORDER BY secret_id",
+        )
+        .bind(consumer_id)
+        .bind(identity)
+        .bind(live_since_ms)
+        .fetch_all(c)
+        .await?)
     }
 
     pub(crate) async fn consumers(
