@@ -459,6 +459,86 @@ async fn create_adopts_an_existing_asm_secret_and_names_what_it_refuses() {
         "the same answer whether or not a secret is kept there"
     );
 
+    // An identity that may create under other/ cannot adopt ASM secrets
+    // rekey does not manage: one outside the provider's prefix, or one
+    // under it that stands for a secret id it may not create. Nothing is
+    // read or written there, and the kept path names no secret.
+    new_secret(&c, "legacy/payments-key", "the-owners-key").await;
+    new_secret(&c, "rekey/prod/payments", "the-owners-other-key").await;
+    let squatter = dir.path().join("squatter.token");
+    std::fs::write(
+        &squatter,
+        b.cli_json(&[
+            "token",
+            "create",
+            "squatter",
+            "--prefix",
+            "other/",
+            "--ops",
+            "create,read,reveal,rotate",
+        ])["token"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let before_squat = (
+        holder(&c, "legacy/payments-key", "AWSCURRENT").await,
+        holder(&c, "rekey/prod/payments", "AWSCURRENT").await,
+    );
+    for (path, want) in [
+        (
+            "legacy/payments-key",
+            "outside the provider's prefix \"rekey/\"",
+        ),
+        ("rekey/prod/payments", "may not create prod/payments"),
+        ("legacy/jwt", "outside the provider's prefix"),
+    ] {
+        let o = b.cli_with(
+            &[
+                "create",
+                "other/mine",
+                "--kind",
+                "random",
+                "--provider",
+                "aws-main",
+                "--provider-path",
+                path,
+            ],
+            Some(&squatter),
+        );
+        let e = failed(&o);
+        assert!(
+            e.contains("permission denied") && e.contains(want),
+            "{path}: {e}"
+        );
+        assert!(!e.contains("prod/jwt"), "{path}: names a secret: {e}");
+    }
+    assert_eq!(
+        before_squat,
+        (
+            holder(&c, "legacy/payments-key", "AWSCURRENT").await,
+            holder(&c, "rekey/prod/payments", "AWSCURRENT").await,
+        ),
+        "the owner's values stay"
+    );
+    failed(&b.cli(&["status", "other/mine"]));
+    // Where rekey keeps a secret already, the answer names none.
+    let e = failed(&b.cli(&[
+        "create",
+        "prod/jwt2",
+        "--kind",
+        "random",
+        "--provider",
+        "aws-main",
+        "--provider-path",
+        "legacy/jwt",
+    ]));
+    assert!(
+        e.contains("keeps another rekey secret at legacy/jwt"),
+        "{e}"
+    );
+    assert!(!e.contains("prod/jwt "), "{e}");
+
     // A structured value is a JSON object in SecretString; a value beside
     // an adopted one is refused.
     new_secret(&c, "legacy/db", r#"{"username": "app", "host": "db"}"#).await;

@@ -157,6 +157,31 @@ impl RekeyService {
         Ok(who)
     }
 
+    /// A provider path given to `create` is a secret of the provider's: it
+    /// may already hold a value, which create adopts. The path must map to
+    /// a secret id the caller may create (the provider's prefix followed by
+    /// the id, as paths are made by default); a path outside the prefix
+    /// needs create on every secret, an operator's right.
+    fn authorize_provider_path(&self, who: &Identity, provider: &str, path: &str) -> Result<()> {
+        let prefix = self.engine.provider_prefix(provider)?;
+        match path.strip_prefix(prefix.as_str()) {
+            Some(id) => {
+                if self.auth.allows(who, Operation::Create, id) {
+                    return Ok(());
+                }
+                Err(Error::PermissionDenied(format!(
+                    "{} may not create {id}, the secret that {provider}'s path {path} stands for",
+                    who.name
+                )))
+            }
+            None if self.auth.allows(who, Operation::Create, "") => Ok(()),
+            None => Err(Error::PermissionDenied(format!(
+                "{} may not use {provider}'s path {path}: it lies outside the provider's prefix {prefix:?}, which needs create on every secret",
+                who.name
+            ))),
+        }
+    }
+
     /// Runs a call that changes or reveals something: authorize, run,
     /// audit a refusal.
     async fn changing<T, F, Fut>(
@@ -396,11 +421,14 @@ impl Rekey for RekeyService {
         let caller = self.caller(&request, "CreateSecret", &request.get_ref().id);
         let r = &request.into_inner();
         let o = self
-            .changing(caller, Operation::Create, &r.id, 1, |_, actor| async move {
+            .changing(caller, Operation::Create, &r.id, 1, |who, actor| async move {
                 if r.provider.is_empty() && !r.provider_path.is_empty() {
                     return Err(Error::InvalidArgument(
                         "provider_path needs a provider (the embedded store keys values by the secret id)".into(),
                     ));
+                }
+                if !r.provider_path.is_empty() {
+                    self.authorize_provider_path(&who, &r.provider, &r.provider_path)?;
                 }
                 let sched = r.schedule.clone().unwrap_or_default();
                 let spec = CreateSpec {

@@ -14,6 +14,12 @@ use crate::schedule;
 use crate::store::{SecretRow, VersionRow};
 
 impl Engine {
+    /// Where `provider` keeps a secret's values by default: its path
+    /// prefix, followed by the secret id.
+    pub(crate) fn provider_prefix(&self, provider: &str) -> Result<String> {
+        Ok(self.providers.get(provider)?.default_path(""))
+    }
+
     /// Creates a secret and stores version 1 as current (after the kind's
     /// set and test steps, so that a credential exists before anybody is
     /// handed it).
@@ -44,14 +50,17 @@ impl Engine {
         }
         if !spec.provider.is_empty() {
             let mut c = self.store.conn().await?;
-            if let Some(other) = self
+            if self
                 .store
                 .secret_at(&mut c, &spec.provider, &spec.provider_path)
                 .await?
+                .is_some()
             {
+                // Which secret keeps it is not said: the caller may not
+                // be allowed to read that one.
                 return Err(Error::AlreadyExists(format!(
-                    "{} keeps {} at {} already",
-                    spec.provider, other.id, spec.provider_path
+                    "{} keeps another rekey secret at {} already",
+                    spec.provider, spec.provider_path
                 )));
             }
         }

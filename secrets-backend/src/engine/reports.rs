@@ -89,7 +89,10 @@ impl Engine {
         if deletes.is_empty() && upserts.len() <= crate::store::CONSUMERS_PER_STATEMENT {
             // One statement is its own transaction.
             let mut c = self.store.conn().await?;
-            return self.store.upsert_consumers(&mut c, &upserts, live_since).await;
+            return self
+                .store
+                .upsert_consumers(&mut c, &upserts, live_since)
+                .await;
         }
         let mut tx = self.store.begin().await?;
         for ((consumer, secret), identity) in deletes {
