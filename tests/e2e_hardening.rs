@@ -787,3 +787,69 @@ async fn the_cli_says_error_once_for_a_failure_inside_the_backend() {
         "error: failed: internal error; see the backend log"
     );
 }
+
+/// A valid token with rights on nothing it calls: its refusals are
+/// bounded. The first ten of an interval are audit events of their own,
+/// the rest one summary, and so are the log lines; the admin's calls are
+/// not held up behind them.
+#[tokio::test]
+async fn an_identity_s_refusals_are_audited_ten_at_a_time_then_summarized() {
+    let dir = TempDir::new("denied");
+    let b = Backend::start(
+        dir.path(),
+        BackendOpts {
+            extra_toml:
+                "[scheduler]\ntick = \"100ms\"\n[audit]\nrefusal_summary_interval = \"2s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    b.cli_json(&["create", "prod/a", "--kind", "random"]);
+    let nosy = b.cli_json(&[
+        "token", "create", "nosy", "--prefix", "other/", "--ops", "read",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut c = client(&b.grpc, &nosy).await;
+    for _ in 0..300 {
+        let e = c
+            .rotate(pb::RotateRequest {
+                secret_id: "prod/a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+    // The admin is served as before.
+    b.cli_json(&["rotate", "prod/a"]);
+    let events = eventually(Duration::from_secs(10), "the summary", || async {
+        let events = audit_events(&b).await;
+        events
+            .iter()
+            .any(|e| e.action == "refused-permission")
+            .then_some(events)
+    })
+    .await;
+    let by_nosy: Vec<&pb::AuditEvent> = events.iter().filter(|e| e.actor == "nosy").collect();
+    let one_by_one = by_nosy.iter().filter(|e| e.action == "rotate").count();
+    assert_eq!(one_by_one, 10, "{by_nosy:?}");
+    let summary = by_nosy
+        .iter()
+        .find(|e| e.action == "refused-permission")
+        .unwrap();
+    assert!(
+        summary
+            .detail
+            .contains("290 more call(s) refused for lack of rights")
+            && summary.detail.ends_with("rotate 290"),
+        "{summary:?}"
+    );
+    assert_eq!(summary.outcome, "permission_denied");
+    let lines = b
+        .log()
+        .lines()
+        .filter(|l| l.contains("rekey::audit") && l.contains("\"actor\":\"nosy\""))
+        .count();
+    assert_eq!(lines, 11, "one log line per audit event, no more");
+}

@@ -4,6 +4,13 @@
 //! at most one per `audit.refusal_summary_interval`, of how many calls of
 //! each method were refused. Nobody without a token can grow the audit
 //! log or the log file, or slow down the calls of those with one.
+//!
+//! An identity's calls refused for lack of rights are bounded the same
+//! way: the first [`DENIED_RECORDED`] of each interval are audit events
+//! of their own (with their log lines), the rest of the interval are
+//! counted per action and audited as one summary per identity. A token
+//! with rights on nothing cannot grow the audit log, fill the log file or
+//! hold up the store's writer by calling again and again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,6 +23,23 @@ use crate::metrics::MethodLabels;
 /// Lines about refused calls are at least this far apart.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Refusals for lack of rights audited one by one, per identity and
+/// summary interval; the rest of the interval are summarized.
+pub(super) const DENIED_RECORDED: u32 = 10;
+
+/// One identity's refusals for lack of rights in the current interval.
+#[derive(Default)]
+struct Denied {
+    /// When the interval started.
+    since: Option<Instant>,
+    /// Audited one by one in it.
+    recorded: u32,
+    /// Counted, per action, not audited yet.
+    counted: BTreeMap<String, u64>,
+    first_ms: i64,
+    last_ms: i64,
+}
+
 /// Refusals not yet written to the audit log.
 #[derive(Default)]
 pub(super) struct Refusals {
@@ -27,6 +51,8 @@ pub(super) struct Refusals {
     /// When the last line was logged, and how many refusals were not.
     logged: Option<Instant>,
     unlogged: u64,
+    /// Refusals for lack of rights, per identity.
+    denied: BTreeMap<String, Denied>,
 }
 
 /// A secret id as logs may show it: at most 64 characters, escaped.
@@ -76,6 +102,75 @@ impl Engine {
         }
     }
 
+    /// Whether a call of `identity` refused for lack of rights is only
+    /// counted (the identity had its [`DENIED_RECORDED`] audit events in
+    /// this interval) rather than audited by itself.
+    pub(super) fn count_denied(&self, identity: &str, action: &str) -> bool {
+        let interval = self.settings.refusal_summary_interval;
+        let now = now_ms();
+        let mut r = self.refusals();
+        let d = r.denied.entry(identity.to_string()).or_default();
+        if d.since.is_none_or(|t| t.elapsed() >= interval) {
+            d.since = Some(Instant::now());
+            d.recorded = 0;
+        }
+        if d.recorded < DENIED_RECORDED {
+            d.recorded += 1;
+            return false;
+        }
+        *d.counted.entry(action.to_string()).or_default() += 1;
+        if d.first_ms == 0 {
+            d.first_ms = now;
+        }
+        d.last_ms = now;
+        true
+    }
+
+    /// One audit event per identity whose refusals were counted and not
+    /// audited one by one.
+    async fn summarize_denied(&self) {
+        let events: Vec<NewEvent> = {
+            let mut r = self.refusals();
+            r.denied.retain(|_, d| {
+                !d.counted.is_empty()
+                    || d.since
+                        .is_some_and(|t| t.elapsed() < self.settings.refusal_summary_interval)
+            });
+            r.denied
+                .iter_mut()
+                .filter(|(_, d)| !d.counted.is_empty())
+                .map(|(identity, d)| {
+                    let counts = std::mem::take(&mut d.counted);
+                    let total: u64 = counts.values().sum();
+                    let per_action: Vec<String> =
+                        counts.iter().map(|(a, n)| format!("{a} {n}")).collect();
+                    let detail = format!(
+                        "{total} more call(s) refused for lack of rights from {} to {}: {}",
+                        rekey_proto::format_time(d.first_ms),
+                        rekey_proto::format_time(d.last_ms),
+                        per_action.join(", ")
+                    );
+                    d.first_ms = 0;
+                    NewEvent {
+                        actor: identity.clone(),
+                        action: "refused-permission".into(),
+                        secret_id: String::new(),
+                        version: 0,
+                        outcome: "permission_denied".into(),
+                        request_id: super::new_request_id(),
+                        detail,
+                    }
+                })
+                .collect()
+        };
+        for ev in events {
+            match audit::append(&self.store, ev, now_ms()).await {
+                Ok(ev) => self.published(&ev),
+                Err(e) => tracing::error!(error = %e, "cannot append a refusal summary"),
+            }
+        }
+    }
+
     /// Writes the refusals counted since the last summary as one audit
     /// event, when the interval has passed (or `now` is set, at shutdown).
     pub(crate) async fn summarize_refusals(&self, now: bool) {
@@ -84,35 +179,44 @@ impl Engine {
             let due = r
                 .summarized
                 .is_none_or(|t| t.elapsed() >= self.settings.refusal_summary_interval);
-            if r.by_method.is_empty() || !(due || now) {
+            let denied = r.denied.values().any(|d| !d.counted.is_empty());
+            if !(due || now) || (r.by_method.is_empty() && !denied) {
                 return;
             }
-            let counts = std::mem::take(&mut r.by_method);
-            let total: u64 = counts.values().sum();
-            let per_method: Vec<String> = counts.iter().map(|(m, n)| format!("{m} {n}")).collect();
-            let detail = format!(
-                "{total} call(s) refused before authentication from {} to {}: {}",
-                rekey_proto::format_time(r.first_ms),
-                rekey_proto::format_time(r.last_ms),
-                per_method.join(", ")
-            );
-            r.first_ms = 0;
             r.summarized = Some(Instant::now());
-            let actor = Actor::system("anonymous");
-            NewEvent {
-                actor: actor.identity,
-                action: "refused-unauthenticated".into(),
-                secret_id: String::new(),
-                version: 0,
-                outcome: "unauthenticated".into(),
-                request_id: actor.request_id,
-                detail,
+            if r.by_method.is_empty() {
+                None
+            } else {
+                let counts = std::mem::take(&mut r.by_method);
+                let total: u64 = counts.values().sum();
+                let per_method: Vec<String> =
+                    counts.iter().map(|(m, n)| format!("{m} {n}")).collect();
+                let detail = format!(
+                    "{total} call(s) refused before authentication from {} to {}: {}",
+                    rekey_proto::format_time(r.first_ms),
+                    rekey_proto::format_time(r.last_ms),
+                    per_method.join(", ")
+                );
+                r.first_ms = 0;
+                let actor = Actor::system("anonymous");
+                Some(NewEvent {
+                    actor: actor.identity,
+                    action: "refused-unauthenticated".into(),
+                    secret_id: String::new(),
+                    version: 0,
+                    outcome: "unauthenticated".into(),
+                    request_id: actor.request_id,
+                    detail,
+                })
             }
         };
-        match audit::append(&self.store, ev, now_ms()).await {
-            Ok(ev) => self.published(&ev),
-            Err(e) => tracing::error!(error = %e, "cannot append the refusal summary"),
+        if let Some(ev) = ev {
+            match audit::append(&self.store, ev, now_ms()).await {
+                Ok(ev) => self.published(&ev),
+                Err(e) => tracing::error!(error = %e, "cannot append the refusal summary"),
+            }
         }
+        self.summarize_denied().await;
     }
 }
 

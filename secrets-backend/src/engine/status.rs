@@ -354,6 +354,10 @@ impl Engine {
         version: i64,
         e: &Error,
     ) {
+        // Bounded per identity: the rest of an interval is summarized.
+        if matches!(e, Error::PermissionDenied(_)) && self.count_denied(&actor.identity, action) {
+            return;
+        }
         let ev = NewEvent {
             actor: actor.identity.clone(),
             action: action.into(),
