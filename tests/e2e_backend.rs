@@ -754,7 +754,6 @@ async fn sigterm_ends_watch_streams_and_exits_zero() {
         .unwrap()
         .into_inner();
     assert!(stream.next().await.unwrap().unwrap().snapshot);
-    let started = std::time::Instant::now();
     let code = tokio::task::spawn_blocking(move || {
         let code = b.stop();
         (code, b)
@@ -766,11 +765,13 @@ async fn sigterm_ends_watch_streams_and_exits_zero() {
     assert!(!matches!(end, Some(Ok(_))), "no event after shutdown");
     let (code, b) = code.await.unwrap();
     assert_eq!(code, Some(0), "{}", b.log());
-    assert!(
-        started.elapsed() < Duration::from_secs(9),
-        "drained before the grace period ran out"
-    );
     assert!(b.log().contains("shutting down"));
+    // Drained, not cut off: the backend says when the grace period ran
+    // out and it closed connections still open.
+    assert!(
+        !b.log().contains("grace period over"),
+        "the open stream held the server until the grace period ran out"
+    );
 }
 
 #[tokio::test]

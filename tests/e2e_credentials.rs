@@ -603,7 +603,6 @@ async fn a_slow_hook_on_one_secret_delays_no_other_secret() {
         async move { s.then_some(()) }
     })
     .await;
-    let t = std::time::Instant::now();
     // Meanwhile: another secret's decommission ...
     b.cli_json(&["rotate", "fast/jwt"]);
     eventually(Duration::from_secs(5), "fast/jwt's decommission", || {
@@ -629,8 +628,9 @@ async fn a_slow_hook_on_one_secret_delays_no_other_secret() {
         },
     )
     .await;
+    // The slow hook is still running: the others did not wait for it.
     assert!(
-        !ended.exists() && t.elapsed() < Duration::from_secs(15),
+        !ended.exists(),
         "the other secrets waited for the slow hook"
     );
     // The slow decommission still completes.

@@ -95,9 +95,29 @@ async fn no_secret_value_reaches_logs_the_database_metrics_or_the_audit_log() {
     drop(client);
 
     let metrics = http_get(&b.metrics, "/metrics");
+    // Each search below must look at a real answer: an empty one (a failed
+    // command) would pass it.
     let audit = b.cli(&["-o", "json", "audit"]);
     let status = b.cli(&["-o", "json", "status"]);
     let versions = b.cli(&["-o", "json", "versions", "prod/api/token"]);
+    for (what, o) in [
+        ("audit", &audit),
+        ("status", &status),
+        ("versions", &versions),
+    ] {
+        assert!(o.status.success(), "{what}: {}", stderr(o));
+    }
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("rekey_watch_streams"));
+    let count = |o: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert!(count(&audit) >= 9, "every call above is in the audit log");
+    assert_eq!(count(&status), 3, "one status per secret");
+    assert_eq!(count(&versions), 3, "v1 to v3 of prod/api/token");
     let code = b.stop();
     let logs = b.all_logs();
     if code != Some(0) {

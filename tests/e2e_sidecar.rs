@@ -605,22 +605,8 @@ fn an_idle_sidecar_stays_small_and_sigterm_stops_it_with_status_0() {
         &[],
     );
     assert_eq!(sc.get("/readyz").0, 200);
-    // BENCHMARKS.md: a release sidecar uses 7.9 MiB VmRSS, of which 0.6
-    // MiB is its own (anonymous) memory; the rest is pages of the binary.
-    // A debug build's binary is larger (measured: 11.3 MiB VmRSS, 0.9 MiB
-    // anonymous), so the bounds are twice the release figure for VmRSS and
-    // about three times it for the sidecar's own memory, which is what a
-    // leak or a runaway buffer would grow.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", sc.pid())).unwrap();
-    let kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in {status}"))
-    };
-    assert!(kib("VmRSS:") < 16 * 1024, "{status}");
-    assert!(kib("RssAnon:") < 2 * 1024, "{status}");
+    // Its memory is measured by the sidecar benchmark (BENCHMARKS.md), not
+    // bounded here: a test's build and machine say little about it.
     assert_eq!(sc.stop(), Some(0));
     assert!(sc.log().contains("stopped"));
 }
@@ -716,6 +702,11 @@ command = ["sh", "-c", "echo ran >> {ran}"]
     assert!(!sc.log().contains("not-the-password-42"));
 }
 
+/// `rekey demo` runs as the README says and prints what it promises. Its
+/// "0 failed" line is the demo's own count of its own load, so it proves
+/// that the demo works, not that rotation drops no request: that proof is
+/// `e2e_zero_downtime.rs` and `e2e_redis.rs`, whose apps are clients
+/// independent of rekey (sqlx, redis-py) counting their own failures.
 #[test]
 fn rekey_demo_rotates_under_load_without_a_failed_request() {
     let dir = TempDir::new("demo");
