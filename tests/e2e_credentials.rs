@@ -97,14 +97,20 @@ async fn postgres_alternating_users_rotate_decommission_and_roll_back() {
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'postgres' AND pid <> pg_backend_pid()",
     )
     .await;
-    // Rollback re-enables app_a first (it still works), then moves current.
+    // Rollback makes previous work again before current moves: shown on
+    // an app_a that has lost its login and password meanwhile.
+    pg.sql("postgres", "ALTER ROLE app_a WITH NOLOGIN PASSWORD NULL")
+        .await;
+    assert!(pg.login("app_a", &pw1, "appdb").await.is_err());
     let rb = b.cli_json(&["rollback", "prod/api/database"]);
     assert_eq!(rb["version"], 1);
     assert_eq!(
         fields(&b, "prod/api/database", "current")["username"],
         "app_a"
     );
-    pg.login("app_a", &pw1, "appdb").await.unwrap();
+    pg.login("app_a", &pw1, "appdb")
+        .await
+        .expect("the rollback restored app_a's login and password");
 
     // Force the decommission of previous (app_b): its password is gone.
     let o = b.cli(&["revoke", "prod/api/database", "--version", "2"]);
@@ -324,14 +330,24 @@ async fn redis_acl_user_holds_two_passwords_during_the_window() {
         redis_auth(&user, "initial-password-1"),
         "rekey removes only passwords it set"
     );
-    // Rollback adds v1's password back before current moves.
+    // Rollback adds previous's password back before current moves: shown
+    // on a user that lost it meanwhile.
     b.cli_json(&["rotate", "prod/api/redis"]);
     let p3 = fields(&b, "prod/api/redis", "current")["password"]
         .as_str()
         .unwrap()
         .to_string();
+    assert_eq!(
+        redis_cli(&["ACL", "SETUSER", &user, &format!("<{p2}")]),
+        "OK"
+    );
+    assert!(!redis_auth(&user, &p2));
     b.cli_json(&["rollback", "prod/api/redis"]);
-    assert!(redis_auth(&user, &p2) && redis_auth(&user, &p3));
+    assert!(
+        redis_auth(&user, &p2),
+        "the rollback restored previous's password"
+    );
+    assert!(redis_auth(&user, &p3));
 
     // An admin without ACL permissions: the rotation stops before finish.
     assert_eq!(
@@ -501,6 +517,78 @@ echo '{{"ok": true}}'"#,
     ]);
     fails_with(&o, "is not an executable file");
     assert!(!b.log().contains(&v2), "no value in the backend log");
+}
+
+/// Rollback of an `exec` secret runs the set hook with `step: restore` and
+/// previous's value; a failing hook refuses the rollback and current stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_rollback_runs_the_set_hook_with_previous() {
+    let dir = TempDir::new("exec-restore");
+    let log = dir.path().join("hooks.log");
+    let mode = dir.path().join("mode");
+    std::fs::write(&mode, "ok").unwrap();
+    let set = write_hook(
+        dir.path(),
+        "set",
+        &format!(
+            r#"input=$(cat); echo "set $input" >> {log}
+[ "$(cat {mode})" = fail ] && exit 4
+echo '{{}}'"#,
+            log = log.display(),
+            mode = mode.display()
+        ),
+    );
+    let create = write_hook(dir.path(), "create", KEY_HOOK);
+    let nothing = write_hook(dir.path(), "nothing", "cat > /dev/null; echo '{}'");
+    let b = Backend::start(dir.path(), BackendOpts::default());
+    b.cli_json(&[
+        "create",
+        "prod/agent/key",
+        "--kind",
+        "exec",
+        "--hook-create",
+        &create,
+        "--hook-set",
+        &set,
+        "--hook-test",
+        &nothing,
+        "--hook-revoke",
+        &nothing,
+        "--window",
+        "1h",
+    ]);
+    let value = |stage: &str| {
+        b.cli_json(&["get", "prod/agent/key", "--stage", stage, "--reveal"])["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let v1 = value("current");
+    b.cli_json(&["rotate", "prod/agent/key"]);
+    let v2 = value("current");
+
+    std::fs::write(&mode, "fail").unwrap();
+    fails_with(
+        &b.cli(&["rollback", "prod/agent/key"]),
+        "exited with exit status: 4",
+    );
+    assert_eq!(value("current"), v2, "a failed restore moved nothing");
+
+    std::fs::write(&mode, "ok").unwrap();
+    b.cli_json(&["rollback", "prod/agent/key"]);
+    assert_eq!(value("current"), v1);
+    let restores: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("set "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .filter(|j: &Value| j["step"] == "restore")
+        .collect();
+    assert_eq!(restores.len(), 2, "the failed one and the one that worked");
+    for r in &restores {
+        assert_eq!(r["new"], v1.as_str(), "{r}");
+        assert_eq!(r["secret_id"], "prod/agent/key", "{r}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
