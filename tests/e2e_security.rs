@@ -281,6 +281,21 @@ fn make_pki(dir: &std::path::Path) {
             "extendedKeyUsage=clientAuth\n",
         );
     }
+    // Certificates the CA signed whose common names are no identity:
+    // two of them (which one would be the caller?), and one that would
+    // write a line of its own into a log.
+    issue_cert(
+        dir,
+        "two-cns",
+        "/CN=ci-bot/CN=admin",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    issue_cert(
+        dir,
+        "newline",
+        "/CN=ci-bot\nlevel=ERROR forged",
+        "extendedKeyUsage=clientAuth\n",
+    );
 }
 
 #[tokio::test]
@@ -347,6 +362,22 @@ operations = ["create", "rotate", "read"]
         stderr(&o).contains("permission denied: intruder may not read"),
         "{}",
         stderr(&o)
+    );
+    for (cn, why) in [
+        ("two-cns", "it has several common names"),
+        ("newline", "its common name is not 1 to 128 letters"),
+    ] {
+        let o = run(Some(cn), &["versions", "prod/api/key"]);
+        let e = stderr(&o);
+        assert!(
+            e.contains("unauthenticated: the client certificate names no identity")
+                && e.contains(why),
+            "{cn}: {e}"
+        );
+    }
+    assert!(
+        !b.log().contains("\nlevel=ERROR forged") && !b.log().contains("ci-bot\nlevel"),
+        "the common name reached the log as it is"
     );
     // A valid token (the admin's) but no client certificate: the TLS
     // handshake is refused, so the token is never even looked at.

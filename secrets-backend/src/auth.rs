@@ -277,9 +277,34 @@ pub fn token_digest(token: &str) -> [u8; 32] {
     out
 }
 
-/// Extracts the subject common name from a DER certificate. Only the fields
-/// needed to reach the subject are walked; anything unexpected is `None`.
-pub fn cert_common_name(der: &[u8]) -> Option<String> {
+/// Whether `name` may be an identity: 1 to 128 letters, digits and
+/// `- _ . @ :`, for issued tokens and certificate common names alike (so
+/// no name can forge a log line or an audit actor).
+pub fn valid_identity(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:".contains(&b))
+}
+
+/// The identity a client certificate names: its one subject common name.
+/// `Err` says why a certificate names none that rekey accepts (several
+/// common names, one with characters an identity may not have, or one
+/// that cannot be read).
+pub fn cert_identity(der: &[u8]) -> std::result::Result<String, &'static str> {
+    let cns = cert_common_names(der).ok_or("its subject cannot be read")?;
+    match cns.as_slice() {
+        [] => Err("it has no common name"),
+        [one] if valid_identity(one) => Ok(one.clone()),
+        [_] => Err("its common name is not 1 to 128 letters, digits and - _ . @ :"),
+        _ => Err("it has several common names"),
+    }
+}
+
+/// Every subject common name of a DER certificate. Only the fields needed
+/// to reach the subject are walked; anything unexpected is `None`.
+fn cert_common_names(der: &[u8]) -> Option<Vec<String>> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
     // OPTIONAL, serial, signature, issuer, validity, subject, ... } ... }
     let (_, cert, _) = der_tlv(der)?;
@@ -297,7 +322,7 @@ pub fn cert_common_name(der: &[u8]) -> Option<String> {
     let (_, subject, _) = der_tlv(rest)?;
     // Name ::= SEQUENCE OF SET OF SEQUENCE { type OID, value ANY }
     let mut rdns = subject;
-    let mut cn = None;
+    let mut cns = Vec::new();
     while !rdns.is_empty() {
         let (_, set, r) = der_tlv(rdns)?;
         rdns = r;
@@ -308,11 +333,11 @@ pub fn cert_common_name(der: &[u8]) -> Option<String> {
             let (oid_tag, oid, val) = der_tlv(attr)?;
             if oid_tag == 0x06 && oid == [0x55, 0x04, 0x03] {
                 let (_, v, _) = der_tlv(val)?;
-                cn = Some(String::from_utf8(v.to_vec()).ok()?);
+                cns.push(String::from_utf8(v.to_vec()).ok()?);
             }
         }
     }
-    cn
+    Some(cns)
 }
 
 /// Reads one DER TLV: (tag, contents, rest).
@@ -445,8 +470,17 @@ mod tests {
 
     #[test]
     fn der_walker_rejects_garbage() {
-        assert_eq!(cert_common_name(b""), None);
-        assert_eq!(cert_common_name(&[0x30, 0x82, 0xff]), None);
-        assert_eq!(cert_common_name(&[0x30, 0x03, 0x02, 0x01, 0x01]), None);
+        assert_eq!(cert_common_names(b""), None);
+        assert_eq!(cert_common_names(&[0x30, 0x82, 0xff]), None);
+        assert_eq!(cert_common_names(&[0x30, 0x03, 0x02, 0x01, 0x01]), None);
+        assert!(cert_identity(b"").is_err());
+    }
+
+    #[test]
+    fn identity_names() {
+        assert!(valid_identity("api-sidecar@prod:1"));
+        for bad in ["", "a\nb", "name with space", &"x".repeat(129)] {
+            assert!(!valid_identity(bad), "{bad:?}");
+        }
     }
 }

@@ -104,9 +104,20 @@ impl RekeyService {
         method: &'static str,
         secret: &str,
     ) -> Result<(Identity, Actor)> {
-        let cert_identity = req
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| crate::auth::cert_common_name(c)));
+        let cert_identity = match req.peer_certs().as_deref().and_then(|c| c.first()) {
+            None => None,
+            Some(c) => match crate::auth::cert_identity(c) {
+                Ok(name) => Some(name),
+                Err(why) => {
+                    let e = Error::Unauthenticated(format!(
+                        "the client certificate names no identity: {why}"
+                    ));
+                    self.engine
+                        .refused_unauthenticated(method, secret, &e.to_string());
+                    return Err(e);
+                }
+            },
+        };
         let request_id = req
             .metadata()
             .get("x-request-id")

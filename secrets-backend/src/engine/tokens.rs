@@ -24,12 +24,7 @@ pub(crate) struct TokenSpec {
 }
 
 fn check_spec(t: &TokenSpec, now: i64) -> Result<()> {
-    let name_ok = !t.identity.is_empty()
-        && t.identity.len() <= 128
-        && t.identity
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:".contains(&b));
-    if !name_ok {
+    if !crate::auth::valid_identity(&t.identity) {
         return Err(Error::InvalidArgument(
             "an identity is 1 to 128 letters, digits and - _ . @ :".into(),
         ));
