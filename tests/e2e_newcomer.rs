@@ -190,6 +190,28 @@ async fn tokens_are_issued_used_and_revoked_without_a_restart() {
     })
     .await
     .expect("within its own rights");
+    // Nor may it issue tokens under a name another issuer's tokens carry
+    // (the admin issued api-sidecar's), to pass for it in the audit log
+    // or use up its Watch limit; names of its own it may issue again.
+    let e = n
+        .create_token(pb::CreateTokenRequest {
+            identity: "api-sidecar".into(),
+            prefixes: vec!["prod/api/".into()],
+            operations: vec!["rotate".into()],
+            expires_at_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("belongs to another issuer"), "{e:?}");
+    n.create_token(pb::CreateTokenRequest {
+        identity: "deploy".into(),
+        prefixes: vec!["prod/api/".into()],
+        operations: vec!["rotate".into()],
+        expires_at_ms: 0,
+    })
+    .await
+    .expect("a second token of its own identity");
 
     // Revoked: refused at once, on this replica.
     let id = listed["id"].as_str().unwrap();

@@ -169,6 +169,12 @@ impl Auth {
 
     /// Puts the issued tokens in force (the ones not revoked), replacing
     /// the previous set.
+    /// Whether `name` is an identity of the configuration (a configured
+    /// token or a policy names it): the operator's, not an issuer's.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.rules.contains_key(name) || self.tokens.iter().any(|t| t.identity == name)
+    }
+
     pub fn set_issued(&self, tokens: Vec<IssuedToken>) {
         let issued = tokens
             .into_iter()

@@ -193,6 +193,29 @@ impl RekeyService {
         }
     }
 
+    /// An identity name belongs to one issuer: who is not the admin may
+    /// not issue a token under a name of the configuration (the
+    /// operator's), nor under one that another issuer's tokens carry, so
+    /// nobody can pass for the plugin or a sidecar in the audit log, or
+    /// use up their limits.
+    async fn may_name(&self, who: &Identity, name: &str) -> Result<()> {
+        if who.name == crate::auth::ADMIN {
+            return Ok(());
+        }
+        let elsewhere = self.auth.is_configured(name)
+            || self.engine.list_tokens().await?.iter().any(|t| {
+                t.identity == name
+                    && t.created_by.split(" for ").next() != Some(who.name.as_str())
+            });
+        if elsewhere {
+            return Err(Error::PermissionDenied(format!(
+                "{} may not issue tokens named {name}: that identity belongs to another issuer (or the configuration)",
+                who.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs a call that changes or reveals something: authorize, run,
     /// audit a refusal.
     async fn changing<T, F, Fut>(
@@ -797,6 +820,7 @@ impl Rekey for RekeyService {
                 0,
                 |who, actor| async move {
                     self.may_grant(&who, &r.prefixes, &operations)?;
+                    self.may_name(&who, &r.identity).await?;
                     let spec = TokenSpec {
                         identity: r.identity.clone(),
                         prefixes: r.prefixes.clone(),
