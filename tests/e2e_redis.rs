@@ -34,6 +34,33 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// `rekey create ID --kind redis` for the user `app` with the admin URL
+/// in `admin`, a validation window and `more` flags.
+fn create_redis(
+    b: &Backend,
+    id: &str,
+    admin: &str,
+    window: &str,
+    more: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "-o",
+        "json",
+        "create",
+        id,
+        "--kind",
+        "redis",
+        "--admin-url-file",
+        admin,
+        "--username",
+        "app",
+        "--window",
+        window,
+    ];
+    args.extend_from_slice(more);
+    b.cli(&args)
+}
+
 /// The password of `id`'s current version.
 fn current_password(b: &Backend, id: &str) -> String {
     b.cli_json(&["get", id, "--reveal"])["value"]["password"]
@@ -168,24 +195,7 @@ fn tls_only_redis_rotates_and_a_wrong_ca_or_missing_certificate_is_named() {
     let ca = pki.join("ca.pem").display().to_string();
     let cert = pki.join("client.pem").display().to_string();
     let key = pki.join("client.key").display().to_string();
-    let create = |id: &str, extra: &[&str]| {
-        let mut args = vec![
-            "-o",
-            "json",
-            "create",
-            id,
-            "--kind",
-            "redis",
-            "--admin-url-file",
-            &admin,
-            "--username",
-            "app",
-            "--window",
-            "1s",
-        ];
-        args.extend_from_slice(extra);
-        b.cli(&args)
-    };
+    let create = |id: &str, extra: &[&str]| create_redis(&b, id, &admin, "1s", extra);
     let full = [
         "--tls-ca-file",
         &ca,
@@ -337,26 +347,22 @@ fn sentinel_ten_rotations_and_a_failover_in_a_window_fail_no_command() {
     let admin = write(dir.path(), "admin", &set.primary.admin_url());
     let ca = pki.join("ca.pem").display().to_string();
     let sentinels = set.sentinel_addrs().join(",");
-    let o = b.cli(&[
-        "create",
+    let o = create_redis(
+        &b,
         "prod/cache",
-        "--kind",
-        "redis",
-        "--admin-url-file",
         &admin,
-        "--username",
-        "app",
-        "--topology",
-        "sentinel",
-        "--sentinel",
-        &sentinels,
-        "--master-name",
-        MASTER_NAME,
-        "--tls-ca-file",
-        &ca,
-        "--window",
         "2s",
-    ]);
+        &[
+            "--topology",
+            "sentinel",
+            "--sentinel",
+            &sentinels,
+            "--master-name",
+            MASTER_NAME,
+            "--tls-ca-file",
+            &ca,
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let mut all: Vec<String> = set.servers().map(RedisServer::addr).collect();
     all.sort();
@@ -420,20 +426,7 @@ fn a_cluster_of_six_rotates_on_every_node_and_never_finishes_without_one() {
     let mut cluster = RedisCluster::start("cluster", 3, 1, APP_USER);
     let b = backend(dir.path());
     let admin = write(dir.path(), "admin", &cluster.nodes[0].admin_url());
-    let o = b.cli(&[
-        "create",
-        "prod/cache",
-        "--kind",
-        "redis",
-        "--admin-url-file",
-        &admin,
-        "--username",
-        "app",
-        "--topology",
-        "cluster",
-        "--window",
-        "1s",
-    ]);
+    let o = create_redis(&b, "prod/cache", &admin, "1s", &["--topology", "cluster"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut all = cluster.addrs();
     all.sort();
@@ -543,20 +536,7 @@ fn a_replica_added_later_is_found_at_the_next_step() {
     let first = replica("nodes-r1");
     let b = backend(dir.path());
     let admin = write(dir.path(), "admin", &primary.admin_url());
-    let o = b.cli(&[
-        "create",
-        "prod/cache",
-        "--kind",
-        "redis",
-        "--admin-url-file",
-        &admin,
-        "--username",
-        "app",
-        "--topology",
-        "nodes",
-        "--window",
-        "1h",
-    ]);
+    let o = create_redis(&b, "prod/cache", &admin, "1h", &["--topology", "nodes"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut two = vec![primary.addr(), first.addr()];
     two.sort();

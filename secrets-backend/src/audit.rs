@@ -205,6 +205,12 @@ pub(crate) async fn append_in(
         hash: String::new(),
     };
     e.hash = e.mac(store);
+    insert(c, &e).await?;
+    Ok(e)
+}
+
+/// Writes one event as it is.
+async fn insert(c: &mut Conn, e: &Event) -> Result<()> {
     sqlx::query(&format!(
         "INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
     ))
@@ -221,7 +227,7 @@ pub(crate) async fn append_in(
     .bind(&e.hash)
     .execute(&mut *c)
     .await?;
-    Ok(e)
+    Ok(())
 }
 
 /// Appends in a transaction of its own (for refusals and reveals, which
@@ -639,23 +645,7 @@ mod tests {
                 hash: String::new(),
             };
             e.hash = e.legacy_hash();
-            sqlx::query(&format!(
-                "INSERT INTO audit ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-            ))
-            .bind(e.seq)
-            .bind(e.time_ms)
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(&e.secret_id)
-            .bind(e.version)
-            .bind(&e.outcome)
-            .bind(&e.request_id)
-            .bind(&e.detail)
-            .bind(&e.prev_hash)
-            .bind(&e.hash)
-            .execute(&mut *c)
-            .await
-            .unwrap();
+            insert(c, &e).await.unwrap();
             prev = e.hash;
         }
     }

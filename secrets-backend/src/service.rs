@@ -204,8 +204,7 @@ impl RekeyService {
         }
         let elsewhere = self.auth.is_configured(name)
             || self.engine.list_tokens().await?.iter().any(|t| {
-                t.identity == name
-                    && t.created_by.split(" for ").next() != Some(who.name.as_str())
+                t.identity == name && t.created_by.split(" for ").next() != Some(who.name.as_str())
             });
         if elsewhere {
             return Err(Error::PermissionDenied(format!(
