@@ -28,10 +28,9 @@ fn backend(dir: &Path) -> Backend {
     )
 }
 
+/// `write_file`, as a path for a command line.
 fn write(dir: &Path, name: &str, text: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
+    write_file(dir, name, text).display().to_string()
 }
 
 /// `rekey create ID --kind redis` for the user `app` with the admin URL

@@ -57,12 +57,6 @@ impl Drop for App {
     }
 }
 
-fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
-
 fn reveal(b: &Backend, id: &str) -> String {
     b.cli_json(&["get", id, "--reveal"])["value"]
         .as_str()
@@ -81,10 +75,10 @@ fn a_rotation_reaches_the_file_and_the_app_gets_sighup() {
     let app = App::start(dir.path());
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
-        &format!(
+        format!(
             r#"
 backend = "{backend}"
 token_file = "{token}"
@@ -210,12 +204,12 @@ fn readyz_turns_200_once_every_secret_is_written() {
 async fn fail_static_through_a_backend_outage_then_catch_up_without_a_duplicate_reload() {
     let dir = TempDir::new("sc-static");
     let db = PgDb::create("sidecar").await;
-    let kek = write(
+    let kek = write_file(
         dir.path(),
         "kek",
         "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
     );
-    let token = write(
+    let token = write_file(
         dir.path(),
         "admin.token",
         "rk_sidecar_test_token_0123456789\n",
@@ -236,10 +230,10 @@ async fn fail_static_through_a_backend_outage_then_catch_up_without_a_duplicate_
     a.cli_json(&["create", "prod/api/key", "--kind", "random"]);
     let app = App::start(dir.path());
     let out = dir.path().join("key");
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
-        &format!(
+        format!(
             r#"
 backend = "{backend}"
 token_file = "{token}"
@@ -257,7 +251,7 @@ pid_file = "{pid}"
 "#,
             backend = a.grpc,
             token = token.display(),
-            api = write(dir.path(), "api.token", API_TOKEN).display(),
+            api = write_file(dir.path(), "api.token", API_TOKEN).display(),
             out = out.display(),
             pid = app.pid_file.display()
         ),
@@ -321,7 +315,7 @@ pid_file = "{pid}"
 fn the_read_api_behaves_like_the_aws_secrets_manager_agent() {
     let dir = TempDir::new("sc-api");
     let b = Backend::start(dir.path(), BackendOpts::default());
-    let f = write(dir.path(), "v", "first-static-value");
+    let f = write_file(dir.path(), "v", "first-static-value");
     b.cli_json(&[
         "create",
         "prod/api/static",
@@ -330,14 +324,14 @@ fn the_read_api_behaves_like_the_aws_secrets_manager_agent() {
         "--value-file",
         f.to_str().unwrap(),
     ]);
-    let f2 = write(dir.path(), "v2", "second-static-value");
+    let f2 = write_file(dir.path(), "v2", "second-static-value");
     b.cli_json(&[
         "rotate",
         "prod/api/static",
         "--value-file",
         f2.to_str().unwrap(),
     ]);
-    let api = write(dir.path(), "api.token", API_TOKEN);
+    let api = write_file(dir.path(), "api.token", API_TOKEN);
     let sc = Sidecar::start(
         dir.path(),
         &[
@@ -439,10 +433,10 @@ fn a_file_source_swapped_like_kubelet_goes_through_the_same_pipeline() {
     std::os::unix::fs::symlink("..data/api-key", vol.join("api-key")).unwrap();
     let app = App::start(dir.path());
     let out = dir.path().join("api-key.env");
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
-        &format!(
+        format!(
             r#"
 listen = "127.0.0.1:0"
 [[file_sources]]
@@ -511,10 +505,10 @@ fn start_up_problems_are_listed_together_before_the_port_is_bound() {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "bad.toml",
-        &format!(
+        format!(
             r#"
 token_file = "{tok}"
 [[secrets]]
@@ -526,7 +520,7 @@ name = "app"
 signal = "SIGBOGUS"
 pid_file = "/run/app.pid"
 "#,
-            tok = write(dir.path(), "tok", "x").display(),
+            tok = write_file(dir.path(), "tok", "x").display(),
             out = dir.path().display()
         ),
     );
@@ -549,11 +543,11 @@ pid_file = "/run/app.pid"
     );
     b.cli_json(&["create", "prod/api/jwt", "--kind", "random"]);
     b.cli_json(&["create", "prod/billing/jwt", "--kind", "random"]);
-    let pod_token = write(dir.path(), "pod.token", "pod-a-token-0123456789");
-    let cfg = write(
+    let pod_token = write_file(dir.path(), "pod.token", "pod-a-token-0123456789");
+    let cfg = write_file(
         dir.path(),
         "tmpl.toml",
-        &format!(
+        format!(
             r#"
 backend = "{backend}"
 token_file = "{tok}"
@@ -615,7 +609,7 @@ fn an_idle_sidecar_stays_small_and_sigterm_stops_it_with_status_0() {
 fn a_version_that_fails_validation_is_reported_and_not_served() {
     let dir = TempDir::new("sc-valid");
     let b = Backend::start(dir.path(), BackendOpts::default());
-    let good = write(dir.path(), "good", "redis://127.0.0.1:6379");
+    let good = write_file(dir.path(), "good", "redis://127.0.0.1:6379");
     b.cli_json(&[
         "create",
         "prod/api/redis-url",
@@ -626,10 +620,10 @@ fn a_version_that_fails_validation_is_reported_and_not_served() {
     ]);
     let out = dir.path().join("redis-url");
     let ran = dir.path().join("ran");
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
-        &format!(
+        format!(
             r#"
 backend = "{backend}"
 token_file = "{token}"
@@ -659,7 +653,7 @@ command = ["sh", "-c", "echo ran >> {ran}"]
         std::fs::read_to_string(&ran).is_ok_and(|s| s.lines().count() == 1)
     });
 
-    let bad = write(
+    let bad = write_file(
         dir.path(),
         "bad",
         "redis://nobody:not-the-password-42@127.0.0.1:6379",
@@ -841,10 +835,10 @@ fn an_http_reload_hook_is_posted_once_per_burst() {
     b.cli_json(&["create", "prod/api/a", "--kind", "random"]);
     b.cli_json(&["create", "prod/api/b", "--kind", "random"]);
     let (addr, hits) = reload_endpoint();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
-        &format!(
+        format!(
             r#"
 backend = "{backend}"
 token_file = "{token}"

@@ -11,17 +11,10 @@
 //! test bounds a count by the time that actually passed.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rekey_testkit::*;
-
-fn write(dir: &Path, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -108,9 +101,9 @@ fn the_default_decode_limit_takes_the_largest_event_the_backend_can_send() {
         },
     );
     let max = 4 << 20;
-    let v1 = write(dir.path(), "v1", value_of("first-value-", max));
-    let v2 = write(dir.path(), "v2", value_of("second-value-", max));
-    let v3 = write(dir.path(), "v3", value_of("third-value-", max));
+    let v1 = write_file(dir.path(), "v1", value_of("first-value-", max));
+    let v2 = write_file(dir.path(), "v2", value_of("second-value-", max));
+    let v3 = write_file(dir.path(), "v3", value_of("third-value-", max));
     b.cli_json(&[
         "create",
         "prod/api/big",
@@ -127,7 +120,7 @@ fn the_default_decode_limit_takes_the_largest_event_the_backend_can_send() {
     ]);
     let out = dir.path().join("big");
     let keyring = dir.path().join("big.keyring.json");
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
         format!(
@@ -191,8 +184,8 @@ fn an_event_over_max_event_bytes_is_named_and_reconnects_back_off() {
     // which is also what tonic decoded by default, so a sidecar without
     // the backoff fix spins on this very event. A small secret in the same
     // stream gets through, and must not reset the backoff.
-    let v1 = write(dir.path(), "v1", value_of("oversized-secret-", 3 << 20));
-    let v2 = write(dir.path(), "v2", value_of("oversized-again-", 3 << 20));
+    let v1 = write_file(dir.path(), "v1", value_of("oversized-secret-", 3 << 20));
+    let v2 = write_file(dir.path(), "v2", value_of("oversized-again-", 3 << 20));
     b.cli_json(&[
         "create",
         "prod/api/big",
@@ -293,7 +286,7 @@ async fn a_watch_refused_under_the_stream_limits_backs_off_until_a_place_frees()
         .expect("a snapshot")
         .expect("a snapshot");
 
-    let token = write(dir.path(), "pod.token", pod_token);
+    let token = write_file(dir.path(), "pod.token", pod_token);
     let out = dir.path().join("jwt");
     let started = Instant::now();
     let sc = Sidecar::start(
@@ -403,7 +396,7 @@ fn an_http_validation_value_with_crlf_injects_no_header_and_no_request() {
     let dir = TempDir::new("sch-crlf");
     let b = Backend::start(dir.path(), BackendOpts::default());
     let host = Host::start();
-    let good = write(dir.path(), "good", "tok-good-0001");
+    let good = write_file(dir.path(), "good", "tok-good-0001");
     b.cli_json(&[
         "create",
         "prod/api/token",
@@ -413,7 +406,7 @@ fn an_http_validation_value_with_crlf_injects_no_header_and_no_request() {
         good.to_str().unwrap(),
     ]);
     let out = dir.path().join("token");
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
         format!(
@@ -443,7 +436,7 @@ validate = {{ kind = "http", url = "http://{host}/check" }}
         host.text()
     );
 
-    let hostile = write(
+    let hostile = write_file(
         dir.path(),
         "hostile",
         "tok\r\nX-Injected: 1\r\n\r\nPOST /admin/delete-all HTTP/1.1",
@@ -492,7 +485,7 @@ validate = {{ kind = "http", url = "http://{host}/check" }}
 #[test]
 fn a_symlinked_output_directory_is_refused_at_start_up() {
     let dir = TempDir::new("sch-link");
-    let token = write(dir.path(), "token", "t");
+    let token = write_file(dir.path(), "token", "t");
     let real = dir.path().join("real");
     std::fs::create_dir_all(real.join("sub")).unwrap();
     let link = dir.path().join("link");
@@ -532,7 +525,7 @@ fn a_symlinked_output_directory_is_refused_at_start_up() {
     // Allowed on purpose: written through the link.
     let b = Backend::start(dir.path(), BackendOpts::default());
     b.cli_json(&["create", "prod/api/jwt", "--kind", "random"]);
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "allowed.toml",
         format!(
@@ -558,7 +551,7 @@ fn a_directory_swapped_for_a_symlink_after_start_up_is_not_written_through() {
     let vol = dir.path().join("vol");
     std::fs::create_dir_all(vol.join("app")).unwrap();
     std::fs::create_dir_all(vol.join("keys")).unwrap();
-    let cfg = write(
+    let cfg = write_file(
         dir.path(),
         "sidecar.toml",
         format!(

@@ -62,9 +62,9 @@ impl TlsPg {
     }
 
     fn write(&self, name: &str, text: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
+        write_file(self.dir.path(), name, text)
+            .display()
+            .to_string()
     }
 }
 

@@ -4,7 +4,7 @@
 //! rendered by OpenBao Agent. Kubernetes auth runs against a stand-in of
 //! the TokenReview endpoint (there is no Kubernetes API server here).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use rekey_testkit::*;
@@ -18,12 +18,6 @@ path "secret/destroy/rekey/*" { capabilities = ["update"] }
 path "secret/delete/rekey/*" { capabilities = ["update"] }
 "#;
 
-fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
-
 /// A `[[providers]]` entry for `bao` with these auth lines.
 fn provider(bao: &Bao, auth: &str, extra: &str) -> String {
     format!(
@@ -33,7 +27,7 @@ fn provider(bao: &Bao, auth: &str, extra: &str) -> String {
 }
 
 fn token_auth(dir: &Path, token: &str) -> String {
-    let f = write(dir, "vault-token", token);
+    let f = write_file(dir, "vault-token", token);
     format!("auth = \"token\"\ntoken_file = \"{}\"", f.display())
 }
 
@@ -199,8 +193,8 @@ fn an_outside_put_reaches_a_sidecar_and_a_deleted_latest_is_reported() {
     let (role_id, secret_id) = bao.approle("rekey", &["rekey"], "6s");
     let auth = format!(
         "auth = \"approle\"\nrole_id_file = \"{}\"\nsecret_id_file = \"{}\"",
-        write(dir.path(), "role-id", &role_id).display(),
-        write(dir.path(), "secret-id", &secret_id).display()
+        write_file(dir.path(), "role-id", &role_id).display(),
+        write_file(dir.path(), "secret-id", &secret_id).display()
     );
     let b = backend(
         dir.path(),
@@ -449,8 +443,8 @@ fn faults_are_one_line_each_and_leave_nothing_half_done() {
     let token = bao.token(&["rekey"], "1h");
     bao.ok(&["secrets", "enable", "-path=kv1", "-version=1", "kv"]);
     let closed = free_port();
-    let token_file = write(dir.path(), "vault-token", &token);
-    let bad_token = write(dir.path(), "bad-token", "s.not-a-real-token");
+    let token_file = write_file(dir.path(), "vault-token", &token);
+    let bad_token = write_file(dir.path(), "bad-token", "s.not-a-real-token");
     let entry = |name: &str, addr: &str, mount: &str, tf: &Path, poll: &str| {
         format!(
             "[[providers]]\nname = \"{name}\"\ntype = \"vault\"\naddress = \"{addr}\"\nmount = \"{mount}\"\nauth = \"token\"\ntoken_file = \"{}\"\npoll_interval = \"{poll}\"\n",
@@ -557,7 +551,7 @@ fn https_with_the_ca_file_and_a_clear_error_without_it() {
     wait_for("the dev server's CA", Duration::from_secs(20), || {
         ca.exists()
     });
-    let token = write(dir.path(), "vault-token", "tls-root");
+    let token = write_file(dir.path(), "vault-token", "tls-root");
     let entry = |name: &str, ca_line: &str| {
         format!(
             "[[providers]]\nname = \"{name}\"\ntype = \"vault\"\naddress = \"https://127.0.0.1:{port}\"\nauth = \"token\"\ntoken_file = \"{}\"\n{ca_line}\n",

@@ -102,9 +102,9 @@ async fn take_turns(
 }
 
 fn write(dir: &TempDir, name: &str, text: &str) -> String {
-    let p = dir.path().join(name);
-    std::fs::write(&p, text).expect("write a fixture");
-    p.display().to_string()
+    rekey_testkit::write_file(dir.path(), name, text)
+        .display()
+        .to_string()
 }
 
 async fn run(s: &Settings) -> Result<String> {

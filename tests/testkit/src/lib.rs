@@ -57,7 +57,8 @@ pub use pg::{HYVVE_TABLES, PgDb, PgServer, RedisUsers, redis_auth, redis_cli};
 pub use pki::{issue_cert, server_pki};
 pub use process::{
     KEY_HOOK, TempDir, eventually, free_port, http_get, http_request, hyvve_open_in_python, metric,
-    sha256_hex, stderr, stdout, succeed, terminate, tool_binary, wait_for, write_exec, write_hook,
+    sha256_hex, stderr, stdout, succeed, terminate, tool_binary, wait_for, write_exec, write_file,
+    write_hook,
 };
 pub use redis::{
     MASTER_NAME, REDIS_ADMIN, RedisApp, RedisCluster, RedisOpts, RedisServer, SentinelSet,

@@ -387,6 +387,17 @@ pub fn hyvve_open_in_python(master_key: &str, envelopes: &[String]) -> Vec<Optio
     serde_json::from_slice(&o.stdout).expect("hyvve_open.py prints JSON")
 }
 
+/// Writes `content` to `dir/name`; the path.
+///
+/// # Panics
+///
+/// When the file cannot be written.
+pub fn write_file(dir: &Path, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    p
+}
+
 /// An `exec` kind's create hook: a new `key-<nanoseconds>` each time.
 pub const KEY_HOOK: &str = r#"cat > /dev/null; echo "\"key-$(date +%s%N)\"""#;
 
